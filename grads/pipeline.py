@@ -1,0 +1,366 @@
+"""The GrADS pipeline: warm-up -> features -> select -> fine-tune -> evaluate, with a stage cache.
+
+Each stage's output lives in a content-addressed folder ``<cache_dir>/<stage>/<key>`` whose key hashes
+exactly the part of the resolved config the stage depends on, chained through its inputs' keys::
+
+    warmup   = H(model, domain pool, data, trainer, warmup, warmup seed)
+    features = H(warmup, feature options)
+    select   = H(features, selector, budget, seed)          (budget dropped for budget-free selectors)
+    finetune = H(select, model, data, trainer, finetune, seed)
+    evaluate = H(finetune, eval suite, domain eval tasks)
+
+A stage works in ``<key>.partial`` and renames it to ``<key>`` when complete, so a killed run leaves no
+half-written artefact and re-running the same command resumes at the first missing stage (training
+stages also resume from their own checkpoints inside the partial folder). Sweeps share the expensive
+work: warm-up and features do not depend on the selector or the budget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from grads.io import read_json, read_jsonl, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+STAGES = ("warmup", "features", "select", "finetune", "evaluate")
+# Bump when a stage's semantics change so old cache entries are not reused by mistake.
+CACHE_VERSION = 1
+_NON_SEMANTIC_TRAINER_KEYS = {"procs", "save_every", "log_every", "progress"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Keys
+# --------------------------------------------------------------------------------------------------
+def _hash(*parts: Any) -> str:
+    blob = json.dumps([CACHE_VERSION, *parts], sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def _without(d: dict | None, keys: set[str]) -> dict:
+    return {k: v for k, v in (d or {}).items() if k not in keys}
+
+
+def pool_spec(cfg: dict) -> dict:
+    """The part of the domain config that decides which samples are in the train pool."""
+    dom = cfg["domain"]
+    gen = _without(dom.get("generator"), {"out_dir"}) if dom.get("generator") else None
+    sources = [_without(s, {"path"}) | {"file": Path(str(s.get("path", ""))).name}
+               for s in dom.get("sources", [])]
+    return {"name": dom.get("name"), "sources": sources, "generator": gen,
+            "pool_limit": dom.get("pool_limit"), "pool_seed": dom.get("pool_seed"),
+            "decontaminate": [_without(d, {"path"}) | {"file": Path(str(d.get("path", ""))).name}
+                              for d in dom.get("decontaminate", [])]}
+
+
+def stage_keys(cfg: dict, budget_free: bool = False) -> dict[str, str]:
+    """Content-addressed keys of every stage for a resolved config (see module docstring)."""
+    trainer = _without(cfg.get("trainer"), _NON_SEMANTIC_TRAINER_KEYS)
+    model = _without(cfg["model"], set())
+    warmup = _hash("warmup", model, pool_spec(cfg), cfg.get("data"), trainer, cfg.get("warmup"))
+    features = _hash("features", warmup, _without(cfg.get("features"), {"batch_size", "procs", "ifd"}))
+    budget = None if budget_free else cfg.get("budget")
+    select = _hash("select", features, cfg.get("selector"), budget, cfg.get("seed"))
+    finetune = _hash("finetune", select, model, cfg.get("data"), trainer, cfg.get("finetune"),
+                     cfg.get("seed"))
+    dom = cfg["domain"]
+    evaluate = _hash("evaluate", finetune, _without(cfg.get("eval"), {"batch_size"}),
+                     dom.get("eval_tasks"), dom.get("eval_tasks_general"))
+    return {"warmup": warmup, "features": features, "select": select, "finetune": finetune,
+            "evaluate": evaluate}
+
+
+# --------------------------------------------------------------------------------------------------
+# Cache
+# --------------------------------------------------------------------------------------------------
+class StageCache:
+    """``<root>/<stage>/<key>`` folders, completed by an atomic rename of ``<key>.partial``."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.hits: list[str] = []
+        self.misses: list[str] = []
+
+    def final(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    def done(self, stage: str, key: str) -> bool:
+        return (self.final(stage, key) / "DONE").exists()
+
+    def get_or_run(self, stage: str, key: str, fn: Callable[[Path], dict | None]) -> Path:
+        """Return the completed folder for ``(stage, key)``, running ``fn(work_dir)`` on a miss.
+
+        The work folder persists across crashes (training stages resume from checkpoints in it).
+        """
+        final = self.final(stage, key)
+        if self.done(stage, key):
+            self.hits.append(stage)
+            log.info("[%s] cache hit %s", stage, final)
+            return final
+        self.misses.append(stage)
+        work = final.with_name(f"{key}.partial")
+        work.mkdir(parents=True, exist_ok=True)
+        log.info("[%s] running -> %s", stage, final)
+        t0 = time.time()
+        info = fn(work) or {}
+        write_json(work / "stage.json", {"stage": stage, "key": key, "wall_s": time.time() - t0, **info})
+        write_text(work / "DONE", time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+        if final.exists():  # an incomplete leftover without DONE
+            shutil.rmtree(final)
+        os.replace(work, final)
+        return final
+
+
+# --------------------------------------------------------------------------------------------------
+# Stages
+# --------------------------------------------------------------------------------------------------
+def _model_dir(train_dir: Path) -> Path:
+    """The loadable (merged) model a training stage saved."""
+    from grads.training import model_path
+
+    return model_path(train_dir)
+
+
+def _load_trained(cfg: dict, train_dir: Path):
+    from grads.models import load_model
+
+    return load_model(cfg["model"], cache_dir=cfg["paths"]["model_dir"], path=_model_dir(train_dir))
+
+
+def _stage_cfg(cfg: dict, seed: int) -> dict:
+    return {**cfg, "seed": int(seed)}
+
+
+def run_warmup(cfg: dict, work: Path) -> dict:
+    from grads.training import train
+
+    seed = cfg["warmup"].get("seed", cfg["seed"])
+    return train(_stage_cfg(cfg, seed), "warmup", str(work)) or {}
+
+
+def _features_job(cfg: dict, warmup_dir: str, work: str) -> None:
+    from grads.data import load_pool
+    from grads.features import run_features
+
+    model, tokenizer = _load_trained(cfg, Path(warmup_dir))
+    pool = load_pool(cfg, tokenizer)
+    run_features(cfg, model, tokenizer, pool, work)
+
+
+def run_features_stage(cfg: dict, work: Path, warmup_dir: Path) -> dict:
+    from grads.launch import run_distributed
+
+    procs = int(cfg["features"].get("procs") or 1)
+    run_distributed("grads.pipeline:_features_job", procs, cfg, str(warmup_dir), str(work))
+    return read_json(work / "features.json")
+
+
+def _selector_and_budget(cfg: dict):
+    from hydra.utils import instantiate
+
+    from grads.selectors.budget import Budget
+
+    return instantiate(cfg["selector"]), Budget.from_config(cfg["budget"])
+
+
+def run_select_stage(cfg: dict, work: Path, features_dir: Path) -> dict:
+    from grads.selectors.stage import run_select
+
+    selector, budget = _selector_and_budget(cfg)
+    return run_select(selector, budget, str(features_dir / "features.parquet"), str(work),
+                      int(cfg["seed"])) or {}
+
+
+def run_finetune(cfg: dict, work: Path, select_dir: Path) -> dict:
+    from grads.training import train
+
+    ids = [r["id"] for r in read_jsonl(select_dir / "selection.jsonl")]
+    return train(cfg, "finetune", str(work), ids=ids) or {}
+
+
+def run_evaluate_stage(cfg: dict, work: Path, finetune_dir: Path) -> dict:
+    from grads.evaluation import run_evaluate
+    from grads.models import load_model
+
+    model, tokenizer = _load_trained(cfg, finetune_dir)
+
+    def load_base():
+        return load_model(cfg["model"], cache_dir=cfg["paths"]["model_dir"])
+
+    return run_evaluate(cfg, model, tokenizer, str(work), load_base) or {}
+
+
+# --------------------------------------------------------------------------------------------------
+# Run
+# --------------------------------------------------------------------------------------------------
+def run_info() -> dict:
+    """Provenance saved with every run: git SHA, package versions, host."""
+    import importlib.metadata as md
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
+                                    cwd=Path(__file__).parent, timeout=5).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        sha, dirty = None, None
+    versions = {}
+    for pkg in ("torch", "transformers", "deepspeed", "peft", "lm_eval", "hydra-core", "KDEpy", "datasets"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    return {"git_sha": sha, "git_dirty": dirty, "versions": versions, "python": platform.python_version(),
+            "host": platform.node(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def _run_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path("outputs/runs") / time.strftime("%Y-%m-%d/%H-%M-%S")
+
+
+def _budget_free(cfg: dict) -> bool:
+    sel = cfg.get("selector") or {}
+    return bool(sel.get("budget_free", False))
+
+
+def run(cfg) -> dict:
+    """Run the configured stages for one job; returns (and writes) its ``metrics.json``."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(cfg, DictConfig):
+        resolved: dict = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    else:
+        resolved = dict(cfg)
+    stages = list(resolved.get("stages") or STAGES)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"stages={stages}: unknown {unknown}; expected a subset of {list(STAGES)}")
+    run_dir = _run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    write_json(run_dir / "run_info.json", run_info())
+    if "evaluate" in stages:
+        from grads.evaluation import validate_tasks
+
+        validate_tasks(resolved)  # bad task files fail here, before any model is loaded
+
+    from hydra.utils import instantiate
+
+    tracker = instantiate(resolved["logger"]) if resolved.get("logger") else None
+    keys = stage_keys(resolved, budget_free=_budget_free(resolved))
+    cache = StageCache(resolved["paths"]["cache_dir"])
+    dom, sel, bud, model = (resolved["domain"]["name"], resolved["selector"].get("name", "?"),
+                            resolved["budget"].get("name", "?"), resolved["model"]["name"])
+    if tracker is not None:
+        tracker.start(name=f"{dom}-{sel}-{bud}-s{resolved['seed']}", group=str(resolved.get("group")),
+                      tags=[dom, sel, bud, model, *resolved.get("tags", [])], config=resolved,
+                      run_dir=str(run_dir))
+    dirs: dict[str, Path] = {}
+    costs: dict[str, dict] = {}
+
+    def need(stage: str) -> Path:
+        if stage in dirs:
+            return dirs[stage]
+        if cache.done(stage, keys[stage]):
+            return cache.final(stage, keys[stage])
+        raise RuntimeError(f"stage '{stage}' has no cached output for this config (key {keys[stage]}); "
+                           f"add it to stages=[...] (requested: {stages})")
+
+    runners = {
+        "warmup": lambda w: run_warmup(resolved, w),
+        "features": lambda w: run_features_stage(resolved, w, need("warmup")),
+        "select": lambda w: run_select_stage(resolved, w, need("features")),
+        "finetune": lambda w: run_finetune(resolved, w, need("select")),
+        "evaluate": lambda w: run_evaluate_stage(resolved, w, need("finetune")),
+    }
+    t_run = time.time()
+    try:
+        for stage in STAGES:
+            if stage not in stages:
+                continue
+            dirs[stage] = cache.get_or_run(stage, keys[stage], runners[stage])
+            info = read_json(dirs[stage] / "stage.json")
+            costs[stage] = {"wall_s": round(float(info.get("wall_s", 0.0)), 2),
+                            "tokens": int(info.get("tokens", 0) or 0),
+                            "cached": stage in cache.hits}
+            if tracker is not None:
+                tracker.log({f"{stage}/wall_s": costs[stage]["wall_s"],
+                             f"{stage}/tokens": costs[stage]["tokens"]})
+        metrics = _assemble(resolved, keys, dirs, costs, cache, time.time() - t_run)
+        write_json(run_dir / "metrics.json", metrics)
+        if tracker is not None:
+            tracker.summary(_flat(metrics))
+            if "select" in dirs:
+                tracker.log_image("selection", dirs["select"] / "selection.png")
+            tracker.log_table("metrics", [_flat(metrics)])
+    finally:
+        if tracker is not None:
+            tracker.finish()
+    _print_summary(metrics)
+    return metrics
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flat(v, f"{prefix}{k}/")
+        elif not isinstance(v, list):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _assemble(cfg: dict, keys: dict, dirs: dict, costs: dict, cache: StageCache, wall: float) -> dict:
+    """The job's ``metrics.json``: identity, headline metrics, costs and where artefacts live."""
+    sel_cost = sum(costs.get(s, {}).get("wall_s", 0.0) for s in ("warmup", "features", "select"))
+    m: dict[str, Any] = {
+        "domain": cfg["domain"]["name"], "selector": cfg["selector"].get("name"),
+        "budget": cfg["budget"].get("name"), "model": cfg["model"]["name"], "seed": cfg["seed"],
+        "trainer_mode": cfg.get("trainer", {}).get("mode"), "group": cfg.get("group"),
+        "stages": list(dirs), "keys": {s: keys[s] for s in dirs},
+        "artefacts": {s: str(p) for s, p in dirs.items()}, "cost": costs,
+        "selection_cost_s": round(sel_cost, 2), "wall_s": round(wall, 2),
+        "cache_hits": cache.hits, "cache_misses": cache.misses,
+    }
+    if "select" in dirs:
+        sel = read_json(dirs["select"] / "selection.json")
+        m["n_pool"], m["n_selected"] = sel.get("pool_size"), sel.get("selected_size")
+        m["selection"] = {k: v for k, v in sel.items() if isinstance(v, int | float | str | None)}
+    if "evaluate" in dirs:
+        ev = read_json(dirs["evaluate"] / "metrics.json")
+        m.update({k: ev[k] for k in ("domain_acc", "general_acc", "domain_gain", "forgetting",
+                                     "base_domain_acc", "base_general_acc") if k in ev})
+        m["tasks"] = ev.get("tasks", {})
+    return m
+
+
+def _print_summary(m: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"grads: {m['domain']} / {m['selector']} / {m['budget']} / seed {m['seed']}")
+    for col in ("stage", "wall s", "tokens", "cached"):
+        t.add_column(col)
+    for stage, c in m["cost"].items():
+        t.add_row(stage, f"{c['wall_s']:.1f}", str(c["tokens"]), "yes" if c["cached"] else "")
+    console = Console()
+    console.print(t)
+    heads = [k for k in ("n_pool", "n_selected", "domain_acc", "general_acc", "domain_gain", "forgetting")
+             if k in m]
+    if heads:
+        console.print("  ".join(f"{k}={m[k]:.4f}" if isinstance(m[k], float) else f"{k}={m[k]}"
+                                for k in heads))
