@@ -168,9 +168,7 @@ def run_features_stage(cfg: dict, work: Path, warmup_dir: Path) -> dict:
 def _selector_and_budget(cfg: dict):
     from hydra.utils import instantiate
 
-    from grads.selectors.budget import Budget
-
-    return instantiate(cfg["selector"]), Budget.from_config(cfg["budget"])
+    return instantiate(cfg["selector"]), instantiate(cfg["budget"])
 
 
 def run_select_stage(cfg: dict, work: Path, features_dir: Path) -> dict:
@@ -232,9 +230,15 @@ def _run_dir() -> Path:
     return Path("outputs/runs") / time.strftime("%Y-%m-%d/%H-%M-%S")
 
 
+def _selector_class(cfg: dict):
+    from hydra.utils import get_class
+
+    return get_class(cfg["selector"]["_target_"])
+
+
 def _budget_free(cfg: dict) -> bool:
-    sel = cfg.get("selector") or {}
-    return bool(sel.get("budget_free", False))
+    """Selectors whose output ignores the budget (``full``) share one cache entry across budgets."""
+    return bool(getattr(_selector_class(cfg), "budget_free", False))
 
 
 def run(cfg) -> dict:
