@@ -68,7 +68,7 @@ def stage_keys(cfg: dict, budget_free: bool = False) -> dict[str, str]:
     trainer = _without(cfg.get("trainer"), _NON_SEMANTIC_TRAINER_KEYS)
     model = _without(cfg["model"], set())
     warmup = _hash("warmup", model, pool_spec(cfg), cfg.get("data"), trainer, cfg.get("warmup"))
-    features = _hash("features", warmup, _without(cfg.get("features"), {"batch_size", "procs", "ifd"}))
+    features = _hash("features", warmup, _without(cfg.get("features"), {"batch_size", "procs"}))
     budget = None if budget_free else cfg.get("budget")
     select = _hash("select", features, cfg.get("selector"), budget, cfg.get("seed"))
     finetune = _hash("finetune", select, model, cfg.get("data"), trainer, cfg.get("finetune"),
@@ -124,17 +124,24 @@ class StageCache:
 # --------------------------------------------------------------------------------------------------
 # Stages
 # --------------------------------------------------------------------------------------------------
-def _model_dir(train_dir: Path) -> Path:
-    """The loadable (merged) model a training stage saved."""
-    from grads.training import model_path
-
-    return model_path(train_dir)
-
-
 def _load_trained(cfg: dict, train_dir: Path):
-    from grads.models import load_model
+    """The model a training stage saved (full weights, or base + LoRA adapter merged)."""
+    from grads.training import load_trained
 
-    return load_model(cfg["model"], cache_dir=cfg["paths"]["model_dir"], path=_model_dir(train_dir))
+    return load_trained(cfg["model"], train_dir, cache_dir=cfg["paths"]["model_dir"])
+
+
+def resolve_features_cfg(cfg: dict) -> dict:
+    """Resolve ``features.ifd=auto`` (IFD only when the selector needs it) in a copy of ``cfg``."""
+    feats = dict(cfg.get("features") or {})
+    from hydra.utils import instantiate
+
+    needs = tuple(getattr(instantiate(cfg["selector"]), "requires", ()) or ())
+    if feats.get("ifd", "auto") == "auto":
+        feats["ifd"] = "ifd" in needs
+    if any("_tok_" in c for c in needs):
+        feats["stats"] = True
+    return {**cfg, "features": feats}
 
 
 def _stage_cfg(cfg: dict, seed: int) -> dict:
@@ -265,6 +272,7 @@ def run(cfg) -> dict:
     from hydra.utils import instantiate
 
     tracker = instantiate(resolved["logger"]) if resolved.get("logger") else None
+    resolved = resolve_features_cfg(resolved)
     keys = stage_keys(resolved, budget_free=_budget_free(resolved))
     cache = StageCache(resolved["paths"]["cache_dir"])
     dom, sel, bud, model = (resolved["domain"]["name"], resolved["selector"].get("name", "?"),
@@ -299,7 +307,7 @@ def run(cfg) -> dict:
             dirs[stage] = cache.get_or_run(stage, keys[stage], runners[stage])
             info = read_json(dirs[stage] / "stage.json")
             costs[stage] = {"wall_s": round(float(info.get("wall_s", 0.0)), 2),
-                            "tokens": int(info.get("tokens", 0) or 0),
+                            "tokens": int(info.get("tokens") or info.get("tokens_processed") or 0),
                             "cached": stage in cache.hits}
             if tracker is not None:
                 tracker.log({f"{stage}/wall_s": costs[stage]["wall_s"],
@@ -342,7 +350,7 @@ def _assemble(cfg: dict, keys: dict, dirs: dict, costs: dict, cache: StageCache,
     }
     if "select" in dirs:
         sel = read_json(dirs["select"] / "selection.json")
-        m["n_pool"], m["n_selected"] = sel.get("pool_size"), sel.get("selected_size")
+        m["n_pool"], m["n_selected"] = sel.get("pool_size"), sel.get("selected")
         m["selection"] = {k: v for k, v in sel.items() if isinstance(v, int | float | str | None)}
     if "evaluate" in dirs:
         ev = read_json(dirs["evaluate"] / "metrics.json")
