@@ -36,7 +36,13 @@ log = logging.getLogger(__name__)
 STAGES = ("warmup", "features", "select", "finetune", "evaluate")
 # Bump when a stage's semantics change so old cache entries are not reused by mistake.
 CACHE_VERSION = 1
-_NON_SEMANTIC_TRAINER_KEYS = {"procs", "save_every", "log_every", "progress"}
+# Knobs that change how a stage runs but not what it produces: excluded from the cache keys.
+_NON_SEMANTIC_TRAINER_KEYS = {"procs", "save_every", "log_every", "progress", "stop_after_steps",
+                              "keep_checkpoints", "clean_checkpoints"}
+
+
+class StageInterrupted(RuntimeError):
+    """A stage stopped before completing; its work folder is kept so the same command resumes."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -67,12 +73,13 @@ def stage_keys(cfg: dict, budget_free: bool = False) -> dict[str, str]:
     """Content-addressed keys of every stage for a resolved config (see module docstring)."""
     trainer = _without(cfg.get("trainer"), _NON_SEMANTIC_TRAINER_KEYS)
     model = _without(cfg["model"], set())
-    warmup = _hash("warmup", model, pool_spec(cfg), cfg.get("data"), trainer, cfg.get("warmup"))
+    warmup = _hash("warmup", model, pool_spec(cfg), cfg.get("data"), trainer,
+                   _without(cfg.get("warmup"), _NON_SEMANTIC_TRAINER_KEYS))
     features = _hash("features", warmup, _without(cfg.get("features"), {"batch_size", "procs"}))
     budget = None if budget_free else cfg.get("budget")
     select = _hash("select", features, cfg.get("selector"), budget, cfg.get("seed"))
-    finetune = _hash("finetune", select, model, cfg.get("data"), trainer, cfg.get("finetune"),
-                     cfg.get("seed"))
+    finetune = _hash("finetune", select, model, cfg.get("data"), trainer,
+                     _without(cfg.get("finetune"), _NON_SEMANTIC_TRAINER_KEYS), cfg.get("seed"))
     dom = cfg["domain"]
     evaluate = _hash("evaluate", finetune, _without(cfg.get("eval"), {"batch_size"}),
                      dom.get("eval_tasks"), dom.get("eval_tasks_general"))
@@ -148,11 +155,27 @@ def _stage_cfg(cfg: dict, seed: int) -> dict:
     return {**cfg, "seed": int(seed)}
 
 
-def run_warmup(cfg: dict, work: Path) -> dict:
-    from grads.training import train
+def _train_stage(cfg: dict, use: str, work: Path, ids: list[str] | None, tracker) -> dict:
+    from grads.io import read_jsonl as _read_log
+    from grads.training import TrainerSettings, train
 
+    procs = TrainerSettings.from_cfg(cfg, use).resolved_procs()
+    # In-process training logs each step to the tracker; spawned workers cannot reach it, so their
+    # train_log.jsonl is replayed afterwards.
+    log_fn = tracker.log if (tracker is not None and procs <= 1) else None
+    summary = train(cfg, use, str(work), ids=ids, log_fn=log_fn) or {}
+    if summary.get("stopped"):
+        raise StageInterrupted(f"{use} stopped before completion (stop_after_steps); its checkpoints "
+                               f"are in {work}: re-run the same command to resume")
+    if tracker is not None and procs > 1 and (work / "train_log.jsonl").exists():
+        for row in _read_log(work / "train_log.jsonl"):
+            tracker.log({f"{use}/{k}": v for k, v in row.items() if k != "step"}, row.get("step"))
+    return summary
+
+
+def run_warmup(cfg: dict, work: Path, tracker=None) -> dict:
     seed = cfg["warmup"].get("seed", cfg["seed"])
-    return train(_stage_cfg(cfg, seed), "warmup", str(work)) or {}
+    return _train_stage(_stage_cfg(cfg, seed), "warmup", work, None, tracker)
 
 
 def _features_job(cfg: dict, warmup_dir: str, work: str) -> None:
@@ -186,11 +209,9 @@ def run_select_stage(cfg: dict, work: Path, features_dir: Path) -> dict:
                       int(cfg["seed"])) or {}
 
 
-def run_finetune(cfg: dict, work: Path, select_dir: Path) -> dict:
-    from grads.training import train
-
+def run_finetune(cfg: dict, work: Path, select_dir: Path, tracker=None) -> dict:
     ids = [r["id"] for r in read_jsonl(select_dir / "selection.jsonl")]
-    return train(cfg, "finetune", str(work), ids=ids) or {}
+    return _train_stage(cfg, "finetune", work, ids, tracker)
 
 
 def run_evaluate_stage(cfg: dict, work: Path, finetune_dir: Path) -> dict:
@@ -293,10 +314,10 @@ def run(cfg) -> dict:
                            f"add it to stages=[...] (requested: {stages})")
 
     runners = {
-        "warmup": lambda w: run_warmup(resolved, w),
+        "warmup": lambda w: run_warmup(resolved, w, tracker),
         "features": lambda w: run_features_stage(resolved, w, need("warmup")),
         "select": lambda w: run_select_stage(resolved, w, need("features")),
-        "finetune": lambda w: run_finetune(resolved, w, need("select")),
+        "finetune": lambda w: run_finetune(resolved, w, need("select"), tracker),
         "evaluate": lambda w: run_evaluate_stage(resolved, w, need("finetune")),
     }
     t_run = time.time()

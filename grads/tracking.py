@@ -66,7 +66,13 @@ class WandbTracker(NullTracker):
 
     def log(self, metrics, step=None) -> None:
         if self.run is not None:
-            self.run.log({k: v for k, v in metrics.items() if isinstance(v, int | float | str)}, step=step)
+            row = {k: v for k, v in metrics.items() if isinstance(v, int | float | str)}
+            # Stages restart their own step counters (warm-up, then fine-tune): W&B's global step must
+            # only grow, so the stage step is logged as a metric instead.
+            if step is not None:
+                prefix = next(iter(row), "").split("/")[0]
+                row[f"{prefix}/step" if "/" in next(iter(row), "") else "step"] = step
+            self.run.log(row)
 
     def log_image(self, key, path) -> None:
         if self.run is not None and Path(path).exists():
