@@ -68,7 +68,7 @@ def test_every_group_option_composes_and_binds(group, option):
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_grid_first_point_composes(name):
     cfg = compose([f"experiment={name}"], return_hydra_config=True)
-    params = OmegaConf.to_container(cfg.hydra.sweeper.params) if "params" in cfg.hydra.sweeper else {}
+    params = OmegaConf.to_container(cfg.hydra.sweeper.get("params") or OmegaConf.create({}))
     if name.startswith("paper_"):
         assert params, f"experiment {name} defines no hydra.sweeper.params grid"
     first = [f"{k}={str(v).split(',')[0].strip()}" for k, v in params.items()]
