@@ -511,6 +511,7 @@ def collate(samples: list[dict], pad_id: int, padding_side: str = "right",
     """Pad a list of samples (``input_ids``, ``labels``) into tensors.
 
     Returns ``input_ids``, ``attention_mask`` and ``labels`` (``-100`` on padding), ``[B, T]``.
+    A sample without ``labels`` is supervised on all its tokens.
     """
     import torch
 
@@ -527,7 +528,8 @@ def collate(samples: list[dict], pad_id: int, padding_side: str = "right",
         n = len(s["input_ids"])
         sl = slice(T - n, T) if padding_side == "left" else slice(0, n)
         input_ids[i, sl] = torch.as_tensor(s["input_ids"], dtype=torch.long)
-        labels[i, sl] = torch.as_tensor(s["labels"], dtype=torch.long)
+        # No labels: language modelling on the whole sequence (e.g. the answer-only pass of IFD).
+        labels[i, sl] = torch.as_tensor(s.get("labels", s["input_ids"]), dtype=torch.long)
         mask[i, sl] = 1
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 

@@ -355,31 +355,9 @@ class BatchPlan:
         ]
 
 
-def collate_fallback(samples: Sequence[dict], pad_id: int, padding_side: str = "right") -> dict:
-    """Pad ``input_ids``/``labels`` lists to tensors (labels ``-100`` on padding).
-
-    Private stand-in for ``grads.data.collate`` (used when that module is importable).
-    """
-    import torch
-
-    width = max(len(s["input_ids"]) for s in samples)
-    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(samples), width), dtype=torch.long)
-    for i, s in enumerate(samples):
-        n = len(s["input_ids"])
-        sl = slice(0, n) if padding_side == "right" else slice(width - n, width)
-        ids[i, sl] = torch.as_tensor(s["input_ids"], dtype=torch.long)
-        labels[i, sl] = torch.as_tensor(s["labels"], dtype=torch.long)
-        mask[i, sl] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
 def _collate_fn() -> Callable:
-    try:
-        from grads.data import collate  # the lead's implementation, once it lands
-    except ImportError:
-        return collate_fallback
+    from grads.data import collate
+
     return collate
 
 

@@ -1,0 +1,253 @@
+"""The ``features`` stage: per-sample gradient features of a candidate pool, written to parquet.
+
+For every pool sample this computes the exact per-sample gradient norms of the embedding and LM head
+(``grads.gradients.per_sample_grad_norms``), per-token statistics and, optionally, Cherry-LLM's
+instruction-following difficulty (Li et al., 2024)
+
+    IFD(q, a) = PPL(a | q) / PPL(a) = exp(L(a | q) - L(a)),
+
+with ``L(a | q)`` the loss of the normal pass (prompt masked) and ``L(a)`` a forward-only pass over the
+response tokenised alone (loss on every token but the first).
+
+Outputs in ``out_dir``: ``features.parquet`` (one row per sample, in pool order) and ``features.json``
+(counts, NaN rows, timings, throughput). Parquet columns:
+
+* ``id`` (str), ``loss`` (mean CE over supervised tokens), ``n_tokens`` (int, supervised tokens),
+  ``embed`` (``||dL_i/dE||_F``), ``lm_head`` (``||dL_i/dW||_F``), ``tied`` (tied models only:
+  norm of the shared matrix's total gradient);
+* with ``features.stats`` (default on): ``embed_tok_{mean,std,max}`` and ``head_tok_{mean,std,max}``
+  (see ``grads.gradients.per_sample_grad_norms``);
+* with ``features.ifd``: ``response_loss`` (``L(a)``) and ``ifd``.
+
+A sample with no supervised token has ``n_tokens = 0`` and NaN in every float column; it is counted in
+the summary (``n_no_supervised_tokens``) and logged as a warning. Under ``torch.distributed`` samples are sharded ``rank::world``
+and rank 0 gathers and writes; the table equals a single-process run up to float rounding.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+from grads.data import collate  # noqa: E402  (grads.data imports no torch at module level)
+
+BASE_COLUMNS = ("id", "loss", "n_tokens", "embed", "lm_head")
+
+
+def _lengths(pool: Any, indices: list[int]) -> dict[int, int]:
+    """``len(input_ids)`` of ``pool[indices]`` without holding every row in memory at once."""
+    if isinstance(pool, list | tuple):
+        return {i: len(pool[i]["input_ids"]) for i in indices}
+    if hasattr(pool, "with_format"):  # datasets.Dataset: read list lengths from Arrow in chunks
+        import pyarrow.compute as pc
+
+        arrow, lens, step = pool.with_format("arrow"), [], 8192
+        for s in range(0, len(pool), step):
+            lens += pc.list_value_length(arrow[s : s + step]["input_ids"]).to_pylist()
+        return {i: lens[i] for i in indices}
+    return {i: len(pool[int(i)]["input_ids"]) for i in indices}
+
+
+def _features_cfg(cfg: dict) -> dict:
+    f = dict((cfg or {}).get("features") or {})
+    f.setdefault("batch_size", 8)
+    f.setdefault("ifd", False)
+    f.setdefault("stats", True)
+    f.setdefault("chunk_bytes", 1 << 26)
+    f.setdefault("progress", True)
+    return f
+
+
+def compute_shard(
+    fcfg: dict,
+    model,
+    pad_id: int,
+    padding_side: str,
+    pool: Any,
+    indices: list[int],
+    progress: bool = True,
+) -> tuple[list[tuple[int, dict]], dict]:
+    """Features of ``pool[indices]``, batched by length; returns ``[(pool index, row)]`` and timings."""
+    from tqdm.auto import tqdm
+
+    from grads.gradients import per_sample_grad_norms, per_sample_loss
+
+    lengths = _lengths(pool, indices)
+    # Longest first: padding waste is minimal within a batch and memory trouble shows up at once.
+    order = sorted(indices, key=lambda i: (-lengths[i], i))
+    bs = int(fcfg["batch_size"])
+    out: list[tuple[int, dict]] = []
+    t_feat = t_ifd = 0.0
+    tokens = sup_tokens = 0
+    bar = tqdm(
+        total=len(order), desc="features", unit="sample", disable=not progress, dynamic_ncols=True
+    )
+    t_start = time.perf_counter()
+    for s in range(0, len(order), bs):
+        idx = order[s : s + bs]
+        samples = [pool[int(i)] for i in idx]
+        batch = collate(samples, pad_id, padding_side)
+        t0 = time.perf_counter()
+        res = per_sample_grad_norms(
+            model, **batch, stats=bool(fcfg["stats"]), chunk_bytes=int(fcfg["chunk_bytes"])
+        )
+        t_feat += time.perf_counter() - t0
+        cols = {k: v.tolist() for k, v in res.items()}
+        if fcfg["ifd"]:
+            t0 = time.perf_counter()
+            resp = collate(
+                [{"input_ids": r["response_ids"]} for r in samples], pad_id, padding_side
+            )
+            loss_a, _ = per_sample_loss(model, **resp, chunk_bytes=int(fcfg["chunk_bytes"]))
+            t_ifd += time.perf_counter() - t0
+            cols["response_loss"] = loss_a.tolist()
+            cols["ifd"] = [
+                math.exp(lq - la) if math.isfinite(lq - la) else math.nan
+                for lq, la in zip(cols["loss"], cols["response_loss"])
+            ]
+        for b, i in enumerate(idx):
+            out.append((i, {"id": str(samples[b]["id"]), **{k: v[b] for k, v in cols.items()}}))
+        n_tok = int(batch["attention_mask"].sum())
+        tokens += n_tok
+        sup_tokens += int(res["n_tokens"].sum())
+        bar.update(len(idx))
+        bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - t_start, 1e-9):.0f}")
+    bar.close()
+    timings = {
+        "feature_s": t_feat,
+        "ifd_s": t_ifd,
+        "wall_s": time.perf_counter() - t_start,
+        "tokens": tokens,
+        "supervised_tokens": sup_tokens,
+        "samples": len(order),
+    }
+    return out, timings
+
+
+def run_features(cfg: dict, model, tokenizer, pool: Any, out_dir: str | Path) -> dict:
+    """Compute the feature table of ``pool`` and write ``features.parquet`` / ``features.json``.
+
+    Args:
+        cfg: resolved config dict; reads ``cfg["features"]``: ``batch_size``, ``ifd`` (add the IFD
+            column), ``stats`` (per-token statistics, default true), ``padding_side`` (default: the
+            tokenizer's), ``chunk_bytes`` (memory cap of vocabulary-wide buffers), ``progress``.
+        model: causal LM (plain or peft-wrapped), on its target device.
+        tokenizer: supplies ``pad_token_id`` (``eos_token_id`` if unset) and the padding side.
+        pool: ``datasets.Dataset`` or list of dicts with ``id``, ``input_ids``, ``labels`` (``-100`` on
+            the prompt) and, with ``ifd``, ``response_ids``.
+        out_dir: stage output folder (rank 0 writes).
+
+    Returns:
+        The summary written to ``features.json`` (identical on every rank).
+    """
+    import pyarrow as pa
+    import torch.distributed as dist
+
+    from grads.dist import rank, world_size
+    from grads.gradients import STAT_KEYS
+    from grads.io import write_json, write_parquet
+    from grads.models import is_tied
+
+    fcfg = _features_cfg(cfg)
+    padding_side = fcfg.get("padding_side") or getattr(tokenizer, "padding_side", None) or "right"
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+    r, world = rank(), world_size()
+    distributed = world > 1 and dist.is_available() and dist.is_initialized()
+    t0 = time.perf_counter()
+
+    local, timings = compute_shard(
+        fcfg,
+        model,
+        pad_id,
+        padding_side,
+        pool,
+        list(range(r, len(pool), world)) if distributed else list(range(len(pool))),
+        progress=bool(fcfg["progress"]) and r == 0,
+    )
+    if distributed:
+        gathered = [None] * world if r == 0 else None
+        dist.gather_object((local, timings), gathered, dst=0)
+    else:
+        gathered = [(local, timings)]
+
+    summary = None
+    if r == 0:
+        merged = sorted((item for part, _ in gathered for item in part), key=lambda x: x[0])
+        assert [i for i, _ in merged] == list(range(len(pool))), "lost or duplicated samples"
+        rows = [row for _, row in merged]
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        columns = list(BASE_COLUMNS) + (["tied"] if is_tied(base) else [])
+        columns += list(STAT_KEYS) if fcfg["stats"] else []
+        columns += ["response_loss", "ifd"] if fcfg["ifd"] else []
+        table = pa.table({c: [row[c] for row in rows] for c in columns})
+        empty = [row["id"] for row in rows if row["n_tokens"] == 0]
+        nan_rows = sum(
+            any(isinstance(v, float) and math.isnan(v) for v in row.values()) for row in rows
+        )
+        if empty:
+            log.warning(
+                "%d sample(s) have no supervised token; their features are NaN (e.g. %s)",
+                len(empty),
+                empty[:5],
+            )
+        parts = [t for _, t in gathered]
+        wall = time.perf_counter() - t0
+        tokens = sum(t["tokens"] for t in parts)
+        summary = {
+            "n_samples": len(rows),
+            "n_no_supervised_tokens": len(empty),
+            "no_supervised_ids": empty[:100],
+            "n_nan_rows": nan_rows,
+            "columns": columns,
+            "tied": is_tied(base),
+            "stats": bool(fcfg["stats"]),
+            "ifd": bool(fcfg["ifd"]),
+            "batch_size": int(fcfg["batch_size"]),
+            "padding_side": padding_side,
+            "world_size": world if distributed else 1,
+            "tokens_processed": tokens,
+            "supervised_tokens": sum(t["supervised_tokens"] for t in parts),
+            "wall_time_s": wall,
+            "feature_time_s": max(t["feature_s"] for t in parts),
+            "ifd_time_s": max(t["ifd_s"] for t in parts),
+            "tokens_per_s": tokens / wall if wall > 0 else math.nan,
+            "samples_per_s": len(rows) / wall if wall > 0 else math.nan,
+            "per_rank": parts,
+        }
+        out_dir = Path(out_dir)
+        write_parquet(out_dir / "features.parquet", table)
+        write_json(out_dir / "features.json", summary)
+    if distributed:
+        box = [summary]
+        dist.broadcast_object_list(box, src=0)
+        summary = box[0]
+    return summary
+
+
+def run_features_from_config(
+    cfg: dict, pool: Any, out_dir: str | Path, model_path: str | None = None
+) -> dict:
+    """Worker entry point (``grads.launch.run_distributed("grads.features:run_features_from_config",
+    procs, cfg, pool, out_dir)``): load ``cfg["model"]`` on this rank's device, then ``run_features``.
+    """
+    import os
+
+    import torch
+
+    from grads.models import load_model
+
+    threads = (cfg.get("features") or {}).get("num_threads")
+    if threads:
+        torch.set_num_threads(int(threads))
+    cache_dir = (cfg.get("paths") or {}).get("cache_dir")
+    model, tokenizer = load_model(cfg["model"], cache_dir=cache_dir, path=model_path)
+    if torch.cuda.is_available():
+        model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}")
+    return run_features(cfg, model, tokenizer, pool, out_dir)
