@@ -18,7 +18,7 @@ from tests.conftest import CONF_DIR, REPO, compose
 # Small enough for CI: the tiny model, 40 samples, 64 tokens, 2 training steps, 8 eval items.
 TINY = ["model=tiny", "logger=none", "domain.pool_limit=40", "data.max_seq_len=64",
         "trainer.micro_batch_size=8", "warmup.max_steps=2", "finetune.max_steps=2",
-        "trainer.save_every=1", "features.batch_size=8", "eval.limit=8", "eval.task_limits={}",
+        "trainer.save_every=1", "features.batch_size=8", "eval.limit=8", "eval.task_limits=null",
         "eval.general_tasks=[]", "eval.batch_size=16"]
 
 

@@ -1,0 +1,145 @@
+"""Evaluate the BASE model on each domain's tasks and on the general suite; print a table.
+
+Composes the same Hydra config as the pipeline (``conf/``), so the task lists, limits and cache keys
+are exactly those of ``grads eval=<suite> domain=<d>``; the results land in the base-model cache
+(``<cache_dir>/eval_base/``), so later pipeline runs reuse them. The general suite is evaluated once
+and shared by the domains; a domain's wall time in the table is its own tasks + the general suite,
+i.e. what one ``evaluate`` of a tuned model costs.
+
+Usage:
+    python scripts/eval_base.py --suite quick                       # SmolLM2-135M, 3 domains
+    python scripts/eval_base.py --suite quick --domains medical --fresh
+    python scripts/eval_base.py --suite quick --override eval.limit=4 model=tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _fmt(value, err) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f} ± {err:.3f}" if err is not None else f"{value:.3f}"
+
+
+def _compose(suite: str, domain: str, overrides: list[str]) -> dict:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"eval={suite}", f"domain={domain}", *overrides])
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--suite", default="quick", help="conf/eval option (quick | standard | full)"
+    )
+    parser.add_argument("--domains", nargs="+", default=["medical", "legal", "financial"])
+    parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides")
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="ignore the base-eval cache (use a throw-away cache folder)",
+    )
+    parser.add_argument(
+        "--out", default=None, help="JSON output (default outputs/eval_base/<suite>_<model>.json)"
+    )
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.path.insert(0, str(REPO))
+    import tempfile
+
+    from grads.evaluation import prepare, summarise, task_lists
+    from grads.evaluation.runner import base_results
+    from grads.models import load_model
+
+    overrides = list(args.override)
+    if args.fresh:
+        overrides.append(f"paths.cache_dir={tempfile.mkdtemp(prefix='grads-eval-base-')}")
+    cfgs = {d: _compose(args.suite, d, overrides) for d in args.domains}
+    first = cfgs[args.domains[0]]
+    model_name = first["model"]["name"]
+    loaded: dict = {}
+
+    def load_base():
+        if "m" not in loaded:
+            t0 = time.perf_counter()
+            loaded["m"] = load_model(first["model"], cache_dir=first["paths"]["model_dir"])
+            loaded["load_s"] = round(time.perf_counter() - t0, 1)
+        return loaded["m"]
+
+    rows, report = [], {"suite": args.suite, "model": model_name, "domains": {}, "tasks": {}}
+    general = task_lists(first)[1]
+    g_scores, g_sub, g_info = base_results(
+        first, prepare(first, general), {"general": general}, load_base
+    )
+    g_sum = summarise(g_scores, [], general, first["eval"]["metric"])
+    g_wall = float(g_info["general"]["wall_s"] or 0.0)
+    report["general"] = {
+        "tasks": general,
+        **g_sum,
+        "wall_s": g_wall,
+        "cache": g_info["general"]["cache"],
+    }
+    report["tasks"] |= g_scores
+    for d, cfg in cfgs.items():
+        domain = task_lists(cfg)[0]
+        scores, sub, info = base_results(cfg, prepare(cfg, domain), {"domain": domain}, load_base)
+        summ = summarise(scores, domain, [], cfg["eval"]["metric"])
+        wall = float(info["domain"]["wall_s"] or 0.0)
+        report["domains"][d] = {
+            "tasks": domain,
+            **summ,
+            "wall_s": wall,
+            "wall_with_general_s": round(wall + g_wall, 1),
+            "cache": info["domain"]["cache"],
+        }
+        report["tasks"] |= scores
+        rows += [(d, name, scores[name]) for name in domain]
+    rows += [("general", name, g_scores[name]) for name in general]
+
+    width = max(len(r[1]) for r in rows) + 2
+    print(f"\nBase model {model_name}, eval suite '{args.suite}' (acc ± stderr; n = items)")
+    print(f"{'group':<10}{'task':<{width}}{'n':>6}  {'acc':<16}{'acc_norm':<16}")
+    for group, name, s in rows:
+        print(
+            f"{group:<10}{name:<{width}}{s['n']:>6}  {_fmt(s.get('acc'), s.get('acc_stderr')):<16}"
+            f"{_fmt(s.get('acc_norm'), s.get('acc_norm_stderr')):<16}"
+        )
+    print()
+    for d, r in report["domains"].items():
+        print(
+            f"{d:<10} domain_acc {_fmt(r['domain_acc'], r['domain_acc_stderr']):<16} "
+            f"wall {r['wall_s']:7.1f} s  + general {g_wall:7.1f} s = {r['wall_with_general_s']:7.1f} s"
+            f"  ({r['cache']})"
+        )
+    print(
+        f"{'general':<10} general_acc {_fmt(g_sum['general_acc'], g_sum['general_acc_stderr']):<15} "
+        f"wall {g_wall:7.1f} s  ({report['general']['cache']})"
+    )
+    if "load_s" in loaded:
+        print(f"model load {loaded['load_s']} s")
+    report["load_s"] = loaded.get("load_s")
+    report["host_load_avg"] = os.getloadavg()
+    out = Path(args.out or REPO / "outputs" / "eval_base" / f"{args.suite}_{model_name}.json")
+    from grads.io import write_json
+
+    write_json(out, report)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
