@@ -97,7 +97,7 @@ def test_run_features_table(tmp_path, caplog, as_dataset):
         assert table[k]["ifd"] == pytest.approx(math.exp(table[k]["loss"] - la), rel=1e-5)
 
 
-@pytest.mark.slow  # ~8 s on an idle 2-core machine, ~25 s when it is shared
+# ~8 s on an idle 2-core machine, ~25 s when it is shared: the acceptance test of sharding
 def test_two_processes_match_single(tmp_path):
     pool = make_pool(n=13, seed=1)
     cfg = {**CFG, "features": {**CFG["features"], "padding_side": "left"}}

@@ -195,3 +195,20 @@ def test_per_sample_loss_matches(tiny):
     full = per_sample_grad_norms(model, *batch)
     torch.testing.assert_close(loss, full["loss"], rtol=1e-5, atol=1e-7)
     assert torch.equal(n, full["n_tokens"])
+
+
+@pytest.mark.smoke
+def test_smollm2_matches_naive_reference():
+    """Real model: SmolLM2-135M (tied, V=49152) batched features vs per-sample autograd."""
+    from grads.models import load_model
+
+    model, tok = load_model({"source": "gguf", "dtype": "float32"}, cache_dir="outputs/models")
+    g = torch.Generator().manual_seed(0)
+    samples = []
+    for p, r in [(6, 10), (9, 4)]:
+        ids = torch.randint(0, tok.vocab_size, (p + r,), generator=g).tolist()
+        samples.append((ids, [-100] * p + ids[p:]))
+    snap = snapshot(model)
+    got = per_sample_grad_norms(model, *pad(samples, tok.pad_token_id, "left"))
+    assert_unchanged(model, snap)
+    check(got, naive_reference(model, samples), tied=True)

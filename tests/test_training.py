@@ -373,7 +373,7 @@ def test_zero_stages_match_stage0_and_resume(tmp_path, stage):
         assert_same_weights(weights(tmp_path / f"{mode}0"), weights(out), atol=1e-5)
 
 
-@pytest.mark.slow
+@pytest.mark.smoke
 def test_smollm2_smoke(tmp_path):
     """A few LoRA steps of SmolLM2-135M (converted GGUF cached under outputs/models)."""
     import importlib.util
