@@ -359,7 +359,11 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def _assemble(cfg: dict, keys: dict, dirs: dict, costs: dict, cache: StageCache, wall: float) -> dict:
     """The job's ``metrics.json``: identity, headline metrics, costs and where artefacts live."""
-    sel_cost = sum(costs.get(s, {}).get("wall_s", 0.0) for s in ("warmup", "features", "select"))
+    # What choosing the subset costs: warm-up + features + select, or the select stage alone for
+    # selectors that need no model (random, full), although the pipeline shares features with them.
+    cost_stages = ("select",) if getattr(_selector_class(cfg), "model_free", False) else (
+        "warmup", "features", "select")
+    sel_cost = sum(costs.get(s, {}).get("wall_s", 0.0) for s in cost_stages)
     m: dict[str, Any] = {
         "domain": cfg["domain"]["name"], "selector": cfg["selector"].get("name"),
         "budget": cfg["budget"].get("name"), "model": cfg["model"]["name"], "seed": cfg["seed"],

@@ -33,6 +33,8 @@ class FullSelector:
     supports_auto: ClassVar[bool] = True
     # The pipeline drops the budget from this selector's cache key: every budget gives the same run.
     budget_free: ClassVar[bool] = True
+    # Needs no model: its selection cost is the select stage alone (no warm-up, no features).
+    model_free: ClassVar[bool] = True
 
     @property
     def columns(self) -> tuple[str, ...]:

@@ -27,6 +27,8 @@ class RandomSelector:
     name: str = "random"
     requires: ClassVar[tuple[str, ...]] = ()
     supports_auto: ClassVar[bool] = False
+    # Needs no model: its selection cost is the select stage alone (no warm-up, no features).
+    model_free: ClassVar[bool] = True
 
     @property
     def columns(self) -> tuple[str, ...]:
