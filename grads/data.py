@@ -64,7 +64,9 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
             except json.JSONDecodeError as exc:
                 raise BadRecordError(str(path), i, None, f"invalid JSON ({exc.msg})") from exc
             if not isinstance(obj, dict):
-                raise BadRecordError(str(path), i, None, f"expected a JSON object, got {type(obj).__name__}")
+                raise BadRecordError(
+                    str(path), i, None, f"expected a JSON object, got {type(obj).__name__}"
+                )
             yield i, obj
 
 
@@ -78,22 +80,22 @@ def _read_json(path: Path) -> Iterator[tuple[int, dict]]:
     items = obj.items() if isinstance(obj, dict) else enumerate(obj)
     for i, (key, rec) in enumerate(items, start=1):
         if not isinstance(rec, dict):
-            raise BadRecordError(str(path), i, None, f"expected an object, got {type(rec).__name__}")
+            raise BadRecordError(
+                str(path), i, None, f"expected an object, got {type(rec).__name__}"
+            )
         yield i, {"_key": str(key), **rec}
 
 
 def _read_delimited(path: Path, delimiter: str) -> Iterator[tuple[int, dict]]:
     with open(path, encoding="utf-8-sig", newline="") as fh:
         reader = csv.DictReader(fh, delimiter=delimiter)
-        for i, row in enumerate(reader, start=1):
-            yield i, row
+        yield from enumerate(reader, start=1)
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[int, dict]]:
     import pyarrow.parquet as pq
 
-    for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
-        yield i, row
+    yield from enumerate(pq.read_table(path).to_pylist(), start=1)
 
 
 def _read_pubmedqa(path: Path, split: str = "train", test_file: str = "test_ground_truth.json"):
@@ -103,14 +105,24 @@ def _read_pubmedqa(path: Path, split: str = "train", test_file: str = "test_grou
         in_test = rec["_key"] in test_ids
         if (split == "test") == in_test:
             contexts = rec.get("CONTEXTS") or []
-            yield i, {**rec, "context": " ".join(contexts) if isinstance(contexts, list) else contexts}
+            yield (
+                i,
+                {**rec, "context": " ".join(contexts) if isinstance(contexts, list) else contexts},
+            )
 
 
 def _read_fiqa_post(path: Path):
     """FiQA 2018 task-1 posts: id -> {sentence, info: [{sentiment_score, ...}]}; flattened."""
     for i, rec in _read_json(path):
         info = (rec.get("info") or [{}])[0]
-        yield i, {"sentence": rec.get("sentence"), "score": info.get("sentiment_score"), "_key": rec["_key"]}
+        yield (
+            i,
+            {
+                "sentence": rec.get("sentence"),
+                "score": info.get("sentiment_score"),
+                "_key": rec["_key"],
+            },
+        )
 
 
 def _read_tatqa(path: Path):
@@ -125,8 +137,16 @@ def _read_tatqa(path: Path):
             ans = ", ".join(map(str, ans)) if isinstance(ans, list) else str(ans)
             if q.get("scale"):
                 ans = f"{ans} {q['scale']}"
-            yield n, {"table": table, "paragraphs": paras, "question": q["question"], "answer": ans,
-                      "uid": q["uid"]}
+            yield (
+                n,
+                {
+                    "table": table,
+                    "paragraphs": paras,
+                    "question": q["question"],
+                    "answer": ans,
+                    "uid": q["uid"],
+                },
+            )
 
 
 READERS: dict[str, Callable[..., Iterator[tuple[int, dict]]]] = {
@@ -158,7 +178,9 @@ def _read_hub(source: Any) -> Iterator[tuple[int, dict]]:
     """Rows of a Hugging Face hub dataset (online users; needs network access)."""
     from datasets import load_dataset
 
-    ds = load_dataset(_get(source, "hub_id"), _get(source, "hub_config"), split=_get(source, "split", "train"))
+    ds = load_dataset(
+        _get(source, "hub_id"), _get(source, "hub_config"), split=_get(source, "split", "train")
+    )
     for i, row in enumerate(ds, start=1):
         yield i, dict(row)
 
@@ -175,11 +197,14 @@ def read_source(source: Any) -> tuple[str, Iterator[tuple[int, dict]]]:
     if not path.exists():
         raise FileNotFoundError(
             f"data source '{_get(source, 'name', path.stem)}': file not found: {path} "
-            "(set paths.data_dir or GRADS_DATA_DIR)")
+            "(set paths.data_dir or GRADS_DATA_DIR)"
+        )
     reader = _get(source, "reader") or _infer_reader(path)
     if reader not in READERS:
-        raise ValueError(f"data source '{_get(source, 'name')}': unknown reader {reader!r}; "
-                         f"expected one of {sorted(READERS)}")
+        raise ValueError(
+            f"data source '{_get(source, 'name')}': unknown reader {reader!r}; "
+            f"expected one of {sorted(READERS)}"
+        )
     kwargs = dict(_get(source, "reader_kwargs") or {})
     return str(path), READERS[reader](path, **kwargs)
 
@@ -253,8 +278,9 @@ def _filter_ok(row: dict, spec: Any) -> bool:
     return True
 
 
-def records_from_source(source: Any, on_bad_row: str = "error", system: str | None = None,
-                        counts: Counter | None = None) -> list[Record]:
+def records_from_source(
+    source: Any, on_bad_row: str = "error", system: str | None = None, counts: Counter | None = None
+) -> list[Record]:
     """Read one source and render its rows into :class:`Record` objects.
 
     Required fields are those named in the ``prompt``/``response`` templates (plus ``fields``).
@@ -267,8 +293,14 @@ def records_from_source(source: Any, on_bad_row: str = "error", system: str | No
     prompt_t, response_t = str(_get(source, "prompt")), str(_get(source, "response"))
     # key_field: the text that decides held-out splits and decontamination (e.g. the CUAD clause).
     key_field = _get(source, "key_field")
-    required = list(dict.fromkeys(_template_fields(prompt_t) + _template_fields(response_t)
-                                  + list(_get(source, "fields") or []) + ([key_field] if key_field else [])))
+    required = list(
+        dict.fromkeys(
+            _template_fields(prompt_t)
+            + _template_fields(response_t)
+            + list(_get(source, "fields") or [])
+            + ([key_field] if key_field else [])
+        )
+    )
     maps = dict(_get(source, "map") or {})
     file, rows = read_source(source)
     out: list[Record] = []
@@ -289,16 +321,22 @@ def records_from_source(source: Any, on_bad_row: str = "error", system: str | No
                     # e.g. BioASQ's ideal_answer is a list of equivalent expert answers.
                     v = v[0] if _get(source, "list_mode") == "first" else " ".join(map(str, v))
                 if isinstance(v, bool) or v is None or isinstance(v, list | dict):
-                    raise BadRecordError(file, row_no, f, f"expected a string, got {type(v).__name__}")
+                    raise BadRecordError(
+                        file, row_no, f, f"expected a string, got {type(v).__name__}"
+                    )
                 if isinstance(v, int | float):
                     v = str(v)
                 if not isinstance(v, str):
-                    raise BadRecordError(file, row_no, f, f"expected a string, got {type(v).__name__}")
+                    raise BadRecordError(
+                        file, row_no, f, f"expected a string, got {type(v).__name__}"
+                    )
                 if f in maps:
                     try:
                         v = str(_label_map(v, maps[f]))
                     except (ValueError, TypeError) as exc:
-                        raise BadRecordError(file, row_no, f, f"cannot map value {v!r}: {exc}") from exc
+                        raise BadRecordError(
+                            file, row_no, f, f"cannot map value {v!r}: {exc}"
+                        ) from exc
                 if not v.strip():
                     raise BadRecordError(file, row_no, f, "empty string")
                 values[f] = v.strip()
@@ -308,9 +346,16 @@ def records_from_source(source: Any, on_bad_row: str = "error", system: str | No
             counts[f"{name}:bad_row"] += 1
             continue
         prompt, response = prompt_t.format(**values), response_t.format(**values)
-        out.append(Record(id=sample_id(prompt, response, system), source=name, prompt=prompt,
-                          response=response, system=system,
-                          meta={"row": row_no, "key_text": values.get(key_field) if key_field else None}))
+        out.append(
+            Record(
+                id=sample_id(prompt, response, system),
+                source=name,
+                prompt=prompt,
+                response=response,
+                system=system,
+                meta={"row": row_no, "key_text": values.get(key_field) if key_field else None},
+            )
+        )
     return out
 
 
@@ -390,7 +435,9 @@ def load_records(domain: Any, data_cfg: Any = None) -> tuple[list[Record], dict]
         counts[f"{_get(source, 'name')}:read"] += len(recs)
         records += recs
     if not records:
-        raise ValueError(f"domain '{_get(domain, 'name')}': no training records (check its sources)")
+        raise ValueError(
+            f"domain '{_get(domain, 'name')}': no training records (check its sources)"
+        )
     records = decontaminate(records, domain, counts)
     if _get(data_cfg, "dedup", True):
         seen, unique = set(), []
@@ -421,7 +468,10 @@ def load_records(domain: Any, data_cfg: Any = None) -> tuple[list[Record], dict]
 # --------------------------------------------------------------------------------------------------
 def messages_of(rec: Record) -> list[dict[str, str]]:
     msgs = [{"role": "system", "content": rec.system}] if rec.system else []
-    return msgs + [{"role": "user", "content": rec.prompt}, {"role": "assistant", "content": rec.response}]
+    return msgs + [
+        {"role": "user", "content": rec.prompt},
+        {"role": "assistant", "content": rec.response},
+    ]
 
 
 def tokenize_record(rec: Record, tokenizer, max_seq_len: int, min_prompt_tokens: int = 8) -> dict:
@@ -434,11 +484,15 @@ def tokenize_record(rec: Record, tokenizer, max_seq_len: int, min_prompt_tokens:
     """
     msgs = messages_of(rec)
     full = tokenizer.apply_chat_template(msgs, tokenize=False)
-    prompt_text = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+    prompt_text = tokenizer.apply_chat_template(
+        msgs[:-1], tokenize=False, add_generation_prompt=True
+    )
     if not full.startswith(prompt_text):
-        raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
+        raise ValueError(
+            "the chat template does not render the prompt as a prefix of the conversation"
+        )
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(full[len(prompt_text):], add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(full[len(prompt_text) :], add_special_tokens=False)["input_ids"]
     n_prompt_orig = len(prompt_ids)
     room = max_seq_len - len(response_ids)
     if room < min(min_prompt_tokens, len(prompt_ids)):
@@ -447,16 +501,25 @@ def tokenize_record(rec: Record, tokenizer, max_seq_len: int, min_prompt_tokens:
         room = keep
     if len(prompt_ids) > room:
         tail = min(len(prompt_ids), max(room * 2 // 5, min(room, 8)))
-        prompt_ids = prompt_ids[: room - tail] + prompt_ids[len(prompt_ids) - tail:]
+        prompt_ids = prompt_ids[: room - tail] + prompt_ids[len(prompt_ids) - tail :]
     input_ids = prompt_ids + response_ids
     labels = [IGNORE_INDEX] * len(prompt_ids) + list(response_ids)
     answer_only = tokenizer(rec.response, add_special_tokens=False)["input_ids"][:max_seq_len]
-    return {"id": rec.id, "source": rec.source, "input_ids": input_ids, "labels": labels,
-            "n_prompt": len(prompt_ids), "n_response": len(response_ids),
-            "prompt_truncated": len(prompt_ids) < n_prompt_orig, "response_ids": answer_only}
+    return {
+        "id": rec.id,
+        "source": rec.source,
+        "input_ids": input_ids,
+        "labels": labels,
+        "n_prompt": len(prompt_ids),
+        "n_response": len(response_ids),
+        "prompt_truncated": len(prompt_ids) < n_prompt_orig,
+        "response_ids": answer_only,
+    }
 
 
-def tokenize_records(records: list[Record], tokenizer, data_cfg: Any = None) -> tuple[list[dict], dict]:
+def tokenize_records(
+    records: list[Record], tokenizer, data_cfg: Any = None
+) -> tuple[list[dict], dict]:
     """Tokenise records; samples left with fewer than ``min_response_tokens`` are reported and dropped."""
     max_len = int(_get(data_cfg, "max_seq_len", 256))
     min_resp = int(_get(data_cfg, "min_response_tokens", 1))
@@ -471,10 +534,19 @@ def tokenize_records(records: list[Record], tokenizer, data_cfg: Any = None) -> 
             continue
         samples.append(s)
     if dropped:
-        log.warning("data: %d samples have no response token left after truncation to %d tokens "
-                    "and were dropped (first ids: %s)", len(dropped), max_len, dropped[:5])
-    stats = {"n_samples": len(samples), "dropped_no_response": len(dropped),
-             "prompt_truncated": truncated, "max_seq_len": max_len}
+        log.warning(
+            "data: %d samples have no response token left after truncation to %d tokens "
+            "and were dropped (first ids: %s)",
+            len(dropped),
+            max_len,
+            dropped[:5],
+        )
+    stats = {
+        "n_samples": len(samples),
+        "dropped_no_response": len(dropped),
+        "prompt_truncated": truncated,
+        "max_seq_len": max_len,
+    }
     return samples, stats
 
 
@@ -506,8 +578,12 @@ def materialise_generated(domain: Any, cfg: Any) -> None:
     synthetic.materialise(out_dir, **{k: v for k, v in dict(gen).items() if k != "out_dir"})
 
 
-def collate(samples: list[dict], pad_id: int, padding_side: str = "right",
-            pad_to_multiple_of: int | None = None) -> dict:
+def collate(
+    samples: list[dict],
+    pad_id: int,
+    padding_side: str = "right",
+    pad_to_multiple_of: int | None = None,
+) -> dict:
     """Pad a list of samples (``input_ids``, ``labels``) into tensors.
 
     Returns ``input_ids``, ``attention_mask`` and ``labels`` (``-100`` on padding), ``[B, T]``.
@@ -540,7 +616,15 @@ def pool_summary(pool) -> dict:
 
     lengths = np.asarray([len(x) for x in pool["input_ids"]])
     resp = np.asarray(pool["n_response"])
-    q = lambda a: {f"p{p}": int(np.percentile(a, p)) for p in (5, 25, 50, 75, 95)} | {  # noqa: E731
-        "mean": round(float(a.mean()), 1), "max": int(a.max())}
-    return {"n": len(lengths), "tokens_total": int(lengths.sum()), "length": q(lengths),
-            "response_tokens": q(resp), "sources": dict(Counter(pool["source"]))}
+
+    def q(a):
+        pct = {f"p{p}": int(np.percentile(a, p)) for p in (5, 25, 50, 75, 95)}
+        return pct | {"mean": round(float(a.mean()), 1), "max": int(a.max())}
+
+    return {
+        "n": len(lengths),
+        "tokens_total": int(lengths.sum()),
+        "length": q(lengths),
+        "response_tokens": q(resp),
+        "sources": dict(Counter(pool["source"])),
+    }

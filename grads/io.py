@@ -74,7 +74,9 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
     """Atomically write ``obj`` as JSON (numpy/torch scalars allowed)."""
-    return write_text(path, json.dumps(obj, indent=indent, default=_jsonable, sort_keys=False) + "\n")
+    return write_text(
+        path, json.dumps(obj, indent=indent, default=_jsonable, sort_keys=False) + "\n"
+    )
 
 
 def read_json(path: str | os.PathLike) -> Any:

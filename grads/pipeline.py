@@ -37,8 +37,15 @@ STAGES = ("warmup", "features", "select", "finetune", "evaluate")
 # Bump when a stage's semantics change so old cache entries are not reused by mistake.
 CACHE_VERSION = 1
 # Knobs that change how a stage runs but not what it produces: excluded from the cache keys.
-_NON_SEMANTIC_TRAINER_KEYS = {"procs", "save_every", "log_every", "progress", "stop_after_steps",
-                              "keep_checkpoints", "clean_checkpoints"}
+_NON_SEMANTIC_TRAINER_KEYS = {
+    "procs",
+    "save_every",
+    "log_every",
+    "progress",
+    "stop_after_steps",
+    "keep_checkpoints",
+    "clean_checkpoints",
+}
 
 
 class StageInterrupted(RuntimeError):
@@ -61,30 +68,62 @@ def pool_spec(cfg: dict) -> dict:
     """The part of the domain config that decides which samples are in the train pool."""
     dom = cfg["domain"]
     gen = _without(dom.get("generator"), {"out_dir"}) if dom.get("generator") else None
-    sources = [_without(s, {"path"}) | {"file": Path(str(s.get("path", ""))).name}
-               for s in dom.get("sources", [])]
-    return {"name": dom.get("name"), "sources": sources, "generator": gen,
-            "pool_limit": dom.get("pool_limit"), "pool_seed": dom.get("pool_seed"),
-            "decontaminate": [_without(d, {"path"}) | {"file": Path(str(d.get("path", ""))).name}
-                              for d in dom.get("decontaminate", [])]}
+    sources = [
+        _without(s, {"path"}) | {"file": Path(str(s.get("path", ""))).name}
+        for s in dom.get("sources", [])
+    ]
+    return {
+        "name": dom.get("name"),
+        "sources": sources,
+        "generator": gen,
+        "pool_limit": dom.get("pool_limit"),
+        "pool_seed": dom.get("pool_seed"),
+        "decontaminate": [
+            _without(d, {"path"}) | {"file": Path(str(d.get("path", ""))).name}
+            for d in dom.get("decontaminate", [])
+        ],
+    }
 
 
 def stage_keys(cfg: dict, budget_free: bool = False) -> dict[str, str]:
     """Content-addressed keys of every stage for a resolved config (see module docstring)."""
     trainer = _without(cfg.get("trainer"), _NON_SEMANTIC_TRAINER_KEYS)
     model = _without(cfg["model"], set())
-    warmup = _hash("warmup", model, pool_spec(cfg), cfg.get("data"), trainer,
-                   _without(cfg.get("warmup"), _NON_SEMANTIC_TRAINER_KEYS))
+    warmup = _hash(
+        "warmup",
+        model,
+        pool_spec(cfg),
+        cfg.get("data"),
+        trainer,
+        _without(cfg.get("warmup"), _NON_SEMANTIC_TRAINER_KEYS),
+    )
     features = _hash("features", warmup, _without(cfg.get("features"), {"batch_size", "procs"}))
     budget = None if budget_free else cfg.get("budget")
     select = _hash("select", features, cfg.get("selector"), budget, cfg.get("seed"))
-    finetune = _hash("finetune", select, model, cfg.get("data"), trainer,
-                     _without(cfg.get("finetune"), _NON_SEMANTIC_TRAINER_KEYS), cfg.get("seed"))
+    finetune = _hash(
+        "finetune",
+        select,
+        model,
+        cfg.get("data"),
+        trainer,
+        _without(cfg.get("finetune"), _NON_SEMANTIC_TRAINER_KEYS),
+        cfg.get("seed"),
+    )
     dom = cfg["domain"]
-    evaluate = _hash("evaluate", finetune, _without(cfg.get("eval"), {"batch_size"}),
-                     dom.get("eval_tasks"), dom.get("eval_tasks_general"))
-    return {"warmup": warmup, "features": features, "select": select, "finetune": finetune,
-            "evaluate": evaluate}
+    evaluate = _hash(
+        "evaluate",
+        finetune,
+        _without(cfg.get("eval"), {"batch_size"}),
+        dom.get("eval_tasks"),
+        dom.get("eval_tasks_general"),
+    )
+    return {
+        "warmup": warmup,
+        "features": features,
+        "select": select,
+        "finetune": finetune,
+        "evaluate": evaluate,
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -120,7 +159,9 @@ class StageCache:
         log.info("[%s] running -> %s", stage, final)
         t0 = time.time()
         info = fn(work) or {}
-        write_json(work / "stage.json", {"stage": stage, "key": key, "wall_s": time.time() - t0, **info})
+        write_json(
+            work / "stage.json", {"stage": stage, "key": key, "wall_s": time.time() - t0, **info}
+        )
         write_text(work / "DONE", time.strftime("%Y-%m-%dT%H:%M:%S\n"))
         if final.exists():  # an incomplete leftover without DONE
             shutil.rmtree(final)
@@ -165,8 +206,10 @@ def _train_stage(cfg: dict, use: str, work: Path, ids: list[str] | None, tracker
     log_fn = tracker.log if (tracker is not None and procs <= 1) else None
     summary = train(cfg, use, str(work), ids=ids, log_fn=log_fn) or {}
     if summary.get("stopped"):
-        raise StageInterrupted(f"{use} stopped before completion (stop_after_steps); its checkpoints "
-                               f"are in {work}: re-run the same command to resume")
+        raise StageInterrupted(
+            f"{use} stopped before completion (stop_after_steps); its checkpoints "
+            f"are in {work}: re-run the same command to resume"
+        )
     if tracker is not None and procs > 1 and (work / "train_log.jsonl").exists():
         for row in _read_log(work / "train_log.jsonl"):
             tracker.log({f"{use}/{k}": v for k, v in row.items() if k != "step"}, row.get("step"))
@@ -205,8 +248,12 @@ def run_select_stage(cfg: dict, work: Path, features_dir: Path) -> dict:
     from grads.selectors.stage import run_select
 
     selector, budget = _selector_and_budget(cfg)
-    return run_select(selector, budget, str(features_dir / "features.parquet"), str(work),
-                      int(cfg["seed"])) or {}
+    return (
+        run_select(
+            selector, budget, str(features_dir / "features.parquet"), str(work), int(cfg["seed"])
+        )
+        or {}
+    )
 
 
 def run_finetune(cfg: dict, work: Path, select_dir: Path, tracker=None) -> dict:
@@ -234,20 +281,50 @@ def run_info() -> dict:
     import importlib.metadata as md
 
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
-                                    cwd=Path(__file__).parent, timeout=5).stdout.strip())
+        sha = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).parent,
+                timeout=5,
+            ).stdout.strip()
+            or None
+        )
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).parent,
+                timeout=5,
+            ).stdout.strip()
+        )
     except (OSError, subprocess.SubprocessError):
         sha, dirty = None, None
     versions = {}
-    for pkg in ("torch", "transformers", "deepspeed", "peft", "lm_eval", "hydra-core", "KDEpy", "datasets"):
+    for pkg in (
+        "torch",
+        "transformers",
+        "deepspeed",
+        "peft",
+        "lm_eval",
+        "hydra-core",
+        "KDEpy",
+        "datasets",
+    ):
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             versions[pkg] = None
-    return {"git_sha": sha, "git_dirty": dirty, "versions": versions, "python": platform.python_version(),
-            "host": platform.node(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    return {
+        "git_sha": sha,
+        "git_dirty": dirty,
+        "versions": versions,
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
 
 
 def _run_dir() -> Path:
@@ -296,12 +373,20 @@ def run(cfg) -> dict:
     resolved = resolve_features_cfg(resolved)
     keys = stage_keys(resolved, budget_free=_budget_free(resolved))
     cache = StageCache(resolved["paths"]["cache_dir"])
-    dom, sel, bud, model = (resolved["domain"]["name"], resolved["selector"].get("name", "?"),
-                            resolved["budget"].get("name", "?"), resolved["model"]["name"])
+    dom, sel, bud, model = (
+        resolved["domain"]["name"],
+        resolved["selector"].get("name", "?"),
+        resolved["budget"].get("name", "?"),
+        resolved["model"]["name"],
+    )
     if tracker is not None:
-        tracker.start(name=f"{dom}-{sel}-{bud}-s{resolved['seed']}", group=str(resolved.get("group")),
-                      tags=[dom, sel, bud, model, *resolved.get("tags", [])], config=resolved,
-                      run_dir=str(run_dir))
+        tracker.start(
+            name=f"{dom}-{sel}-{bud}-s{resolved['seed']}",
+            group=str(resolved.get("group")),
+            tags=[dom, sel, bud, model, *resolved.get("tags", [])],
+            config=resolved,
+            run_dir=str(run_dir),
+        )
     dirs: dict[str, Path] = {}
     costs: dict[str, dict] = {}
 
@@ -310,8 +395,10 @@ def run(cfg) -> dict:
             return dirs[stage]
         if cache.done(stage, keys[stage]):
             return cache.final(stage, keys[stage])
-        raise RuntimeError(f"stage '{stage}' has no cached output for this config (key {keys[stage]}); "
-                           f"add it to stages=[...] (requested: {stages})")
+        raise RuntimeError(
+            f"stage '{stage}' has no cached output for this config (key {keys[stage]}); "
+            f"add it to stages=[...] (requested: {stages})"
+        )
 
     runners = {
         "warmup": lambda w: run_warmup(resolved, w, tracker),
@@ -327,12 +414,18 @@ def run(cfg) -> dict:
                 continue
             dirs[stage] = cache.get_or_run(stage, keys[stage], runners[stage])
             info = read_json(dirs[stage] / "stage.json")
-            costs[stage] = {"wall_s": round(float(info.get("wall_s", 0.0)), 2),
-                            "tokens": int(info.get("tokens") or info.get("tokens_processed") or 0),
-                            "cached": stage in cache.hits}
+            costs[stage] = {
+                "wall_s": round(float(info.get("wall_s", 0.0)), 2),
+                "tokens": int(info.get("tokens") or info.get("tokens_processed") or 0),
+                "cached": stage in cache.hits,
+            }
             if tracker is not None:
-                tracker.log({f"{stage}/wall_s": costs[stage]["wall_s"],
-                             f"{stage}/tokens": costs[stage]["tokens"]})
+                tracker.log(
+                    {
+                        f"{stage}/wall_s": costs[stage]["wall_s"],
+                        f"{stage}/tokens": costs[stage]["tokens"],
+                    }
+                )
         metrics = _assemble(resolved, keys, dirs, costs, cache, time.time() - t_run)
         write_json(run_dir / "metrics.json", metrics)
         if tracker is not None:
@@ -357,21 +450,34 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _assemble(cfg: dict, keys: dict, dirs: dict, costs: dict, cache: StageCache, wall: float) -> dict:
+def _assemble(
+    cfg: dict, keys: dict, dirs: dict, costs: dict, cache: StageCache, wall: float
+) -> dict:
     """The job's ``metrics.json``: identity, headline metrics, costs and where artefacts live."""
     # What choosing the subset costs: warm-up + features + select, or the select stage alone for
     # selectors that need no model (random, full), although the pipeline shares features with them.
-    cost_stages = ("select",) if getattr(_selector_class(cfg), "model_free", False) else (
-        "warmup", "features", "select")
+    cost_stages = (
+        ("select",)
+        if getattr(_selector_class(cfg), "model_free", False)
+        else ("warmup", "features", "select")
+    )
     sel_cost = sum(costs.get(s, {}).get("wall_s", 0.0) for s in cost_stages)
     m: dict[str, Any] = {
-        "domain": cfg["domain"]["name"], "selector": cfg["selector"].get("name"),
-        "budget": cfg["budget"].get("name"), "model": cfg["model"]["name"], "seed": cfg["seed"],
-        "trainer_mode": cfg.get("trainer", {}).get("mode"), "group": cfg.get("group"),
-        "stages": list(dirs), "keys": {s: keys[s] for s in dirs},
-        "artefacts": {s: str(p) for s, p in dirs.items()}, "cost": costs,
-        "selection_cost_s": round(sel_cost, 2), "wall_s": round(wall, 2),
-        "cache_hits": cache.hits, "cache_misses": cache.misses,
+        "domain": cfg["domain"]["name"],
+        "selector": cfg["selector"].get("name"),
+        "budget": cfg["budget"].get("name"),
+        "model": cfg["model"]["name"],
+        "seed": cfg["seed"],
+        "trainer_mode": cfg.get("trainer", {}).get("mode"),
+        "group": cfg.get("group"),
+        "stages": list(dirs),
+        "keys": {s: keys[s] for s in dirs},
+        "artefacts": {s: str(p) for s, p in dirs.items()},
+        "cost": costs,
+        "selection_cost_s": round(sel_cost, 2),
+        "wall_s": round(wall, 2),
+        "cache_hits": cache.hits,
+        "cache_misses": cache.misses,
     }
     if "select" in dirs:
         sel = read_json(dirs["select"] / "selection.json")
@@ -379,8 +485,20 @@ def _assemble(cfg: dict, keys: dict, dirs: dict, costs: dict, cache: StageCache,
         m["selection"] = {k: v for k, v in sel.items() if isinstance(v, int | float | str | None)}
     if "evaluate" in dirs:
         ev = read_json(dirs["evaluate"] / "metrics.json")
-        m.update({k: ev[k] for k in ("domain_acc", "general_acc", "domain_gain", "forgetting",
-                                     "base_domain_acc", "base_general_acc") if k in ev})
+        m.update(
+            {
+                k: ev[k]
+                for k in (
+                    "domain_acc",
+                    "general_acc",
+                    "domain_gain",
+                    "forgetting",
+                    "base_domain_acc",
+                    "base_general_acc",
+                )
+                if k in ev
+            }
+        )
         m["tasks"] = ev.get("tasks", {})
     return m
 
@@ -396,8 +514,14 @@ def _print_summary(m: dict) -> None:
         t.add_row(stage, f"{c['wall_s']:.1f}", str(c["tokens"]), "yes" if c["cached"] else "")
     console = Console()
     console.print(t)
-    heads = [k for k in ("n_pool", "n_selected", "domain_acc", "general_acc", "domain_gain", "forgetting")
-             if k in m]
+    heads = [
+        k
+        for k in ("n_pool", "n_selected", "domain_acc", "general_acc", "domain_gain", "forgetting")
+        if k in m
+    ]
     if heads:
-        console.print("  ".join(f"{k}={m[k]:.4f}" if isinstance(m[k], float) else f"{k}={m[k]}"
-                                for k in heads))
+        console.print(
+            "  ".join(
+                f"{k}={m[k]:.4f}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in heads
+            )
+        )

@@ -21,8 +21,18 @@ from grads.io import write_text
 log = logging.getLogger(__name__)
 
 ID_COLS = ["domain", "selector", "budget", "model", "trainer_mode", "seed"]
-METRIC_COLS = ["domain_acc", "general_acc", "domain_gain", "forgetting", "n_selected", "n_pool",
-               "selection_cost_s", "finetune_s", "finetune_tokens", "wall_s"]
+METRIC_COLS = [
+    "domain_acc",
+    "general_acc",
+    "domain_gain",
+    "forgetting",
+    "n_selected",
+    "n_pool",
+    "selection_cost_s",
+    "finetune_s",
+    "finetune_tokens",
+    "wall_s",
+]
 _BUDGET_ORDER = {"p5": 5, "p10": 10, "p25": 25, "p50": 50, "p100": 100, "auto": 1000}
 
 
@@ -75,12 +85,16 @@ def _full_once(df):
     return full
 
 
-def paper_tables(df) -> dict[str, "object"]:
+def paper_tables(df) -> dict[str, object]:
     """One wide table per domain: rows = selectors, columns = (budget, metric) as mean ± std (%)."""
     import pandas as pd
 
     out = {}
-    metrics = [("domain_acc", "Domain acc"), ("general_acc", "General acc"), ("forgetting", "Forgetting")]
+    metrics = [
+        ("domain_acc", "Domain acc"),
+        ("general_acc", "General acc"),
+        ("forgetting", "Forgetting"),
+    ]
     for domain, ddf in df.groupby("domain", sort=True):
         budgets = sorted(ddf["budget"].dropna().unique(), key=lambda b: _BUDGET_ORDER.get(b, 999))
         table = {}
@@ -107,10 +121,15 @@ def cost_table(df):
     rows = []
     for (domain, sel), g in df.groupby(["domain", "selector"]):
         full = df[(df["domain"] == domain) & (df["selector"] == "full")]["finetune_s"]
-        rows.append({"domain": domain, "selector": sel,
-                     "selection_cost_s": round(float(g["selection_cost_s"].mean()), 1),
-                     "finetune_s": round(float(g["finetune_s"].mean()), 1),
-                     "full_finetune_s": round(float(full.mean()), 1) if len(full) else None})
+        rows.append(
+            {
+                "domain": domain,
+                "selector": sel,
+                "selection_cost_s": round(float(g["selection_cost_s"].mean()), 1),
+                "finetune_s": round(float(g["finetune_s"].mean()), 1),
+                "full_finetune_s": round(float(full.mean()), 1) if len(full) else None,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -133,8 +152,16 @@ def plots(df, out_dir: Path) -> list[Path]:
                 mf, sf, _ = _mean_std(gb["forgetting"].tolist())
                 if n == 0 or math.isnan(mg) or math.isnan(mf):
                     continue
-                ax.errorbar(mf * 100, mg * 100, xerr=sf * 100, yerr=sg * 100, fmt=mk, color=f"C{i}",
-                            capsize=2, label=f"{sel} ({b})")
+                ax.errorbar(
+                    mf * 100,
+                    mg * 100,
+                    xerr=sf * 100,
+                    yerr=sg * 100,
+                    fmt=mk,
+                    color=f"C{i}",
+                    capsize=2,
+                    label=f"{sel} ({b})",
+                )
         ax.axhline(0, color="grey", lw=0.6)
         ax.axvline(0, color="grey", lw=0.6)
         ax.set_xlabel("forgetting (general acc lost, pts) →  worse")
@@ -157,8 +184,15 @@ def plots(df, out_dir: Path) -> list[Path]:
                     ax.axhline(m * 100, color="k", ls="--", lw=1, label="full pool")
                 continue
             ys = [_mean_std(g[g["budget"] == b]["domain_acc"].tolist()) for b in budgets]
-            ax.errorbar(xs, [y[0] * 100 for y in ys], yerr=[y[1] * 100 for y in ys], marker="o",
-                        color=f"C{i}", capsize=2, label=sel)
+            ax.errorbar(
+                xs,
+                [y[0] * 100 for y in ys],
+                yerr=[y[1] * 100 for y in ys],
+                marker="o",
+                color=f"C{i}",
+                capsize=2,
+                label=sel,
+            )
         ax.set_xticks(xs, budgets)
         ax.set_xlabel("budget")
         ax.set_ylabel("domain accuracy (%)")
@@ -182,8 +216,12 @@ def render(df, out_dir: str | Path, title: str = "results") -> dict[str, Path]:
     written["csv"] = csv_path
     md, tex = [f"# {title}\n"], []
     for domain, wide in paper_tables(df).items():
-        md += [f"\n## {domain}\n", "Accuracy and forgetting in points (%), mean ± std over seeds; "
-               "n = number of runs.\n\n", _markdown(wide), "\n"]
+        md += [
+            f"\n## {domain}\n",
+            "Accuracy and forgetting in points (%), mean ± std over seeds; n = number of runs.\n\n",
+            _markdown(wide),
+            "\n",
+        ]
         tex += [f"% {domain}\n", wide.to_latex(escape=True), "\n"]
     costs = cost_table(df)
     md += ["\n## cost (seconds)\n\n", costs.to_markdown(index=False), "\n"]
@@ -208,7 +246,9 @@ def main(argv: list[str] | None = None) -> None:
     import pandas as pd
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("sweep_dir", nargs="*", help="sweep/run folders to collect (searched recursively)")
+    ap.add_argument(
+        "sweep_dir", nargs="*", help="sweep/run folders to collect (searched recursively)"
+    )
     ap.add_argument("--from-csv", help="rebuild tables and plots from a collected CSV instead")
     ap.add_argument("--out", default=None, help="output folder (default: <sweep_dir>/report)")
     ap.add_argument("--title", default="results")

@@ -46,8 +46,13 @@ class WandbTracker(NullTracker):
         dir: where the ``wandb/`` folder is written.
     """
 
-    def __init__(self, mode: str = "offline", project: str = "grads", entity: str | None = None,
-                 dir: str | None = None):
+    def __init__(
+        self,
+        mode: str = "offline",
+        project: str = "grads",
+        entity: str | None = None,
+        dir: str | None = None,
+    ):
         self.mode = os.environ.get("WANDB_MODE", mode)
         self.project, self.entity, self.dir = project, entity, dir
         self.run = None
@@ -60,9 +65,17 @@ class WandbTracker(NullTracker):
         import wandb
 
         Path(self.dir or run_dir).mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(project=self.project, entity=self.entity, name=name, group=group,
-                              tags=[str(t) for t in tags][:64], config=config, mode=self.mode,
-                              dir=str(self.dir or run_dir), reinit="finish_previous")
+        self.run = wandb.init(
+            project=self.project,
+            entity=self.entity,
+            name=name,
+            group=group,
+            tags=[str(t) for t in tags][:64],
+            config=config,
+            mode=self.mode,
+            dir=str(self.dir or run_dir),
+            reinit="finish_previous",
+        )
 
     def log(self, metrics, step=None) -> None:
         if self.run is not None:
@@ -85,7 +98,9 @@ class WandbTracker(NullTracker):
             import wandb
 
             cols = list(dict.fromkeys(k for r in rows for k in r))
-            self.run.log({key: wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])})
+            self.run.log(
+                {key: wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])}
+            )
 
     def summary(self, metrics) -> None:
         if self.run is not None:

@@ -40,8 +40,21 @@ if RUN_DIR is None:  # newest run under outputs/
 assert RUN_DIR is not None, "set GRADS_RUN_DIR to a run folder with metrics.json"
 metrics = json.loads((Path(RUN_DIR) / "metrics.json").read_text())
 art = metrics["artefacts"]
-print({k: metrics.get(k) for k in ("domain", "selector", "budget", "n_pool", "n_selected",
-                                   "domain_acc", "general_acc", "forgetting")})
+print(
+    {
+        k: metrics.get(k)
+        for k in (
+            "domain",
+            "selector",
+            "budget",
+            "n_pool",
+            "n_selected",
+            "domain_acc",
+            "general_acc",
+            "forgetting",
+        )
+    }
+)
 
 # %%
 features = pd.read_parquet(Path(art["features"]) / "features.parquet")

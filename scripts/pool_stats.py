@@ -29,16 +29,24 @@ def main() -> None:
     tokenizer = None
     for name in args.domains:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose("config", overrides=[f"domain={name}", f"model={args.model}",
-                                               f"data.max_seq_len={args.max_seq_len}"])
+            cfg = compose(
+                "config",
+                overrides=[
+                    f"domain={name}",
+                    f"model={args.model}",
+                    f"data.max_seq_len={args.max_seq_len}",
+                ],
+            )
         cfg = OmegaConf.to_container(cfg, resolve=True)
         if tokenizer is None:
             tokenizer = load_model(cfg["model"], cache_dir=cfg["paths"]["model_dir"])[1]
         pool, stats = load_pool(cfg, tokenizer, return_stats=True)
         results[name] = {"filter_stats": stats, **pool_summary(pool)}
         s = results[name]
-        print(f"{name:10s} n={s['n']:6d} tokens={s['tokens_total']:9d} length {s['length']} "
-              f"response {s['response_tokens']}")
+        print(
+            f"{name:10s} n={s['n']:6d} tokens={s['tokens_total']:9d} length {s['length']} "
+            f"response {s['response_tokens']}"
+        )
     write_json(args.out, results)
     print(json.dumps({k: v["sources"] for k, v in results.items()}))
 

@@ -45,4 +45,6 @@ def compose(overrides: list[str] | None = None, return_hydra_config: bool = Fals
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return _compose("config", overrides=overrides or [], return_hydra_config=return_hydra_config)
+        return _compose(
+            "config", overrides=overrides or [], return_hydra_config=return_hydra_config
+        )

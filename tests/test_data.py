@@ -37,15 +37,16 @@ def test_prompt_masked_response_kept(tiny_tokenizer):
     ids, labels = s["input_ids"], s["labels"]
     assert len(ids) == len(labels) == s["n_prompt"] + s["n_response"]
     assert all(x == IGNORE_INDEX for x in labels[: s["n_prompt"]])
-    assert labels[s["n_prompt"]:] == ids[s["n_prompt"]:]
+    assert labels[s["n_prompt"] :] == ids[s["n_prompt"] :]
     prompt_text = tiny_tokenizer.decode(ids[: s["n_prompt"]])
-    resp_text = tiny_tokenizer.decode(ids[s["n_prompt"]:])
+    resp_text = tiny_tokenizer.decode(ids[s["n_prompt"] :])
     assert prompt_text.endswith("<|im_start|>assistant\n") and rec.prompt in prompt_text
     assert resp_text.startswith(rec.response) and "<|im_end|>" in resp_text
     # The concatenation is exactly the chat-templated conversation.
     full = tiny_tokenizer.apply_chat_template(
         [{"role": "user", "content": rec.prompt}, {"role": "assistant", "content": rec.response}],
-        tokenize=False)
+        tokenize=False,
+    )
     assert tiny_tokenizer.decode(ids) == full
 
 
@@ -53,7 +54,7 @@ def test_truncation_cuts_prompt_before_response(tiny_tokenizer):
     rec = _rec(prompt="context " * 100 + "QUESTION?", response="short answer")
     s = tokenize_record(rec, tiny_tokenizer, max_seq_len=96)
     assert len(s["input_ids"]) == 96 and s["prompt_truncated"]
-    assert tiny_tokenizer.decode(s["input_ids"][s["n_prompt"]:]).startswith("short answer")
+    assert tiny_tokenizer.decode(s["input_ids"][s["n_prompt"] :]).startswith("short answer")
     prompt_text = tiny_tokenizer.decode(s["input_ids"][: s["n_prompt"]])
     # The start of the prompt and the assistant header (and the question at its end) survive.
     assert prompt_text.startswith("<|im_start|>user") and prompt_text.endswith("assistant\n")
@@ -64,7 +65,9 @@ def test_long_response_is_cut_and_empty_response_reported(tiny_tokenizer, caplog
     long = _rec(response="x" * 300)
     s = tokenize_record(long, tiny_tokenizer, max_seq_len=64)
     assert len(s["input_ids"]) <= 64 and s["n_response"] > 0
-    samples, stats = tokenize_records([long], tiny_tokenizer, {"max_seq_len": 64, "min_response_tokens": 100})
+    samples, stats = tokenize_records(
+        [long], tiny_tokenizer, {"max_seq_len": 64, "min_response_tokens": 100}
+    )
     assert samples == [] and stats["dropped_no_response"] == 1
     assert "no response token left" in caplog.text
 
@@ -75,7 +78,7 @@ def test_collate_left_and_right(tiny_tokenizer):
     for side in ("left", "right"):
         batch = collate([a, b], tiny_tokenizer.pad_token_id, side)
         T = batch["input_ids"].shape[1]
-        assert T == max(len(a["input_ids"]), len(b["input_ids"]))
+        assert max(len(a["input_ids"]), len(b["input_ids"])) == T
         n = len(b["input_ids"])
         row = batch["attention_mask"][1]
         assert int(row.sum()) == n
@@ -112,9 +115,14 @@ def test_malformed_jsonl_row_names_file_row(tmp_path):
 
 @pytest.mark.parametrize(
     ("row", "field", "problem"),
-    [({"q": "x"}, "a", "missing field"), ({"q": "x", "a": ""}, "a", "empty string"),
-     ({"q": "x", "a": "  "}, "a", "empty string"), ({"q": None, "a": "y"}, "q", "expected a string"),
-     ({"q": ["x"], "a": "y"}, "q", "expected a string"), ({"q": {"k": 1}, "a": "y"}, "q", "expected a string")],
+    [
+        ({"q": "x"}, "a", "missing field"),
+        ({"q": "x", "a": ""}, "a", "empty string"),
+        ({"q": "x", "a": "  "}, "a", "empty string"),
+        ({"q": None, "a": "y"}, "q", "expected a string"),
+        ({"q": ["x"], "a": "y"}, "q", "expected a string"),
+        ({"q": {"k": 1}, "a": "y"}, "q", "expected a string"),
+    ],
 )
 def test_bad_field_names_file_row_field(tmp_path, row, field, problem):
     p = tmp_path / "pool.jsonl"
@@ -128,7 +136,10 @@ def test_bad_field_names_file_row_field(tmp_path, row, field, problem):
 def test_wrong_csv_columns_and_skip_mode(tmp_path, caplog):
     p = tmp_path / "pool.csv"
     p.write_text("question,answer\nwhat?,that\n")
-    with pytest.raises(BadRecordError, match=r"row 1, field 'q': missing field \(row has \['answer', 'question'\]\)"):
+    with pytest.raises(
+        BadRecordError,
+        match=r"row 1, field 'q': missing field \(row has \['answer', 'question'\]\)",
+    ):
         records_from_source(_src(p))
     good = tmp_path / "mixed.jsonl"
     good.write_text('{"q": "a", "a": "b"}\n{"q": "", "a": "b"}\n{"q": "c", "a": 3}\n')
@@ -169,8 +180,12 @@ EXPECTED = {"medical": 18551, "legal": 10382, "financial": 10917}
 
 
 def _domain(name, data_dir, tmp_path=None):
-    cfg = OmegaConf.create({"paths": {"data_dir": str(data_dir), "cache_dir": str(tmp_path or "/tmp")},
-                            "domain": OmegaConf.load(CONF_DIR / "domain" / f"{name}.yaml")})
+    cfg = OmegaConf.create(
+        {
+            "paths": {"data_dir": str(data_dir), "cache_dir": str(tmp_path or "/tmp")},
+            "domain": OmegaConf.load(CONF_DIR / "domain" / f"{name}.yaml"),
+        }
+    )
     return OmegaConf.to_container(cfg, resolve=True)["domain"]
 
 
@@ -190,7 +205,9 @@ def _eval_texts(name, data_dir):
 
     def mmlu(*subjects):
         for s in subjects:
-            with open(data_dir / "general" / "mmlu" / "test" / f"{s}_test.csv", encoding="utf-8") as fh:
+            with open(
+                data_dir / "general" / "mmlu" / "test" / f"{s}_test.csv", encoding="utf-8"
+            ) as fh:
                 texts.update(normalise_text(r["question"]) for r in csv.DictReader(fh))
 
     if name == "medical":
@@ -202,8 +219,14 @@ def _eval_texts(name, data_dir):
             if row["type"] == "yesno":
                 texts.add(normalise_text(row["question"]))
         jsonl(data_dir / "medical/medmcqa/dev.json", "question")
-        mmlu("anatomy", "clinical_knowledge", "college_biology", "college_medicine",
-             "medical_genetics", "professional_medicine")
+        mmlu(
+            "anatomy",
+            "clinical_knowledge",
+            "college_biology",
+            "college_medicine",
+            "medical_genetics",
+            "professional_medicine",
+        )
     elif name == "legal":
         for line in open(data_dir / "legal/legalbench_2023/cuad_clauses_all.jsonl"):
             clause = json.loads(line)["clause"]
@@ -213,8 +236,12 @@ def _eval_texts(name, data_dir):
     else:
         for f in ("fpb_test", "fiqa_test", "nwgi_test"):
             jsonl(data_dir / "financial/finlora_eval" / f"{f}.jsonl", "context", extract=True)
-        mmlu("professional_accounting", "econometrics", "high_school_macroeconomics",
-             "high_school_microeconomics")
+        mmlu(
+            "professional_accounting",
+            "econometrics",
+            "high_school_macroeconomics",
+            "high_school_microeconomics",
+        )
     return texts
 
 
@@ -225,11 +252,17 @@ def test_shared_domain_sizes_and_no_eval_overlap(name, data_dir):
     assert len(recs) == EXPECTED[name], stats
     evals = _eval_texts(name, data_dir)
     assert len(evals) > 100
-    leaked = [r for r in recs if normalise_text(r.meta.get("key_text") or r.prompt) in evals
-              or normalise_text(r.prompt) in evals]
+    leaked = [
+        r
+        for r in recs
+        if normalise_text(r.meta.get("key_text") or r.prompt) in evals
+        or normalise_text(r.prompt) in evals
+    ]
     assert leaked == [], f"{len(leaked)} evaluation items in the {name} train pool"
     if name == "financial":  # the overlaps the READMEs list are found and removed
-        assert stats["fiqa_sa:eval_overlap"] == 128 and stats["semeval_headlines:eval_overlap"] == 131
+        assert (
+            stats["fiqa_sa:eval_overlap"] == 128 and stats["semeval_headlines:eval_overlap"] == 131
+        )
         assert stats["fpb:filtered"] == 1217
 
 
@@ -245,5 +278,11 @@ def test_synthetic_domain_learnable_and_heldout(tmp_path):
         assert len(set(q["choices"])) == 4
         # The fact is taught: the right answer appears in some training response for that entity.
         entity = q["id"].rsplit("-", 1)[0]
-        assert any(q["choices"][q["answer"]] in r["response"] for r in data["train"] if r["entity"] == entity)
-    assert synthetic.generate(0) == synthetic.generate(0) and synthetic.generate(1) != synthetic.generate(0)
+        assert any(
+            q["choices"][q["answer"]] in r["response"]
+            for r in data["train"]
+            if r["entity"] == entity
+        )
+    assert synthetic.generate(0) == synthetic.generate(0) and synthetic.generate(
+        1
+    ) != synthetic.generate(0)

@@ -13,7 +13,9 @@ def test_tiny_models_build_deterministically(tied):
     m1, tok = build_tiny(tied=tied, seed=3)
     m2, _ = build_tiny(tied=tied, seed=3)
     assert is_tied(m1) is tied and m1.config.num_hidden_layers == 2
-    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values())
+    )
     ids = tok("hello world", return_tensors="pt")["input_ids"]
     out = m1(input_ids=ids, labels=ids)
     assert out.logits.shape == (1, ids.shape[1], len(tok)) and torch.isfinite(out.loss)
@@ -25,7 +27,9 @@ def test_load_model_tiny_config_and_save_roundtrip(tmp_path):
     assert model.config.hidden_size == 32 and not is_tied(model)
     model.save_pretrained(tmp_path)
     again, tok2 = load_model({"source": "tiny", "tied": False}, path=tmp_path)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values())
+    )
     assert tok2.chat_template and tok2.padding_side == "right"
 
 
@@ -61,9 +65,15 @@ def test_smollm2_smoke_load_chat_format_forward(tmp_path_factory, data_dir):
     cache = "outputs/models"  # the converted safetensors copy is reused across runs
     model, tok = load_model({"source": "gguf", "dtype": "float32"}, cache_dir=cache)
     assert is_tied(model) and model.config.vocab_size == 49152
-    dom = OmegaConf.to_container(OmegaConf.create({
-        "paths": {"data_dir": str(data_dir)},
-        "domain": OmegaConf.load(CONF_DIR / "domain" / "medical.yaml")}), resolve=True)["domain"]
+    dom = OmegaConf.to_container(
+        OmegaConf.create(
+            {
+                "paths": {"data_dir": str(data_dir)},
+                "domain": OmegaConf.load(CONF_DIR / "domain" / "medical.yaml"),
+            }
+        ),
+        resolve=True,
+    )["domain"]
     recs, _ = load_records({**dom, "pool_limit": 1}, {})
     s = tokenize_record(recs[0], tok, max_seq_len=128)
     text = tok.decode(s["input_ids"])

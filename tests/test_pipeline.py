@@ -16,10 +16,21 @@ from grads.pipeline import STAGES, StageInterrupted, run
 from tests.conftest import CONF_DIR, REPO, compose
 
 # Small enough for CI: the tiny model, 40 samples, 64 tokens, 2 training steps, 8 eval items.
-TINY = ["model=tiny", "logger=none", "domain.pool_limit=40", "data.max_seq_len=64",
-        "trainer.micro_batch_size=8", "warmup.max_steps=2", "finetune.max_steps=2",
-        "trainer.save_every=1", "features.batch_size=8", "eval.limit=8", "eval.task_limits=null",
-        "eval.general_tasks=[]", "eval.batch_size=16"]
+TINY = [
+    "model=tiny",
+    "logger=none",
+    "domain.pool_limit=40",
+    "data.max_seq_len=64",
+    "trainer.micro_batch_size=8",
+    "warmup.max_steps=2",
+    "finetune.max_steps=2",
+    "trainer.save_every=1",
+    "features.batch_size=8",
+    "eval.limit=8",
+    "eval.task_limits=null",
+    "eval.general_tasks=[]",
+    "eval.batch_size=16",
+]
 
 
 def _run(tmp_path: Path, overrides: list[str]) -> dict:
@@ -72,34 +83,67 @@ def test_notebook_executes_on_the_smoke_run(smoke_run):
     nb = jupytext.read(REPO / "notebooks" / "analyse_run.py")
     os.environ["GRADS_RUN_DIR"] = str(run_dir)
     try:
-        NotebookClient(nb, timeout=120, kernel_name="python3",
-                       resources={"metadata": {"path": str(REPO)}}).execute()
+        NotebookClient(
+            nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
+        ).execute()
     finally:
         os.environ.pop("GRADS_RUN_DIR", None)
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-              if o.get("output_type") == "error"]
+    errors = [
+        o
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if o.get("output_type") == "error"
+    ]
     assert not errors
-    assert any(o.get("output_type") == "display_data" for c in nb.cells for o in c.get("outputs", []))
+    assert any(
+        o.get("output_type") == "display_data" for c in nb.cells for o in c.get("outputs", [])
+    )
 
 
 def test_sweep_shares_warmup_and_features(tmp_path):
     """A Hydra multirun over 2 selectors x 2 budgets runs warm-up and features exactly once."""
-    cmd = [sys.executable, "-m", "grads.cli", "-m", "experiment=smoke", *TINY,
-           "stages=[warmup,features,select]", "selector=grads,random", "budget=p10,p50",
-           f"paths.output_dir={tmp_path}", f"hydra.sweep.dir={tmp_path}/sweep"]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600,
-                         env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "grads.cli",
+        "-m",
+        "experiment=smoke",
+        *TINY,
+        "stages=[warmup,features,select]",
+        "selector=grads,random",
+        "budget=p10,p50",
+        f"paths.output_dir={tmp_path}",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+    ]
+    res = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+        env={**os.environ, "HYDRA_FULL_ERROR": "1"},
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     jobs = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").rglob("metrics.json"))]
     assert len(jobs) == 4
     misses = [s for j in jobs for s in j["cache_misses"]]
-    assert misses.count("warmup") == 1 and misses.count("features") == 1 and misses.count("select") == 4
+    assert (
+        misses.count("warmup") == 1
+        and misses.count("features") == 1
+        and misses.count("select") == 4
+    )
     assert len({j["keys"]["features"] for j in jobs}) == 1
     assert sorted(j["n_selected"] for j in jobs) == [4, 4, 20, 20]
 
 
 def test_killed_finetune_resumes_without_recomputing(tmp_path):
-    ov = ["experiment=smoke", *TINY, "finetune.max_steps=4", "stages=[warmup,features,select,finetune]"]
+    ov = [
+        "experiment=smoke",
+        *TINY,
+        "finetune.max_steps=4",
+        "stages=[warmup,features,select,finetune]",
+    ]
     with pytest.raises(StageInterrupted):
         _run(tmp_path, [*ov, "+finetune.stop_after_steps=2"])
     partial = list((tmp_path / "cache" / "finetune").glob("*.partial"))
@@ -131,6 +175,7 @@ def test_every_experiment_first_grid_point_runs(tmp_path, name):
     cfg = compose([f"experiment={name}"], return_hydra_config=True)
     params = OmegaConf.to_container(cfg.hydra.sweeper.get("params") or OmegaConf.create({}))
     first = [f"{k}={str(v).split(',')[0].strip()}" for k, v in params.items()]
-    m = _run(tmp_path, [f"experiment={name}", *first, *TINY, "domain.pool_limit=24",
-                        "eval.limit=4"])
+    m = _run(
+        tmp_path, [f"experiment={name}", *first, *TINY, "domain.pool_limit=24", "eval.limit=4"]
+    )
     assert m["stages"] == list(STAGES) and "domain_acc" in m

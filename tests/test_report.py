@@ -15,12 +15,24 @@ def _job(root, name, domain, selector, budget, seed, dacc, gacc, failed=False):
     (job / "config_resolved.yaml").write_text("seed: 0\n")
     if failed:
         return
-    m = {"domain": domain, "selector": selector, "budget": budget, "model": "tiny", "seed": seed,
-         "trainer_mode": "lora", "domain_acc": dacc, "general_acc": gacc,
-         "domain_gain": dacc - 0.30, "forgetting": 0.50 - gacc, "n_selected": 5, "n_pool": 100,
-         "selection_cost_s": 12.0, "wall_s": 30.0,
-         "cost": {"finetune": {"wall_s": 7.0, "tokens": 1000}},
-         "tasks": {"grads_synthetic": {"acc": dacc, "acc_stderr": 0.01}}}
+    m = {
+        "domain": domain,
+        "selector": selector,
+        "budget": budget,
+        "model": "tiny",
+        "seed": seed,
+        "trainer_mode": "lora",
+        "domain_acc": dacc,
+        "general_acc": gacc,
+        "domain_gain": dacc - 0.30,
+        "forgetting": 0.50 - gacc,
+        "n_selected": 5,
+        "n_pool": 100,
+        "selection_cost_s": 12.0,
+        "wall_s": 30.0,
+        "cost": {"finetune": {"wall_s": 7.0, "tokens": 1000}},
+        "tasks": {"grads_synthetic": {"acc": dacc, "acc_stderr": 0.01}},
+    }
     (job / "metrics.json").write_text(json.dumps(m))
 
 
@@ -44,8 +56,13 @@ def test_collect_tables_and_rebuild_from_csv(tmp_path, capsys):
     main([str(sweep), "--out", str(tmp_path / "rep")])
     out = capsys.readouterr().out
     assert "missing or failed job" in out and "| random |" in out
-    for f in ("results.csv", "results.md", "results.tex", "gain_vs_forgetting_synthetic.png",
-              "acc_vs_budget_synthetic.png"):
+    for f in (
+        "results.csv",
+        "results.md",
+        "results.tex",
+        "gain_vs_forgetting_synthetic.png",
+        "acc_vs_budget_synthetic.png",
+    ):
         assert (tmp_path / "rep" / f).exists(), f
     first = (tmp_path / "rep" / "results.md").read_text()
     main(["--from-csv", str(tmp_path / "rep" / "results.csv"), "--out", str(tmp_path / "again")])
