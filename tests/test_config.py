@@ -75,7 +75,8 @@ def test_primary_defaults_list_has_every_group():
     i = entries.index({"experiment": None})
     # experiment (deltas on top of every group) then machine-local overrides, as in lightning-hydra.
     assert entries[i + 1] == {"optional local": "default"}
-    assert all(isinstance(e, dict) for e in entries[:i])
+    # _self_ first: experiment files override the primary config's own values, not the reverse.
+    assert entries[0] == "_self_" and all(isinstance(e, dict) for e in entries[1:i])
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
@@ -113,3 +114,12 @@ def test_cfg_job_is_instant_and_imports_no_torch(domain):
     assert out.returncode == 0, out.stderr
     assert "HEAVY []" in out.stdout, out.stdout[-500:]
     assert f"name: {domain}" in out.stdout
+
+
+def test_experiment_values_override_the_primary_config():
+    demo = compose(["experiment=demo"])
+    assert demo.data.max_seq_len == 128 and demo.data.system_prompt and demo.group == "demo"
+    main = compose(["experiment=paper_main"])
+    assert main.features.ifd is True and main.warmup.seed == 0
+    # ... and the command line still wins over the experiment.
+    assert compose(["experiment=demo", "data.max_seq_len=64"]).data.max_seq_len == 64
