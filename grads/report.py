@@ -54,6 +54,7 @@ def collect(sweep_dir: str | Path) -> tuple[list[dict], list[str]]:
         row = {k: m.get(k) for k in ID_COLS + METRIC_COLS}
         cost = m.get("cost", {})
         row["finetune_s"] = cost.get("finetune", {}).get("wall_s")
+        row["select_s"] = cost.get("select", {}).get("wall_s")
         row["finetune_tokens"] = cost.get("finetune", {}).get("tokens")
         for task, res in (m.get("tasks") or {}).items():
             if isinstance(res, dict) and "acc" in res:
@@ -126,6 +127,7 @@ def cost_table(df):
                 "domain": domain,
                 "selector": sel,
                 "selection_cost_s": round(float(g["selection_cost_s"].mean()), 1),
+                "select_stage_s": round(float(g["select_s"].mean()), 1) if "select_s" in g else None,
                 "finetune_s": round(float(g["finetune_s"].mean()), 1),
                 "full_finetune_s": round(float(full.mean()), 1) if len(full) else None,
             }
