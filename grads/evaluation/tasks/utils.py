@@ -69,19 +69,14 @@ def resolve(root: Path, rel: str | os.PathLike) -> Path:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8-sig") as fh:
-        for i, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TaskDataError(f"{path}, line {i}: invalid JSON ({exc.msg})") from exc
-            if not isinstance(obj, dict):
-                raise TaskDataError(f"{path}, line {i}: expected a JSON object")
-            rows.append(obj)
-    return rows
+    """JSON Lines via the data module's reader; a bad line becomes a TaskDataError naming file and row."""
+    from grads.data import BadRecordError
+    from grads.data import _read_jsonl as read_rows
+
+    try:
+        return [row for _, row in read_rows(path)]
+    except BadRecordError as exc:
+        raise TaskDataError(str(exc)) from exc
 
 
 def _read_delimited(path: Path, delimiter: str) -> list[dict]:
