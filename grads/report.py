@@ -127,7 +127,9 @@ def cost_table(df):
                 "domain": domain,
                 "selector": sel,
                 "selection_cost_s": round(float(g["selection_cost_s"].mean()), 1),
-                "select_stage_s": round(float(g["select_s"].mean()), 1) if "select_s" in g else None,
+                "select_stage_s": round(float(g["select_s"].mean()), 1)
+                if "select_s" in g
+                else None,
                 "finetune_s": round(float(g["finetune_s"].mean()), 1),
                 "full_finetune_s": round(float(full.mean()), 1) if len(full) else None,
             }
