@@ -1,5 +1,5 @@
 # grads — common tasks. Each target creates .venv and installs what it needs on first use.
-#   make demo    SmolLM2-135M on the synthetic domain, end to end, offline on a CPU (~15 min)
+#   make demo    SmolLM2-135M on the synthetic domain, end to end, offline on a CPU (~8 min + set-up)
 #   make test    the test suite (slow tests excluded; see `make test-all`)
 SHELL := /bin/bash
 PY ?= python3
