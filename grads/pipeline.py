@@ -280,26 +280,14 @@ def run_info() -> dict:
     """Provenance saved with every run: git SHA, package versions, host."""
     import importlib.metadata as md
 
+    def git(*args: str) -> str:
+        out = subprocess.run(
+            ["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
+        )
+        return out.stdout.strip()
+
     try:
-        sha = (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"],
-                capture_output=True,
-                text=True,
-                cwd=Path(__file__).parent,
-                timeout=5,
-            ).stdout.strip()
-            or None
-        )
-        dirty = bool(
-            subprocess.run(
-                ["git", "status", "--porcelain"],
-                capture_output=True,
-                text=True,
-                cwd=Path(__file__).parent,
-                timeout=5,
-            ).stdout.strip()
-        )
+        sha, dirty = git("rev-parse", "HEAD") or None, bool(git("status", "--porcelain"))
     except (OSError, subprocess.SubprocessError):
         sha, dirty = None, None
     versions = {}
