@@ -244,6 +244,17 @@ def load_model(
     return model, tokenizer
 
 
+def model_config(name: str) -> dict:
+    """The resolved ``conf/model/<name>.yaml`` node, for scripts and tests that load a model directly."""
+    from omegaconf import OmegaConf
+
+    from grads.cli import CONF_DIR
+
+    return OmegaConf.to_container(
+        OmegaConf.load(Path(CONF_DIR) / "model" / f"{name}.yaml"), resolve=True
+    )
+
+
 def is_tied(model) -> bool:
     """Whether the model's input embedding and output projection share one weight tensor."""
     out = model.get_output_embeddings()

@@ -18,20 +18,9 @@ import os
 import statistics
 import time
 
-SMOLLM2 = {
-    "name": "smollm2_135m",
-    "source": "gguf",
-    "dtype": "float32",
-    "lora_target_modules": [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ],
-}
+from grads.models import model_config
+
+SMOLLM2 = model_config("smollm2_135m")  # the same node `grads model=smollm2_135m` composes
 TINY = {
     "name": "tiny",
     "source": "tiny",

