@@ -312,6 +312,23 @@ def test_export_keeps_original_fields_and_renames_clashes(tmp_path):
     assert set(ds.column_names) == {*rows[0], "original_id", "score", "rank"}
 
 
+def test_export_of_chat_records_keeps_the_turns(tmp_path):
+    from datasets import load_from_disk
+
+    from grads.export import export_selection
+
+    pool = write_jsonl(tmp_path / "chat.jsonl", chat_rows()[:2])
+    cfg = custom(pool)
+    recs = records_from_custom(cfg["domain"]["sources"][0])
+    _fake_selection(tmp_path / "select", [recs[1].id, recs[0].id])
+    cfg |= {"selector": {"name": "grads"}, "budget": {"name": "p50"}, "data": {}}
+    export_selection(cfg, tmp_path / "select", tmp_path / "export")
+    ds = load_from_disk(str(tmp_path / "export" / "selected"))
+    assert ds.column_names == ["messages", "id", "score", "rank"]
+    assert ds[0]["messages"] == chat_rows()[1]["messages"]
+    assert ds[1]["messages"][0] == {"role": "system", "content": "You are terse."}
+
+
 def test_export_of_a_builtin_domain_has_chat_messages(tmp_path):
     from grads.export import export_selection
 
