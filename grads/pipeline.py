@@ -72,7 +72,7 @@ def pool_spec(cfg: dict) -> dict:
         _without(s, {"path"}) | {"file": Path(str(s.get("path", ""))).name}
         for s in dom.get("sources", [])
     ]
-    return {
+    spec = {
         "name": dom.get("name"),
         "sources": sources,
         "generator": gen,
@@ -83,6 +83,12 @@ def pool_spec(cfg: dict) -> dict:
             for d in dom.get("decontaminate", [])
         ],
     }
+    built = [s for s in dom.get("sources", []) if s.get("builder")]
+    if built:  # a user's pool (domain=custom): key on its content, not on its file name
+        from grads.custom_pool import fingerprint
+
+        spec["content"] = [fingerprint(s.get("path"), s.get("format") or "auto") for s in built]
+    return spec
 
 
 def stage_keys(cfg: dict, budget_free: bool = False) -> dict[str, str]:
@@ -415,6 +421,10 @@ def run(cfg) -> dict:
                     }
                 )
         metrics = _assemble(resolved, keys, dirs, costs, cache, time.time() - t_run)
+        if "select" in dirs:  # the selected records as data (domain=custom, grads-select)
+            from grads.export import maybe_export
+
+            metrics |= maybe_export(resolved, dirs["select"], run_dir)
         write_json(run_dir / "metrics.json", metrics)
         if tracker is not None:
             tracker.summary(_flat(metrics))
