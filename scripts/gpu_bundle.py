@@ -107,10 +107,12 @@ def _pip(*args: str) -> subprocess.CompletedProcess:
 
 
 def fetch(name: str, version: str | None, out: Path) -> Path:
-    """One wheel for ``name`` (binary for cp312/manylinux, else a pure wheel built from the sdist)."""
+    """One wheel for ``name`` (binary for the target CPython on manylinux, else a pure wheel built
+    from the sdist)."""
     spec = f"{name}=={version}" if version else name
+    py = TARGET_ENV["python_version"]
     with tempfile.TemporaryDirectory() as tmp:
-        args = ["download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12"]
+        args = ["download", "--no-deps", "--only-binary=:all:", "--python-version", py]
         args += ["--implementation", "cp", "-d", tmp, spec]
         for plat in PLATFORMS:
             args += ["--platform", plat]
@@ -124,8 +126,8 @@ def fetch(name: str, version: str | None, out: Path) -> Path:
             raise RuntimeError(f"could not get a wheel for {spec}:\n{res.stderr[-2000:]}")
         whl = wheels[0]
         tags = whl.stem.split("-")[-3:]
-        if tags[1] != "none" and not tags[0].startswith("cp312"):
-            raise RuntimeError(f"{whl.name} is not usable on CPython 3.12 (built here for {tags})")
+        if tags[1] != "none" and not tags[0].startswith("cp" + py.replace(".", "")):
+            raise RuntimeError(f"{whl.name} is not usable on CPython {py} (built here for {tags})")
         dest = out / whl.name
         dest.write_bytes(whl.read_bytes())
         return dest
@@ -201,10 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--present", default=None, help="file of the GPU machine's packages")
     ap.add_argument("--max-mib", type=float, default=48.0, help="fail above this folder size")
+    ap.add_argument("--python-version", default="3.12", help="target CPython (the GPU image's)")
     args = ap.parse_args(argv)
+    TARGET_ENV["python_version"] = args.python_version
+    TARGET_ENV["python_full_version"] = f"{args.python_version}.0"
     out = Path(args.out)
     present = read_present(args.present)
-    print(f"bundling into {out}/ for CPython 3.12 manylinux x86-64 ({len(present)} present)")
+    print(f"bundling into {out}/ for CPython {args.python_version} manylinux x86-64")
     rows = bundle(out, list(ROOTS) + args.extra, present)
     total = sum(r["bytes"] for r in rows) / 2**20
     (out / "MANIFEST.json").write_text(

@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import faulthandler
 import gc
 import json
 import math
@@ -194,11 +195,14 @@ def run_case(
     try:
         result, data = fn()
         status = "ok" if data.pop("ok", True) else "FAIL"
-    except Exception as exc:  # noqa: BLE001 (one case must not stop the table)
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 (one case must not stop the table)
         traceback.print_exc()
         msg = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
         result, data, status = f"{type(exc).__name__}: {msg}", {}, "FAIL"
-    _free()
+    try:
+        _free()
+    except Exception:  # noqa: BLE001 (a sticky CUDA error resurfaces here; the next case shows it)
+        traceback.print_exc()
     return rep.add(Row(section, case, status, result, time.perf_counter() - t0, data))
 
 
@@ -751,6 +755,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
 
     _setup_env(args.cpu)
+    # A hang (a collective, a JIT build lock) prints every thread's stack and exits shortly after the
+    # budget, before an outer timeout would kill the process without a word; rows so far are saved.
+    faulthandler.dump_traceback_later(args.budget_s + 90.0, exit=True)
     import torch
 
     cuda = torch.cuda.is_available() and not args.cpu

@@ -14,7 +14,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 WHEELS=${GRADS_WHEELS:-.gpu-wheels}
-SITE=${GRADS_SITE:-/tmp/grads-site}
+# The folder name ends in site-packages: dill (datasets' fingerprints) pickles modules found anywhere
+# else by value instead of by reference.
+SITE=${GRADS_SITE:-/tmp/grads/site-packages}
 if ! compgen -G "$WHEELS/*.whl" >/dev/null; then
   echo "no wheels in $WHEELS/: run 'make gpu-bundle' here and carry the folder" >&2
   exit 2
