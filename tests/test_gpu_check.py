@@ -148,6 +148,22 @@ def test_cpu_mode_smoke_records_the_device_of_every_model_stage(cpu_check):
     assert rows["smoke", "select device"]["data"]["device"] is None
 
 
+@pytest.mark.slow
+def test_cpu_mode_zero3_offload(tmp_path):
+    """The CPU-offload case the default CPU mode leaves out (DeepSpeedCPUAdam builds for ~1 min)."""
+    cmd = [sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--cpu", "--out", str(tmp_path)]
+    cmd += ["--sections", "deepspeed", "--ds-trainers", "zero3_offload"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    rows = json.loads((tmp_path / "gpu_check.json").read_text())["rows"]
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert {
+        r["case"]: r["data"].get("optimizer") for r in rows if r["case"] != "init_distributed"
+    } == {
+        "zero3_offload lora": "DeepSpeedCPUAdam",
+        "zero3_offload full": "DeepSpeedCPUAdam",
+    }
+
+
 def test_failed_or_late_cases_still_complete_the_table(tmp_path):
     gc = _script("gpu_check")
     rep = gc.Report(tmp_path, budget_s=60.0, header={"mode": "test"})
