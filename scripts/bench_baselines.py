@@ -13,8 +13,8 @@ On the same tokenised domain samples (``--domain``, first ``--n`` of the pool af
 * ``rds``       RDS+'s pass (``grads.representations.hidden_matrix``): position-weighted mean-pooled
   final hidden states of the base model, forward only.
 
-The modes are interleaved round-robin (``--warmup`` rounds discarded, median of ``--repeats``) so that
-load from other processes hits all alike; ratios are against ``features`` measured in the same
+The modes are interleaved round-robin (``--warmup`` rounds on 4 samples first, then the median of
+``--repeats`` full rounds) so that load from other processes hits all alike; ratios are against ``features`` measured in the same
 rounds. Model loading and the (small) target-set passes are not timed.
 
 Usage::
@@ -138,15 +138,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     cfg, base, peft, tok, pool = _setup(args)
     runners, n_lora = _runners(args, cfg, base, peft, tok, pool)
+    # Warm-up rounds (lazy initialisation, allocator growth) on a few samples only.
+    small, _ = _runners(args, cfg, base, peft, tok, pool.select(range(min(4, len(pool)))))
     modes = args.modes.split(",")
     times: dict[str, list[float]] = {m: [] for m in modes}
     load_before = os.getloadavg()
-    for r in range(args.warmup + args.repeats):
+    for _ in range(args.warmup):
+        for mode in modes:
+            small[mode]()
+    for _ in range(args.repeats):
         for mode in modes:
             t0 = time.perf_counter()
             runners[mode]()
-            if r >= args.warmup:
-                times[mode].append(time.perf_counter() - t0)
+            times[mode].append(time.perf_counter() - t0)
     load_after = os.getloadavg()
     tokens = sum(len(x) for x in pool["input_ids"])
     med = {m: statistics.median(v) for m, v in times.items()}

@@ -509,3 +509,33 @@ def test_paper_experiments_list_the_new_selectors():
     assert {"less", "rds", "grads_paper", "grads_cover"} <= set(grid)
     assert {"grads_paper", "grads_cover"} <= set(str(abl.hydra.sweeper.params.selector).split(","))
     assert list(main.features.representations) == ["lora_grads", "hidden"]
+
+
+def test_dense_projection_pass_is_independent_of_the_buffer(lora_tiny):
+    from grads.representations import lora_grad_matrix
+
+    model, tok = lora_tiny
+    rows = _samples()
+    sizes = [p.numel() for _, p in lora_parameters(model)]
+    proj = Projector(sizes, 256, "rademacher", seed=1, block_rows=500)
+    one, n1 = lora_grad_matrix(model, rows, tok.pad_token_id, proj, 2, buffer_bytes=1)
+    all_, n2 = lora_grad_matrix(model, rows, tok.pad_token_id, proj, 2, buffer_bytes=1 << 30)
+    np.testing.assert_allclose(one, all_, atol=1e-5)
+    assert np.isnan(one[-1]).all() and np.isnan(n1[-1])  # no supervised token: a NaN row
+    np.testing.assert_allclose(np.linalg.norm(one[:-1], axis=1), 1.0, atol=1e-5)
+
+
+def test_full_finetuning_warmup_gets_a_fresh_seeded_lora(tmp_path):
+    from grads.models import build_tiny
+    from grads.representations import lora_model
+
+    model, tok = build_tiny(tied=True)
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    cfg = OmegaConf.to_container(compose(["model=tiny", "trainer.mode=full"]), resolve=True)
+    a, _, source = lora_model(cfg, tmp_path)
+    b, _, _ = lora_model(cfg, tmp_path)
+    assert "fresh" in source
+    pa, pb = lora_parameters(a), lora_parameters(b)
+    assert [n for n, _ in pa] == [n for n, _ in pb]
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(pa, pb))  # seeded

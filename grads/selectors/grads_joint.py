@@ -171,7 +171,7 @@ class JointDensitySelector:
     max_fit: int | None = 1_000_000
     fit_seed: int = 0
     dedup: str | None = None
-    threshold: float = 0.9
+    threshold: float = 0.85
     order: str = "density"
     strata: int = 10
     requires: ClassVar[tuple[str, ...]] = ()
