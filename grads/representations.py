@@ -403,7 +403,7 @@ def lora_grad_matrix(
         if adam is not None:
             m, v, betas, eps = adam
             g = adam_precondition(g, m.to(g.device), v.to(g.device), betas, eps)
-        pending.append((idx, g.cpu() if cap > 1 else g, n_tok > 0))
+        pending.append((idx, g, n_tok > 0))
         buffered += len(idx)
         if buffered >= cap:
             flush()
