@@ -9,7 +9,9 @@ On the same tokenised domain samples (``--domain``, first ``--n`` of the pool af
   LoRA gradients (LoRA as the warm-up: ``trainer.lora`` knobs on ``model.lora_target_modules``),
   Adam preconditioning (with stand-in moments of the right shape) and the CPU default projection
   (CountSketch to ``--proj-dim``), unit-normalised;
-* ``less_dense`` the same with the dense Rademacher projection LESS uses (the GPU default);
+* ``less_dense`` the same with the dense Rademacher projection LESS uses (the GPU default). Not in the
+  default modes: on a CPU it costs minutes per buffered chunk (generating ``P x d`` signs), so the
+  script instead times one generated block and extrapolates (``dense_estimate``);
 * ``rds``       RDS+'s pass (``grads.representations.hidden_matrix``): position-weighted mean-pooled
   final hidden states of the base model, forward only.
 
@@ -32,6 +34,7 @@ import time
 from pathlib import Path
 
 MODES = ("features", "less", "less_dense", "rds")
+DEFAULT_MODES = ("features", "less", "rds")
 
 
 def _setup(args):
@@ -121,6 +124,33 @@ def _runners(args, cfg, base, peft, tok, pool):
     return {"features": features, "less": less, "less_dense": less_dense, "rds": rds}, sum(sizes)
 
 
+def _dense_estimate(args, n_lora: int, n: int, block_rows: int = 1 << 15) -> dict:
+    """Seconds the dense Rademacher projection adds to the LESS pass, from one timed block.
+
+    The pass buffers ``buffer_bytes // (4 P)`` samples per chunk and generates every ``block_rows x
+    d`` block once per chunk (generation dominates the matrix product on a CPU).
+    """
+    import torch
+
+    from grads.representations import DEFAULTS, Projector
+
+    chunk = max(1, int(DEFAULTS["lora_grads"]["buffer_bytes"]) // (4 * n_lora))
+    proj = Projector([block_rows], args.proj_dim, "rademacher", 0, block_rows=block_rows)
+    x = torch.randn(min(chunk, n), block_rows)
+    t0 = time.perf_counter()
+    proj.project(x)
+    one = time.perf_counter() - t0
+    blocks, chunks = -(-n_lora // block_rows), -(-n // chunk)
+    return {
+        "block_rows": block_rows,
+        "block_s": one,
+        "blocks": blocks,
+        "chunk": chunk,
+        "chunks": chunks,
+        "projection_s": one * blocks * chunks,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
@@ -132,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"subset of {MODES}")
     ap.add_argument("--out", default="outputs/bench")
     args = ap.parse_args(argv)
 
@@ -151,7 +181,9 @@ def main(argv: list[str] | None = None) -> dict:
             t0 = time.perf_counter()
             runners[mode]()
             times[mode].append(time.perf_counter() - t0)
+            print(f"  {mode}: {times[mode][-1]:.2f}s", flush=True)
     load_after = os.getloadavg()
+    dense = _dense_estimate(args, n_lora, len(pool))
     tokens = sum(len(x) for x in pool["input_ids"])
     med = {m: statistics.median(v) for m, v in times.items()}
     lines = [
@@ -165,8 +197,14 @@ def main(argv: list[str] | None = None) -> dict:
     for m in modes:
         ratio = med[m] / med["features"] if "features" in med else float("nan")
         lines.append(f"{m:<12}{med[m]:>10.2f}{len(pool) / med[m]:>11.1f}{ratio:>12.2f}")
+    lines.append(
+        f"less_dense (estimated: one {dense['block_rows']}-row block of the dense projection timed, "
+        f"x{dense['blocks']} blocks x{dense['chunks']} chunks of {dense['chunk']} samples): "
+        f"+{dense['projection_s']:.0f}s of projection on top of the less pass"
+    )
     print("\n".join(lines))
     summary = {
+        "dense_estimate": dense,
         "args": vars(args),
         "n_samples": len(pool),
         "tokens": tokens,

@@ -539,3 +539,44 @@ def test_full_finetuning_warmup_gets_a_fresh_seeded_lora(tmp_path):
     pa, pb = lora_parameters(a), lora_parameters(b)
     assert [n for n, _ in pa] == [n for n, _ in pb]
     assert all(torch.equal(x, y) for (_, x), (_, y) in zip(pa, pb))  # seeded
+
+
+def test_real_passes_rank_the_target_cluster_first(lora_tiny, tiny):
+    """End to end on the tiny model: three clusters of sequences (disjoint token ranges); the target
+    set is fresh members of one cluster; both passes + selectors put that cluster first."""
+    from grads.representations import hidden_matrix, lora_grad_matrix
+
+    model, tok = lora_tiny
+    g = torch.Generator().manual_seed(7)
+
+    def kind(lo: int, n: int, tag: str) -> list[dict]:
+        """A cluster: one 16-token pattern per kind, 2 random positions changed per sample."""
+        pattern = torch.randint(lo, lo + 30, (16,), generator=torch.Generator().manual_seed(lo))
+        out = []
+        for i in range(n):
+            ids = pattern.clone()
+            pos = torch.randperm(16, generator=g)[:2]
+            ids[pos] = torch.randint(lo, lo + 30, (2,), generator=g)
+            ids = ids.tolist()
+            out.append({"id": f"{tag}{i:02d}", "input_ids": ids, "labels": [-100] * 4 + ids[4:]})
+        return out
+
+    pool = kind(10, 20, "A") + kind(100, 20, "B") + kind(200, 20, "C")
+    target = kind(100, 5, "T")
+    sizes = [p.numel() for _, p in lora_parameters(model)]
+    proj = Projector(sizes, 512, "countsketch", seed=0)
+    pad = tok.pad_token_id
+    grads_pool, _ = lora_grad_matrix(model, pool, pad, proj)
+    grads_tgt, _ = lora_grad_matrix(model, target, pad, proj)
+    hid_pool, hid_tgt = hidden_matrix(tiny[0], pool, pad), hidden_matrix(tiny[0], target, pad)
+    ids = np.array([r["id"] for r in pool], dtype=object)
+    tids = np.array([r["id"] for r in target], dtype=object)
+    groups = np.array(["task"] * 5, dtype=object)
+    table = table_for(ids, seed=2)
+    reps = {
+        "lora_grads": Representation("lora_grads", ids, grads_pool, tids, grads_tgt, groups),
+        "hidden": Representation("hidden", ids, hid_pool, tids, hid_tgt, groups),
+    }
+    for sel in (LessSelector(), RDSSelector()):
+        out = sel.select(table, "n15", 0, reps)  # most of the 20-sample cluster
+        assert all(i.startswith("B") for i in out.ids), (sel.name, out.ids)
