@@ -190,12 +190,15 @@ def resolve_features_cfg(cfg: dict) -> dict:
     feats = dict(cfg.get("features") or {})
     from hydra.utils import instantiate
 
-    needs = tuple(getattr(instantiate(cfg["selector"]), "requires", ()) or ())
+    selector = instantiate(cfg["selector"])
+    needs = tuple(getattr(selector, "requires", ()) or ())
     if feats.get("ifd", "auto") == "auto":
         feats["ifd"] = "ifd" in needs
     if any("_tok_" in c for c in needs):
         feats["stats"] = True
-    return {**cfg, "features": feats}
+    from grads.representations import resolve_features_representations
+
+    return {**cfg, "features": resolve_features_representations(cfg, feats, selector)}
 
 
 def _stage_cfg(cfg: dict, seed: int) -> dict:
@@ -237,6 +240,11 @@ def _features_job(cfg: dict, warmup_dir: str, work: str) -> None:
     model.to(compute_device())
     pool = load_pool(cfg, tokenizer)
     run_features(cfg, model, tokenizer, pool, work)
+    if (cfg.get("features") or {}).get("representations"):
+        from grads.representations import run_stage_passes
+
+        del model
+        run_stage_passes(cfg, warmup_dir, pool, work)
 
 
 def run_features_stage(cfg: dict, work: Path, warmup_dir: Path) -> dict:
@@ -244,7 +252,10 @@ def run_features_stage(cfg: dict, work: Path, warmup_dir: Path) -> dict:
 
     procs = int(cfg["features"].get("procs") or 1)
     run_distributed("grads.pipeline:_features_job", procs, cfg, str(warmup_dir), str(work))
-    return read_json(work / "features.json")
+    info = read_json(work / "features.json")
+    if (work / "representations.json").exists():
+        info["representations"] = read_json(work / "representations.json")
+    return info
 
 
 def _selector_and_budget(cfg: dict):

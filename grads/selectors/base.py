@@ -87,6 +87,167 @@ class Selector(Protocol):
     def select(self, table: pd.DataFrame, budget: Budget, seed: int) -> Selection: ...
 
 
+@runtime_checkable
+class RepresentationSelector(Selector, Protocol):
+    """A selector that also reads per-sample vectors computed once by the features stage.
+
+    The select stage loads the named :class:`Representation` objects (pool rows and, when
+    ``requires_target``, the domain's target set) and calls ``select(..., reps=reps)``.
+
+    Attributes:
+        representations: names of the representation passes this selector reads, e.g.
+            ``("lora_grads",)`` (LESS) or ``("hidden",)`` (RDS+); see :mod:`grads.representations`.
+        requires_target: whether the passes must also embed the domain's target set
+            (``domain.target``, see :mod:`grads.targets`).
+    """
+
+    @property
+    def representations(self) -> tuple[str, ...]: ...
+
+    @property
+    def requires_target(self) -> bool: ...
+
+    def select(
+        self,
+        table: pd.DataFrame,
+        budget: Budget,
+        seed: int,
+        reps: dict[str, Representation] | None = None,
+    ) -> Selection: ...
+
+
+@dataclass(frozen=True)
+class Traits:
+    """What the pipeline needs to know about a selector class, with explicit defaults.
+
+    Attributes:
+        representations: representation passes the features stage must run (default none).
+        requires_target: whether those passes embed the domain target set (default false).
+        budget_free: the output ignores the budget, so the select cache key drops it (``full``).
+        model_free: selection needs no model, so its cost is the select stage alone
+            (``random``, ``full``).
+    """
+
+    representations: tuple[str, ...] = ()
+    requires_target: bool = False
+    budget_free: bool = False
+    model_free: bool = False
+
+
+def traits(selector: Any) -> Traits:
+    """The :class:`Traits` of a selector instance or class (attributes it does not declare are
+    the defaults, so existing selectors need no change)."""
+    return Traits(
+        representations=tuple(getattr(selector, "representations", ()) or ()),
+        requires_target=bool(getattr(selector, "requires_target", False)),
+        budget_free=bool(getattr(selector, "budget_free", False)),
+        model_free=bool(getattr(selector, "model_free", False)),
+    )
+
+
+@dataclass
+class Representation:
+    """Per-sample vectors of one representation pass (rows in the order of their ids).
+
+    Attributes:
+        name: the pass (``lora_grads``, ``hidden``).
+        pool_ids: ids of the pool rows.
+        pool: ``[n_pool, d]`` float32 matrix (usually memory-mapped).
+        target_ids: ids of the target rows (``None`` when the pass embedded no target set).
+        target: ``[n_target, d]`` float32 matrix or ``None``.
+        target_groups: one group label per target row (its evaluation task / source).
+        meta: facts about the pass (model, projection, dimension, preconditioning, timings).
+    """
+
+    name: str
+    pool_ids: np.ndarray
+    pool: np.ndarray
+    target_ids: np.ndarray | None = None
+    target: np.ndarray | None = None
+    target_groups: np.ndarray | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.pool.ndim != 2 or self.pool.shape[0] != len(self.pool_ids):
+            raise ValueError(
+                f"representation {self.name!r}: pool matrix {self.pool.shape} does not match "
+                f"{len(self.pool_ids)} ids"
+            )
+        if self.target is not None:
+            if self.target.ndim != 2 or self.target.shape[1] != self.pool.shape[1]:
+                raise ValueError(
+                    f"representation {self.name!r}: target matrix {self.target.shape} does not "
+                    f"match the pool dimension {self.pool.shape[1]}"
+                )
+            n_t = self.target.shape[0]
+            if self.target_ids is None or len(self.target_ids) != n_t:
+                raise ValueError(f"representation {self.name!r}: target ids do not match rows")
+            if self.target_groups is None:
+                self.target_groups = np.array(["target"] * n_t, dtype=object)
+            elif len(self.target_groups) != n_t:
+                raise ValueError(f"representation {self.name!r}: one group per target row")
+
+
+def need_representation(
+    reps: dict[str, Representation] | None, name: str, selector: str, target: bool = False
+) -> Representation:
+    """The representation ``name`` from ``reps``, or a ValueError saying how to compute it."""
+    rep = (reps or {}).get(name)
+    if rep is None:
+        raise ValueError(
+            f"selector {selector!r} needs the {name!r} representation of the pool, computed by the "
+            f"features stage (features.representations, see grads.representations); got "
+            f"{sorted(reps or {})}. Run it through the pipeline (grads selector={selector}) or "
+            "pass reps= to select()"
+        )
+    if target and (rep.target is None or rep.target.shape[0] == 0):
+        raise ValueError(
+            f"selector {selector!r} needs the target set embedded in the {name!r} representation, "
+            "but it has none: set domain.target (see grads.targets and conf/domain/*.yaml)"
+        )
+    return rep
+
+
+def representation_pool(
+    table: pd.DataFrame, rep: Representation, columns: Sequence[str], selector: str
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """The valid pool of a representation selector and each valid row's matrix row.
+
+    A table row is valid when its ``columns`` are finite (e.g. ``loss``: it has a supervised
+    token), the representation has a row for its id, and that row is finite. Exclusions are counted
+    like :func:`valid_rows` does, plus ``no_representation`` and ``nonfinite_representation``.
+
+    Returns:
+        ``(valid, rows, excluded)``: table positions, matrix rows (same order) and the counts.
+
+    Raises:
+        ValueError: when no row is left.
+    """
+    check_columns(table, columns, selector)
+    arrays = {c: column(table, c) for c in columns}
+    valid, excluded = valid_rows(arrays)
+    positions = np.arange(len(table)) if valid is None else valid
+    rows = rows_in(table, valid, rep.pool_ids)
+    has = rows >= 0
+    finite = np.zeros(rows.size, dtype=bool)
+    if has.any():
+        finite[has] = np.isfinite(np.asarray(rep.pool[rows[has], 0], dtype=np.float64))
+    excluded["no_representation"] = int((~has).sum())
+    excluded["nonfinite_representation"] = int((has & ~finite).sum())
+    excluded["total"] = len(table) - int(finite.sum())
+    log_exclusions(selector, excluded, len(table))
+    if not finite.any():
+        raise ValueError(f"{selector}: no valid samples to select from ({excluded})")
+    return positions[finite], rows[finite], excluded
+
+
+def rows_in(table: pd.DataFrame, valid: np.ndarray | None, rep_ids: np.ndarray) -> np.ndarray:
+    """For each valid table row, its row in a representation matrix (-1 where it has none)."""
+    index = {str(v): i for i, v in enumerate(rep_ids)}
+    ids = table[ID].to_numpy(dtype=object) if valid is None else ids_at(table, valid)
+    return np.fromiter((index.get(str(v), -1) for v in ids), dtype=np.int64, count=len(ids))
+
+
 # ----------------------------------------------------------------------------------------------
 # Shared helpers
 

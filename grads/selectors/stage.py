@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from grads.io import atomic_path, write_json, write_jsonl
-from grads.selectors.base import ID, Selection, Selector
+from grads.selectors.base import ID, Selection, Selector, traits
 from grads.selectors.budget import Budget, parse_budget
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,15 @@ def run_select(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = _read_features(features_path, [ID, *selector.columns])
+    names = traits(selector).representations
     t1 = time.perf_counter()
-    selection = selector.select(table, budget, seed)
+    if names:  # representation selectors (LESS, RDS+, grads_cover) read the features stage's passes
+        from grads.representations import load_representations
+
+        reps = load_representations(Path(features_path).parent, names)
+        selection = selector.select(table, budget, seed, reps=reps)
+    else:
+        selection = selector.select(table, budget, seed)
     t2 = time.perf_counter()
     write_jsonl(out_dir / "selection.jsonl", selection.records())
     t3 = time.perf_counter()
