@@ -79,13 +79,19 @@ def processes_in(folder: Path) -> list[int] | None:
 
 
 def clear_stale_build_lock(
-    build_dir: Path, wait_message_s: float = 5.0, confirm_s: float = 2.0, poll_s: float = 0.25
+    build_dir: Path,
+    wait_message_s: float = 5.0,
+    confirm_s: float = 3.0,
+    min_age_s: float = 30.0,
+    poll_s: float = 0.25,
 ) -> bool:
     """Wait while a live process builds in ``build_dir``; remove a ``lock`` nobody works under.
 
-    The lock counts as stale once no process has had its working directory in the build folder for
-    ``confirm_s`` seconds (or, without /proc, once it is older than :data:`STALE_WITHOUT_PROC_S`).
-    The half-built folder goes with it, so the next build starts clean.
+    The lock counts as stale once it is ``min_age_s`` old and no process has had its working
+    directory in the build folder for ``confirm_s`` seconds (or, without /proc, once it is older
+    than :data:`STALE_WITHOUT_PROC_S`). The age guard covers a live build's short Python phases
+    around ninja (writing ``build.ninja``, importing the result), when nothing runs in the folder.
+    The half-built folder goes with the lock, so the next build starts clean.
 
     Returns:
         True if a stale lock was removed.
@@ -103,7 +109,8 @@ def clear_stale_build_lock(
             stale = age > STALE_WITHOUT_PROC_S
         else:
             quiet_since = (quiet_since or now) if not pids else None
-            stale = quiet_since is not None and now - quiet_since >= confirm_s
+            quiet = quiet_since is not None and now - quiet_since >= confirm_s
+            stale = quiet and age >= min_age_s
         if stale:
             log.warning(
                 "removing the stale build lock %s (%.0f s old; no process is building there: "

@@ -81,6 +81,8 @@ KEYED_SECTIONS = frozenset(
     {"model", "domain", "data", "trainer", "warmup", "finetune", "features", "selector", "budget"}
     | {"seed", "eval"}
 )
+# Eval knobs keyed through what they resolve to (task lists, task files), not as written.
+EVAL_BY_CONTENT = frozenset({"general_tasks", "general_tasks_hub", "include_paths"})
 # Domain knobs the evaluate stage reads through grads.evaluation.task_lists.
 DOMAIN_EVAL_FIELDS = ("eval_tasks", "eval_tasks_general", "eval_tasks_hub")
 MODEL_IGNORED_FOR_BASE_EVAL = frozenset({"lora_target_modules"})
@@ -538,7 +540,8 @@ def eval_identity(cfg: Mapping, fp: Fingerprints) -> dict:
     ev = eval_settings(dict(cfg))
     domain, general = task_lists(dict(cfg))
     ident: dict[str, Any] = {
-        "eval": _without(ev, NON_SEMANTIC["eval"]),
+        # Task lists enter as the effective lists below, task folders through their files' content.
+        "eval": _without(ev, NON_SEMANTIC["eval"] | EVAL_BY_CONTENT),
         "domain_tasks": domain,
         "general_tasks": general,
     }

@@ -210,8 +210,10 @@ SMOKE = [
 ]
 
 
-def _grads(tmp_path: Path, *overrides: str, cache: Path, name: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "grads.cli", *SMOKE, *overrides]
+def _grads(
+    tmp_path: Path, *overrides: str, cache: Path, name: str, multirun: bool = False
+) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "grads.cli", *(["-m"] if multirun else []), *SMOKE, *overrides]
     cmd += [f"paths.output_dir={tmp_path / name}", f"hydra.run.dir={tmp_path / name / 'run'}"]
     cmd += [f"hydra.sweep.dir={tmp_path / name / 'sweep'}"]
     return subprocess.Popen(
@@ -248,9 +250,8 @@ def test_concurrent_runs_on_one_cache_compute_once(tmp_path):
     misses = a["cache_misses"] + b["cache_misses"]
     assert sorted(misses) == ["features", "select", "warmup"]  # each stage computed once
     entry = Path(a["artefacts"]["warmup"])
-    assert [json.loads(x)["step"] for x in (entry / "train_log.jsonl").read_text().split()] == list(
-        range(1, 16)
-    )
+    log = (entry / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in log] == list(range(1, 16))  # intact: every step once
     sel_a = Path(a["artefacts"]["select"]) / "selection.jsonl"
     assert sel_a.exists() and sel_a == Path(b["artefacts"]["select"]) / "selection.jsonl"
     assert all(r["status"] == "done" for r in scan(cache))
@@ -285,13 +286,13 @@ def test_joblib_sweep_runs_the_shared_warmup_once(tmp_path):
     cache = tmp_path / "cache"
     p = _grads(
         tmp_path,
-        "-m",
         "hydra/launcher=joblib",
         "hydra.launcher.n_jobs=2",
         "selector=grads,random",
         "warmup.max_steps=6",
         cache=cache,
         name="sweep",
+        multirun=True,
     )
     _done(p)
     jobs = _metrics(tmp_path / "sweep" / "sweep")

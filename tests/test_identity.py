@@ -81,6 +81,7 @@ NON_SEMANTIC_OVERRIDES = [
     "features.batch_size=3",
     "features.procs=2",
     "eval.batch_size=3",
+    "eval.general_tasks_hub=[arc_easy]",  # read only with eval.tasks_from=hub
     "data.num_proc=4",
     "domain.hub_datasets=[{hub_id: x/y}]",
     "logger=wandb_offline",
@@ -211,6 +212,13 @@ def test_editing_a_task_file_invalidates_only_evaluate(keys_of, my_task):
     before = keys_of(*ov)
     path.write_text(path.read_text().replace("Answer:", "A:"))
     assert _changed(before, keys_of(*ov)) == ["evaluate"]
+
+
+def test_moving_a_task_folder_keeps_the_keys(keys_of, my_task, tmp_path):
+    path, ov = my_task
+    moved = tmp_path / "elsewhere" / "tasks"
+    shutil.copytree(path.parent, moved)
+    assert keys_of(*ov) == keys_of(f"eval.include_paths=[{moved}]", ov[1])
 
 
 def test_editing_the_generated_eval_data_invalidates_evaluate(keys_of, tmp_path):
