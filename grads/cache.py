@@ -514,7 +514,9 @@ def cmd_ls(root: Path, stage: str | None) -> int:
         size = _size(r["path"])
         total += size
         summary = " ".join(
-            f"{k.removesuffix('.name')}={v}" for k, v in r["summary"].items() if v is not None
+            f"{k.removesuffix('.name').split('.')[-1]}={v}"
+            for k, v in r["summary"].items()
+            if v is not None
         )
         hits = per_key.get((r["stage"], r["key"]), {}).get("hit", 0)
         table.append([r["stage"], r["key"], r["status"], summary, _human(size), str(hits)])

@@ -30,14 +30,31 @@ from tests.conftest import CONF_DIR, compose
 BASE = ["experiment=smoke", "warmup.seed=0"]
 
 
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+_MEMO: dict[tuple, dict] = {}
+
+
 @pytest.fixture
-def keys_of(tmp_path):
-    """Stage keys of the smoke config plus overrides, with the cache (and generated data) in tmp."""
+def keys_of(shared_cache):
+    """Stage keys of the smoke config plus overrides; the cache (and generated data) in tmp.
+
+    The tests that never edit a file share one cache, and the keys of the unchanged config are
+    computed once (composing a config is the slow part).
+    """
 
     def keys(*overrides: str, cache: Path | None = None) -> dict[str, str]:
-        cfg = compose([f"paths.cache_dir={cache or tmp_path / 'cache'}", *BASE, *overrides])
+        if not overrides and cache is None and shared_cache in _MEMO:
+            return _MEMO[shared_cache]
+        cfg = compose([f"paths.cache_dir={cache or shared_cache}", *BASE, *overrides])
         resolved = OmegaConf.to_container(cfg, resolve=True)
-        return {s: i.key for s, i in job_identities(resolved, STAGES).items()}
+        out = {s: i.key for s, i in job_identities(resolved, STAGES).items()}
+        if not overrides and cache is None:
+            _MEMO[shared_cache] = out
+        return out
 
     return keys
 
@@ -222,12 +239,12 @@ def test_moving_a_task_folder_keeps_the_keys(keys_of, my_task, tmp_path):
 
 
 def test_editing_the_generated_eval_data_invalidates_evaluate(keys_of, tmp_path):
-    before = keys_of()
-    eval_file = next((tmp_path / "cache" / "synthetic").rglob("eval_mc.jsonl"))
+    before = keys_of(cache=tmp_path)
+    eval_file = next((tmp_path / "synthetic").rglob("eval_mc.jsonl"))
     lines = eval_file.read_text().splitlines()
     eval_file.write_text("\n".join(lines[:-1]) + "\n")
     # train.jsonl is untouched, so only the evaluation changes.
-    assert _changed(before, keys_of()) == ["evaluate"]
+    assert _changed(before, keys_of(cache=tmp_path)) == ["evaluate"]
 
 
 def _plan(names: list[str], metadata: dict) -> SimpleNamespace:
