@@ -1,18 +1,20 @@
 # grads — common tasks. Each target creates .venv and installs what it needs on first use.
 #   make demo    SmolLM2-135M on the synthetic domain, end to end, offline on a CPU (~8 min + set-up)
 #   make test    the test suite (slow tests excluded; see `make test-all`)
+#   make gpu-bundle  wheels the GPU machine lacks -> .gpu-wheels/ (then: bash scripts/gpu_run.sh)
 SHELL := /bin/bash
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.grads-installed
-export DS_ACCELERATOR ?= cpu
+# DeepSpeed's CPU accelerator only where there is no NVIDIA GPU (grads refuses cpu next to CUDA).
+export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export WANDB_SILENT ?= true
 
-.PHONY: setup demo test test-all smoke lint format bench clean-cache
+.PHONY: setup demo test test-all smoke lint format bench clean-cache gpu-bundle
 
 setup: $(STAMP)
 
@@ -53,6 +55,10 @@ bench: setup
 	$(BIN)/python scripts/bench_select.py
 	$(BIN)/python scripts/bench_features.py
 	$(BIN)/python scripts/bench_train.py
+
+# CPython 3.12 manylinux x86-64 wheels of what the GPU image lacks (scripts/gpu_bundle.py), < 48 MiB.
+gpu-bundle: setup
+	$(BIN)/python scripts/gpu_bundle.py --out .gpu-wheels
 
 clean-cache:
 	rm -rf outputs/cache

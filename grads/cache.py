@@ -3,9 +3,10 @@
 Safe under concurrent jobs (joblib, SLURM arrays) sharing one cache folder:
 
 * **One writer per key.** ``get_or_run`` takes an exclusive lock per ``(stage, key)``
-  (``filelock``: ``flock`` where the file system has it, so the kernel releases it when its holder
-  dies). A second job for the same key waits, saying every so often who it waits for, and then
-  reuses the first job's result.
+  (``filelock``: ``flock``, which the kernel releases when its holder dies; local disks, NFSv4 and
+  Lustre mounted with ``flock`` have it, and filelock >= 4 falls back to a lock file it breaks when
+  the owner's pid is gone elsewhere). A second job for the same key waits, saying every so often
+  who it waits for, and then reuses the first job's result.
 * **A private work folder per attempt**, ``<key>.<host>-<pid>-<nonce>.partial``. An attempt left by
   a killed or interrupted job is adopted (renamed) by the next holder of the lock, so training stages
   resume from their checkpoints; nobody else ever writes into it.

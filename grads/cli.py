@@ -18,13 +18,13 @@ CONF_DIR = os.environ.get("GRADS_CONF_DIR", str(Path(__file__).resolve().parent.
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def _app(cfg: DictConfig) -> float | None:
+def _app(cfg: DictConfig) -> float | tuple[float, ...] | None:
+    from grads.objective import check_objective, objective_value
     from grads.pipeline import run
 
-    metrics = run(cfg)
-    # Returning a float lets Hydra sweepers (e.g. Optuna) optimise a run's headline number.
-    value = (metrics or {}).get("domain_acc")
-    return float(value) if isinstance(value, int | float) else None
+    check_objective(cfg)  # a bad objective fails before the run, not after training
+    # The configured metric(s) of metrics.json, for sweepers that optimise (hydra/sweeper=optuna).
+    return objective_value(cfg, run(cfg))
 
 
 def main() -> None:

@@ -431,7 +431,12 @@ def load_records(domain: Any, data_cfg: Any = None) -> tuple[list[Record], dict]
     for source in _get(domain, "sources") or []:
         if _get(source, "enabled", True) is False:
             continue
-        recs = records_from_source(source, on_bad_row=on_bad_row, system=system, counts=counts)
+        build = records_from_source
+        if _get(source, "builder"):  # a source with its own reader, e.g. the custom domain's
+            from hydra.utils import get_method
+
+            build = get_method(str(_get(source, "builder")))
+        recs = build(source, on_bad_row=on_bad_row, system=system, counts=counts)
         counts[f"{_get(source, 'name')}:read"] += len(recs)
         records += recs
     if not records:
@@ -468,6 +473,8 @@ def load_records(domain: Any, data_cfg: Any = None) -> tuple[list[Record], dict]
 # --------------------------------------------------------------------------------------------------
 def messages_of(rec: Record) -> list[dict[str, str]]:
     msgs = [{"role": "system", "content": rec.system}] if rec.system else []
+    if rec.meta.get("messages"):  # multi-turn (grads.custom_pool): the last turn is supervised
+        return msgs + [dict(t) for t in rec.meta["messages"]]
     return msgs + [
         {"role": "user", "content": rec.prompt},
         {"role": "assistant", "content": rec.response},

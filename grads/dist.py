@@ -25,6 +25,19 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def compute_device():
+    """The ``torch.device`` this process computes on: its own GPU when CUDA is available, else the CPU.
+
+    ``LOCAL_RANK`` (set by ``grads.launch`` and torchrun) picks the card, modulo the visible count, so
+    each local rank of a multi-process job works on its own GPU, as DeepSpeed's engine does.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+
+
 def barrier() -> None:
     import torch.distributed as dist
 

@@ -171,6 +171,7 @@ def run_features(cfg: dict, model, tokenizer, pool: Any, out_dir: str | Path) ->
         list(range(r, len(pool), world)) if distributed else list(range(len(pool))),
         progress=bool(fcfg["progress"]) and r == 0,
     )
+    timings["device"] = str(next(model.parameters()).device)
     if distributed:
         gathered = [None] * world if r == 0 else None
         dist.gather_object((local, timings), gathered, dst=0)
@@ -211,6 +212,7 @@ def run_features(cfg: dict, model, tokenizer, pool: Any, out_dir: str | Path) ->
             "ifd": bool(fcfg["ifd"]),
             "batch_size": int(fcfg["batch_size"]),
             "padding_side": padding_side,
+            "device": str(next(model.parameters()).device),  # rank 0's; per_rank has each
             "world_size": world if distributed else 1,
             "tokens_processed": tokens,
             "supervised_tokens": sum(t["supervised_tokens"] for t in parts),

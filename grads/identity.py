@@ -72,9 +72,10 @@ NON_SEMANTIC: dict[str, frozenset[str]] = {
     "features": frozenset({"batch_size", "procs"}),  # same table for any batch / process split
     "eval": frozenset({"batch_size"}),
     "data": frozenset({"num_proc"}),  # never read
-    "domain": frozenset({"hub_datasets"}),  # never read
-    # Top-level keys that are bookkeeping, not inputs.
-    "": frozenset({"stages", "group", "tags", "paths", "logger", "local"}),
+    # hub_datasets: never read; path: the custom domain's pool, keyed by content through its source.
+    "domain": frozenset({"hub_datasets", "path"}),
+    # Top-level keys that are bookkeeping or act after the cached stages (export, objective).
+    "": frozenset({"stages", "group", "tags", "paths", "logger", "local", "export", "objective"}),
 }
 # Top-level sections some stage part reads (every other top-level key must be in NON_SEMANTIC[""]).
 KEYED_SECTIONS = frozenset(
@@ -86,7 +87,6 @@ EVAL_BY_CONTENT = frozenset({"general_tasks", "general_tasks_hub", "include_path
 # Domain knobs the evaluate stage reads through grads.evaluation.task_lists.
 DOMAIN_EVAL_FIELDS = ("eval_tasks", "eval_tasks_general", "eval_tasks_hub")
 MODEL_IGNORED_FOR_BASE_EVAL = frozenset({"lora_target_modules"})
-POOL_FIELDS = ("name", "sources", "generator", "pool_limit", "pool_seed", "decontaminate")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,12 +265,29 @@ def _reader_fn(spec: Mapping) -> Callable | None:
     return READERS.get(reader)
 
 
+def _builder_files(spec: Mapping) -> list[Path] | None:
+    """Files a source with its own ``builder`` reads, if its module says (``pool_files(path, format)``
+    returning ``[(file, format), ...]``, as :mod:`grads.custom_pool` does); it also validates."""
+    module = str(spec.get("builder") or "").rpartition(".")[0]
+    files_fn = getattr(importlib.import_module(module), "pool_files", None) if module else None
+    if files_fn is None:
+        return None
+    return [Path(f) for f, _ in files_fn(spec.get("path"), spec.get("format") or "auto")]
+
+
 def file_spec_identity(spec: Mapping, fp: Fingerprints, what: str) -> dict:
     """A source / decontamination spec with its ``path`` replaced by the content it reads.
 
     Hub sources (``hub_id`` without ``path``) are kept as configured (pin ``revision``).
     """
     ident = _without(spec, {"path"})
+    built = _builder_files(spec)
+    if built is not None:
+        root = Path(str(spec["path"])).expanduser()
+        ident["content"] = {
+            _relative(f, [root] if root.is_dir() else []): fp.path(f) for f in built
+        }
+        return ident
     if not spec.get("path"):
         return ident
     path = Path(str(spec["path"]))
@@ -288,7 +305,8 @@ def file_spec_identity(spec: Mapping, fp: Fingerprints, what: str) -> dict:
 
 
 def pool_identity(cfg: Mapping, fp: Fingerprints) -> dict:
-    """Which samples are in the train pool: pool knobs and the content of every file read.
+    """Which samples are in the train pool: every domain knob but the evaluation ones, with each
+    file it names replaced by its content (a new domain knob is keyed by default).
 
     A generated domain (``domain.generator``) is materialised first so that its files, not only its
     parameters, are hashed (the generator's code may change).
@@ -298,22 +316,18 @@ def pool_identity(cfg: Mapping, fp: Fingerprints) -> dict:
         from grads.data import materialise_generated
 
         materialise_generated(dom, cfg)
-    sources = [
+    skip = NON_SEMANTIC["domain"] | set(DOMAIN_EVAL_FIELDS)
+    ident = _without(dom, skip | {"sources", "generator", "decontaminate"})
+    ident["sources"] = [
         file_spec_identity(s, fp, "data source")
         for s in dom.get("sources") or []
         if s.get("enabled", True) is not False
     ]
-    return {
-        "name": dom.get("name"),
-        "sources": sources,
-        "generator": _without(dom.get("generator"), {"out_dir"}) or None,
-        "pool_limit": dom.get("pool_limit"),
-        "pool_seed": dom.get("pool_seed"),
-        "decontaminate": [
-            file_spec_identity(d, fp, "decontamination file")
-            for d in dom.get("decontaminate") or []
-        ],
-    }
+    ident["generator"] = _without(dom.get("generator"), {"out_dir"}) or None
+    ident["decontaminate"] = [
+        file_spec_identity(d, fp, "decontamination file") for d in dom.get("decontaminate") or []
+    ]
+    return ident
 
 
 def data_identity(cfg: Mapping) -> dict:

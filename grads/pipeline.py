@@ -93,9 +93,12 @@ def run_warmup(cfg: dict, work: Path, tracker=None) -> dict:
 
 def _features_job(cfg: dict, warmup_dir: str, work: str) -> None:
     from grads.data import load_pool
+    from grads.dist import compute_device
     from grads.features import run_features
 
     model, tokenizer = _load_trained(cfg, Path(warmup_dir))
+    # Models load on the CPU; without this move a GPU machine would compute features on the CPU.
+    model.to(compute_device())
     pool = load_pool(cfg, tokenizer)
     run_features(cfg, model, tokenizer, pool, work)
 
@@ -132,15 +135,21 @@ def run_finetune(cfg: dict, work: Path, select_dir: Path, tracker=None) -> dict:
 
 
 def run_evaluate_stage(cfg: dict, work: Path, finetune_dir: Path) -> dict:
+    from grads.dist import compute_device
     from grads.evaluation import run_evaluate
     from grads.models import load_model
 
+    # lm-eval's HFLM runs an in-memory model where it lies, so both models go to the GPU first.
+    device = compute_device()
     model, tokenizer = _load_trained(cfg, finetune_dir)
+    model.to(device)
 
     def load_base():
-        return load_model(cfg["model"], cache_dir=cfg["paths"]["model_dir"])
+        base, base_tokenizer = load_model(cfg["model"], cache_dir=cfg["paths"]["model_dir"])
+        return base.to(device), base_tokenizer
 
-    return run_evaluate(cfg, model, tokenizer, str(work), load_base) or {}
+    out = run_evaluate(cfg, model, tokenizer, str(work), load_base) or {}
+    return {**out, "device": str(device)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -289,6 +298,7 @@ def run(cfg) -> dict:
                 "wall_s": round(float(info.get("wall_s", 0.0)), 2),
                 "tokens": int(info.get("tokens") or info.get("tokens_processed") or 0),
                 "cached": stage in cache.hits,
+                "device": info.get("device"),  # where the stage's model ran (None: no model)
             }
             if tracker is not None:
                 tracker.log(
@@ -298,6 +308,10 @@ def run(cfg) -> dict:
                     }
                 )
         metrics = _assemble(resolved, keys, dirs, costs, cache, time.time() - t_run)
+        if "select" in dirs:  # the selected records as data (domain=custom, grads-select)
+            from grads.export import maybe_export
+
+            metrics |= maybe_export(resolved, dirs["select"], run_dir)
         write_json(run_dir / "metrics.json", metrics)
         if tracker is not None:
             tracker.summary(_flat(metrics))

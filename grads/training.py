@@ -605,6 +605,13 @@ def _import_deepspeed():
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    elif os.environ.get("DS_ACCELERATOR") == "cpu":
+        # DeepSpeed would put the engine on the CPU while the rest of the code (bf16, NCCL,
+        # FusedAdam) assumes the GPU: fail here rather than train slowly or crash in a collective.
+        raise RuntimeError(
+            "DS_ACCELERATOR=cpu but CUDA is available: unset it (or set DS_ACCELERATOR=cuda); "
+            "to train on the CPU of a GPU machine, hide the GPUs with CUDA_VISIBLE_DEVICES="
+        )
     import deepspeed
 
     # DeepSpeed logs its whole config and every optimizer step at INFO.
@@ -943,6 +950,7 @@ def run_train(
             "world_size": world,
             "zero_stage": zero_stage,
             "dtype": s.resolved_dtype(),
+            "device": str(device),
             "tokens": tokens_seen,
             "supervised_tokens_per_epoch": sum(n_sup),
             "wall_time_s": elapsed,

@@ -16,7 +16,6 @@ from grads.identity import (
     DOMAIN_EVAL_FIELDS,
     KEYED_SECTIONS,
     NON_SEMANTIC,
-    POOL_FIELDS,
     STAGES,
     Fingerprints,
     base_eval_identity,
@@ -329,13 +328,23 @@ def test_training_fingerprint_is_the_identity_one():
 # --------------------------------------------------------------------------------------------------
 # Every knob is classified
 # --------------------------------------------------------------------------------------------------
-def test_every_top_level_and_domain_knob_is_keyed_or_declared_non_semantic():
+def test_every_top_level_knob_is_keyed_or_declared_non_semantic():
     cfg = compose([])
     assert set(cfg) <= KEYED_SECTIONS | NON_SEMANTIC[""], set(cfg) - KEYED_SECTIONS
-    allowed = set(POOL_FIELDS) | set(DOMAIN_EVAL_FIELDS) | NON_SEMANTIC["domain"]
-    for f in sorted((CONF_DIR / "domain").glob("*.yaml")):
-        keys = {k for k in OmegaConf.load(f) if not str(k).startswith("_")}
-        assert keys <= allowed, (f.name, keys - allowed)
+
+
+@pytest.mark.parametrize("domain", sorted(f.stem for f in (CONF_DIR / "domain").glob("*.yaml")))
+def test_no_absolute_path_enters_a_key(tmp_path, domain, data_dir):
+    """Paths are replaced by content: keys survive moving the data, the cache or the pool."""
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text(json.dumps({"instruction": "q?", "output": "a"}) + "\n")
+    ov = [f"domain={domain}", f"paths.cache_dir={tmp_path / 'cache'}", "domain.pool_limit=10"]
+    ov += [f"domain.path={pool}"] if domain == "custom" else []
+    ids = job_identities(OmegaConf.to_container(compose(ov), resolve=True), STAGES)
+    blob = json.dumps({s: i.identity for s, i in ids.items()})
+    for path in (tmp_path, data_dir, data_dir.resolve(), Path.cwd()):
+        assert str(path) not in blob, (domain, path)
+    assert set(DOMAIN_EVAL_FIELDS).isdisjoint(ids["warmup"].identity["pool"])
 
 
 @pytest.mark.slow
