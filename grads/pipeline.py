@@ -3,176 +3,40 @@
 Each stage's output lives in a content-addressed folder ``<cache_dir>/<stage>/<key>`` whose key hashes
 exactly the part of the resolved config the stage depends on, chained through its inputs' keys::
 
-    warmup   = H(model, domain pool, data, trainer, warmup, warmup seed)
+    warmup   = H(model + weights, pool files' content, data, trainer(warmup))
     features = H(warmup, feature options)
     select   = H(features, selector, budget, seed)          (budget dropped for budget-free selectors)
-    finetune = H(select, model, data, trainer, finetune, seed)
-    evaluate = H(finetune, eval suite, domain eval tasks)
+    finetune = H(select, model + weights, data, trainer(finetune))
+    evaluate = H(finetune, eval settings, task lists, task files' and eval data's content)
 
-A stage works in ``<key>.partial`` and renames it to ``<key>`` when complete, so a killed run leaves no
-half-written artefact and re-running the same command resumes at the first missing stage (training
-stages also resume from their own checkpoints inside the partial folder). Sweeps share the expensive
-work: warm-up and features do not depend on the selector or the budget.
+Keys and their parts live in :mod:`grads.identity` (they hash the *content* of every file a stage
+reads); the cache, with one lock per key and a private work folder per attempt, in :mod:`grads.cache`.
+A killed run leaves no half-written artefact, and re-running the same command resumes at the first
+missing stage (training stages also resume from their checkpoints in the adopted work folder).
+Concurrent jobs on one cache compute each key once: the second waits and reuses the result. Sweeps
+share the expensive work: warm-up and features do not depend on the selector or the budget.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import platform
-import shutil
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from grads.cache import StageCache
+from grads.identity import CACHE_VERSION, STAGES, StageId, stage_identities, stage_keys
 from grads.io import read_json, read_jsonl, write_json, write_text
 
-log = logging.getLogger(__name__)
+__all__ = ["CACHE_VERSION", "STAGES", "StageCache", "StageInterrupted", "run", "stage_keys"]
 
-STAGES = ("warmup", "features", "select", "finetune", "evaluate")
-# Bump when a stage's semantics change so old cache entries are not reused by mistake.
-CACHE_VERSION = 1
-# Knobs that change how a stage runs but not what it produces: excluded from the cache keys.
-_NON_SEMANTIC_TRAINER_KEYS = {
-    "procs",
-    "save_every",
-    "log_every",
-    "progress",
-    "stop_after_steps",
-    "keep_checkpoints",
-    "clean_checkpoints",
-}
+log = logging.getLogger(__name__)
 
 
 class StageInterrupted(RuntimeError):
     """A stage stopped before completing; its work folder is kept so the same command resumes."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Keys
-# --------------------------------------------------------------------------------------------------
-def _hash(*parts: Any) -> str:
-    blob = json.dumps([CACHE_VERSION, *parts], sort_keys=True, default=str)
-    return hashlib.sha1(blob.encode()).hexdigest()[:16]
-
-
-def _without(d: dict | None, keys: set[str]) -> dict:
-    return {k: v for k, v in (d or {}).items() if k not in keys}
-
-
-def pool_spec(cfg: dict) -> dict:
-    """The part of the domain config that decides which samples are in the train pool."""
-    dom = cfg["domain"]
-    gen = _without(dom.get("generator"), {"out_dir"}) if dom.get("generator") else None
-    sources = [
-        _without(s, {"path"}) | {"file": Path(str(s.get("path", ""))).name}
-        for s in dom.get("sources", [])
-    ]
-    spec = {
-        "name": dom.get("name"),
-        "sources": sources,
-        "generator": gen,
-        "pool_limit": dom.get("pool_limit"),
-        "pool_seed": dom.get("pool_seed"),
-        "decontaminate": [
-            _without(d, {"path"}) | {"file": Path(str(d.get("path", ""))).name}
-            for d in dom.get("decontaminate", [])
-        ],
-    }
-    built = [s for s in dom.get("sources", []) if s.get("builder")]
-    if built:  # a user's pool (domain=custom): key on its content, not on its file name
-        from grads.custom_pool import fingerprint
-
-        spec["content"] = [fingerprint(s.get("path"), s.get("format") or "auto") for s in built]
-    return spec
-
-
-def stage_keys(cfg: dict, budget_free: bool = False) -> dict[str, str]:
-    """Content-addressed keys of every stage for a resolved config (see module docstring)."""
-    trainer = _without(cfg.get("trainer"), _NON_SEMANTIC_TRAINER_KEYS)
-    model = _without(cfg["model"], set())
-    warmup = _hash(
-        "warmup",
-        model,
-        pool_spec(cfg),
-        cfg.get("data"),
-        trainer,
-        _without(cfg.get("warmup"), _NON_SEMANTIC_TRAINER_KEYS),
-    )
-    features = _hash("features", warmup, _without(cfg.get("features"), {"batch_size", "procs"}))
-    budget = None if budget_free else cfg.get("budget")
-    select = _hash("select", features, cfg.get("selector"), budget, cfg.get("seed"))
-    finetune = _hash(
-        "finetune",
-        select,
-        model,
-        cfg.get("data"),
-        trainer,
-        _without(cfg.get("finetune"), _NON_SEMANTIC_TRAINER_KEYS),
-        cfg.get("seed"),
-    )
-    dom = cfg["domain"]
-    evaluate = _hash(
-        "evaluate",
-        finetune,
-        _without(cfg.get("eval"), {"batch_size"}),
-        dom.get("eval_tasks"),
-        dom.get("eval_tasks_general"),
-    )
-    return {
-        "warmup": warmup,
-        "features": features,
-        "select": select,
-        "finetune": finetune,
-        "evaluate": evaluate,
-    }
-
-
-# --------------------------------------------------------------------------------------------------
-# Cache
-# --------------------------------------------------------------------------------------------------
-class StageCache:
-    """``<root>/<stage>/<key>`` folders, completed by an atomic rename of ``<key>.partial``."""
-
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
-        self.hits: list[str] = []
-        self.misses: list[str] = []
-
-    def final(self, stage: str, key: str) -> Path:
-        return self.root / stage / key
-
-    def done(self, stage: str, key: str) -> bool:
-        return (self.final(stage, key) / "DONE").exists()
-
-    def get_or_run(self, stage: str, key: str, fn: Callable[[Path], dict | None]) -> Path:
-        """Return the completed folder for ``(stage, key)``, running ``fn(work_dir)`` on a miss.
-
-        The work folder persists across crashes (training stages resume from checkpoints in it).
-        """
-        final = self.final(stage, key)
-        if self.done(stage, key):
-            self.hits.append(stage)
-            log.info("[%s] cache hit %s", stage, final)
-            return final
-        self.misses.append(stage)
-        work = final.with_name(f"{key}.partial")
-        work.mkdir(parents=True, exist_ok=True)
-        log.info("[%s] running -> %s", stage, final)
-        t0 = time.time()
-        info = fn(work) or {}
-        write_json(
-            work / "stage.json", {"stage": stage, "key": key, "wall_s": time.time() - t0, **info}
-        )
-        write_text(work / "DONE", time.strftime("%Y-%m-%dT%H:%M:%S\n"))
-        if final.exists():  # an incomplete leftover without DONE
-            shutil.rmtree(final)
-        os.replace(work, final)
-        return final
 
 
 # --------------------------------------------------------------------------------------------------
@@ -355,9 +219,19 @@ def _selector_class(cfg: dict):
     return get_class(cfg["selector"]["_target_"])
 
 
-def _budget_free(cfg: dict) -> bool:
-    """Selectors whose output ignores the budget (``full``) share one cache entry across budgets."""
-    return bool(getattr(_selector_class(cfg), "budget_free", False))
+def job_identities(resolved: dict, stages=STAGES) -> dict[str, StageId]:
+    """Keys (and what they hash) of ``stages`` and of the stages they read from, for a resolved
+    config as written to ``config_resolved.yaml`` (``grads-cache gc`` recomputes them too)."""
+    return stage_identities(resolve_features_cfg(resolved), list(stages or STAGES))
+
+
+def _entry_record(ident: StageId) -> dict:
+    """What a cache entry stores about itself (``identity.json``)."""
+    return {
+        "summary": ident.summary,
+        "upstream": ident.identity["upstream"],
+        "identity": ident.identity,
+    }
 
 
 def run(cfg) -> dict:
@@ -385,7 +259,8 @@ def run(cfg) -> dict:
 
     tracker = instantiate(resolved["logger"]) if resolved.get("logger") else None
     resolved = resolve_features_cfg(resolved)
-    keys = stage_keys(resolved, budget_free=_budget_free(resolved))
+    ids = stage_identities(resolved, stages)
+    keys = {s: i.key for s, i in ids.items()}
     cache = StageCache(resolved["paths"]["cache_dir"])
     dom, sel, bud, model = (
         resolved["domain"]["name"],
@@ -426,7 +301,9 @@ def run(cfg) -> dict:
         for stage in STAGES:
             if stage not in stages:
                 continue
-            dirs[stage] = cache.get_or_run(stage, keys[stage], runners[stage])
+            dirs[stage] = cache.get_or_run(
+                stage, keys[stage], runners[stage], identity=_entry_record(ids[stage])
+            )
             info = read_json(dirs[stage] / "stage.json")
             costs[stage] = {
                 "wall_s": round(float(info.get("wall_s", 0.0)), 2),

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -718,35 +717,11 @@ def _row_stats(pool, rows: list[int]) -> tuple[list[str], list[int], list[int]]:
 def _fingerprint(
     s: TrainerSettings, use: str, model_cfg: dict, ids: list[str], global_batch: int
 ) -> str:
-    # Knobs that do not change the trajectory (how it is split, logged or saved) stay out, so a
-    # restart may change procs/micro_batch_size as long as the global batch is the same (ZeRO-0/1
-    # checkpoints load across world sizes; ZeRO-2/3 optimizer shards need the same world size).
-    skip = {
-        "procs",
-        "micro_batch_size",
-        "grad_accum",
-        "save_every",
-        "keep_checkpoints",
-        "clean_checkpoints",
-        "save_merged",
-        "log_every",
-        "stop_after_steps",
-        "name",
-        "ds_config",
-    }
-    knobs = {k: v for k, v in dataclasses.asdict(s).items() if k not in skip}
-    blob = json.dumps(
-        {
-            "use": use,
-            "knobs": knobs,
-            "model": model_cfg,
-            "global_batch": global_batch,
-            "ids": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
-        },
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    # One definition of "the same training run", shared with the pipeline's stage keys.
+    from grads.identity import resume_fingerprint
+
+    world = global_batch // (s.micro_batch_size * s.grad_accum)
+    return resume_fingerprint(s, use, model_cfg, ids, world)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -787,6 +762,9 @@ def run_train(
     s = TrainerSettings.from_cfg(cfg, use)
     out = Path(out_dir)
     _import_deepspeed()
+    from grads.ds_ops import ensure_comm_op
+
+    ensure_comm_op()  # never hang silently on a build lock left by a killed run
     _ensure_dist()
     rank, world = dist.rank(), dist.world_size()
     on_cuda = torch.cuda.is_available()

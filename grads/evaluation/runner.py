@@ -7,15 +7,15 @@ per-task scores, ``domain_acc`` / ``general_acc`` and ``domain_gain`` / ``forget
 
 Base cache: ``<paths.cache_dir>/eval_base/<key>.json``, one entry per task list (domain tasks and
 general tasks separately, so the three domains share one base evaluation of the general suite). The
-key hashes the model config, the suite name, the task list, the per-task document counts, the data
-root, few-shot / chat-template / system-prompt settings, the seed and a hash of the task files.
+key (:func:`grads.identity.base_eval_identity`) hashes the model config and weights, the suite name,
+the task list, the per-task document counts, few-shot / chat-template / system-prompt settings, the
+seed and the content of the task files and of the data files they read (no path: moving the cache
+or the data keeps the entries).
 """
 
 from __future__ import annotations
 
 import gc
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -34,9 +34,7 @@ from grads.evaluation.metrics import compare, summarise, task_scores
 
 log = logging.getLogger(__name__)
 
-BASE_CACHE_VERSION = 1
-# Model-config keys that cannot change the base model's scores.
-_MODEL_KEYS_IGNORED = {"lora_target_modules"}
+BASE_CACHE_VERSION = 2  # 2: content of task and data files instead of their paths
 
 
 def _scores(plan: Plan, results: dict, names: list[str]) -> tuple[dict, dict]:
@@ -97,27 +95,10 @@ def evaluate(
 # --------------------------------------------------------------------------------------------------
 def base_cache_key(cfg: dict, plan: Plan, names: list[str]) -> tuple[str, dict]:
     """``(key, identity)`` of the base model's results on ``names`` (see the module docstring)."""
-    cfg = as_dict(cfg)
-    ev = eval_settings(cfg)
-    model = {k: v for k, v in (cfg.get("model") or {}).items() if k not in _MODEL_KEYS_IGNORED}
-    identity = {
-        "version": BASE_CACHE_VERSION,
-        "model": model,
-        "suite": ev["name"],
-        "tasks": list(names),
-        "limits": {leaf: plan.limits[leaf] for n in names for leaf in plan.leaves[n]},
-        "data_dir": str(plan.data_dir),
-        "synthetic": {k: v for k, v in plan.metadata.items() if k != "data_dir"},
-        "num_fewshot": ev["num_fewshot"],
-        "apply_chat_template": ev["apply_chat_template"],
-        "fewshot_as_multiturn": ev["fewshot_as_multiturn"],
-        "system_instruction": ev["system_instruction"],
-        "metric": ev["metric"],
-        "seed": ev["seed"],
-        "task_files": plan.fingerprint,
-    }
-    blob = json.dumps(identity, sort_keys=True, default=str)
-    return hashlib.sha1(blob.encode()).hexdigest()[:16], identity
+    from grads.identity import base_eval_identity, digest
+
+    identity = base_eval_identity(cfg, plan, names, BASE_CACHE_VERSION)
+    return digest(identity), identity
 
 
 def _cache_path(cfg: dict, key: str) -> Path:

@@ -1,0 +1,704 @@
+"""The stage cache: ``<root>/<stage>/<key>/`` folders that are either complete or absent.
+
+Safe under concurrent jobs (joblib, SLURM arrays) sharing one cache folder:
+
+* **One writer per key.** ``get_or_run`` takes an exclusive lock per ``(stage, key)``
+  (``filelock``: ``flock``, which the kernel releases when its holder dies; local disks, NFSv4 and
+  Lustre mounted with ``flock`` have it, and filelock >= 4 falls back to a lock file it breaks when
+  the owner's pid is gone elsewhere). A second job for the same key waits, saying every so often
+  who it waits for, and then reuses the first job's result.
+* **A private work folder per attempt**, ``<key>.<host>-<pid>-<nonce>.partial``. An attempt left by
+  a killed or interrupted job is adopted (renamed) by the next holder of the lock, so training stages
+  resume from their checkpoints; nobody else ever writes into it.
+* **Done is written last.** On completion the attempt gets ``stage.json``, ``identity.json`` (what
+  the key hashes, with a readable summary) and ``manifest.json`` (size and SHA-256 of every file);
+  every file and folder is fsynced, then ``DONE`` is written and synced, and the folder is renamed
+  to ``<key>`` in one ``os.replace``.
+* **Stale owners are named.** The lock holder writes ``.locks/<key>.owner.json`` (pid, host, start)
+  and removes it when it exits, even on an exception. A record found by the next holder means the
+  previous one died: a warning names it before its attempt is resumed.
+* **A hit is checked**: every manifest file must exist with its size; an entry that fails is moved
+  aside and recomputed (``grads-cache verify`` re-hashes the content).
+
+``hits`` / ``misses`` count per instance; ``<root>/events.jsonl`` records every hit, miss, wait and
+stale owner across jobs. ``grads-cache ls|verify|gc`` (:func:`main`) lists, checks and cleans it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from grads.io import read_json, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+DONE, MANIFEST, IDENTITY, STAGE_INFO = "DONE", "manifest.json", "identity.json", "stage.json"
+EVENTS = "events.jsonl"
+LOCKS = ".locks"
+PARTIAL = ".partial"
+BASE_EVAL = "eval_base"
+
+
+# --------------------------------------------------------------------------------------------------
+# Files: sync, manifest
+# --------------------------------------------------------------------------------------------------
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file, then every folder (deepest first), so a crash keeps what ``DONE`` claims."""
+    dirs = [root]
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames:
+            p = Path(dirpath) / name
+            if not p.is_symlink():
+                _fsync(p)
+        dirs += [Path(dirpath) / d for d in dirnames]
+    for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+        _fsync(d)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _entry_files(root: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and p.relative_to(root).as_posix() not in (MANIFEST, DONE)
+    )
+
+
+def write_manifest(root: Path) -> dict:
+    """Write ``manifest.json``: size and SHA-256 of every file under ``root``."""
+    files = {
+        p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in _entry_files(root)
+    }
+    manifest = {"files": files, "bytes": sum(f["size"] for f in files.values())}
+    write_json(root / MANIFEST, manifest)
+    return manifest
+
+
+def check_entry(root: Path, content: bool = False) -> list[str]:
+    """Problems of a completed entry against its manifest (sizes; hashes too with ``content``)."""
+    if not (root / DONE).exists():
+        return ["no DONE marker"]
+    if not (root / MANIFEST).exists():
+        return ["no manifest.json (written by an older version: remove with `grads-cache gc`)"]
+    try:
+        files = read_json(root / MANIFEST)["files"]
+    except (OSError, ValueError, KeyError) as exc:
+        return [f"unreadable manifest.json ({exc})"]
+    problems = []
+    for rel, meta in files.items():
+        p = root / rel
+        if not p.is_file():
+            problems.append(f"missing {rel}")
+        elif p.stat().st_size != meta["size"]:
+            problems.append(f"size changed: {rel} ({p.stat().st_size} != {meta['size']} bytes)")
+        elif content and _sha256(p) != meta["sha256"]:
+            problems.append(f"content changed: {rel}")
+    if content:
+        extra = sorted({p.relative_to(root).as_posix() for p in _entry_files(root)} - set(files))
+        problems += [f"not in manifest: {rel}" for rel in extra]
+    return problems
+
+
+# --------------------------------------------------------------------------------------------------
+# Lock
+# --------------------------------------------------------------------------------------------------
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def describe_owner(owner: dict | None) -> str:
+    if not owner:
+        return "another process (no owner record yet)"
+    age = time.time() - float(owner.get("started", time.time()))
+    where = f"pid {owner.get('pid')} on {owner.get('host')}"
+    if owner.get("host") == socket.gethostname() and not _pid_alive(int(owner.get("pid", -1))):
+        where += " (no longer running)"
+    return f"{where}, started {age:.0f} s ago"
+
+
+class KeyLock:
+    """Exclusive lock on one ``(stage, key)`` with an owner record; a context manager.
+
+    Attributes (after entering):
+        waited_s: seconds spent waiting for another holder.
+        stale: the owner record of a previous holder that died without releasing, else None.
+    """
+
+    def __init__(
+        self,
+        lock_path: Path,
+        what: str,
+        wait_message_s: float = 5.0,
+        repeat_message_s: float = 60.0,
+        poll_s: float = 0.5,
+    ):
+        self.lock_path = Path(lock_path)
+        self.owner_path = self.lock_path.with_suffix(".owner.json")
+        self.what = what
+        self.wait_message_s, self.repeat_message_s, self.poll_s = (
+            wait_message_s,
+            repeat_message_s,
+            poll_s,
+        )
+        self.waited_s = 0.0
+        self.stale: dict | None = None
+        self._lock = None
+
+    def owner(self) -> dict | None:
+        try:
+            return read_json(self.owner_path)
+        except (OSError, ValueError):
+            return None
+
+    def __enter__(self) -> KeyLock:
+        import filelock
+
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = filelock.FileLock(str(self.lock_path))
+        t0, next_msg = time.monotonic(), self.wait_message_s
+        while True:
+            try:
+                self._lock.acquire(timeout=self.poll_s)
+                break
+            except filelock.Timeout:
+                self.waited_s = time.monotonic() - t0
+                if self.waited_s >= next_msg:
+                    log.warning(
+                        "%s: waiting %.0f s for %s, which holds %s; its result will be reused",
+                        self.what,
+                        self.waited_s,
+                        describe_owner(self.owner()),
+                        self.lock_path,
+                    )
+                    next_msg += self.repeat_message_s
+        self.waited_s = time.monotonic() - t0
+        self.stale = self.owner()
+        if self.stale is not None:
+            log.warning(
+                "%s: breaking the stale lock of %s: it exited without releasing %s",
+                self.what,
+                describe_owner(self.stale),
+                self.lock_path,
+            )
+        write_json(
+            self.owner_path,
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": time.time(),
+                "what": self.what,
+                "argv": sys.argv[:8],
+            },
+        )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.owner_path.unlink()
+        self._lock.release()
+
+
+@contextlib.contextmanager
+def try_lock(lock_path: Path) -> Iterator[bool]:
+    """Yield True while holding ``lock_path`` if it is free right now, else False (no waiting)."""
+    import filelock
+
+    lock = filelock.FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
+
+
+# --------------------------------------------------------------------------------------------------
+# Cache
+# --------------------------------------------------------------------------------------------------
+class StageCache:
+    """``<root>/<stage>/<key>`` folders, computed at most once at a time per key.
+
+    Args:
+        root: the cache folder (``cfg.paths.cache_dir``).
+        wait_message_s: seconds of waiting for another job before saying so.
+    """
+
+    def __init__(self, root: str | os.PathLike, wait_message_s: float = 5.0):
+        self.root = Path(root)
+        self.wait_message_s = wait_message_s
+        self.hits: list[str] = []
+        self.misses: list[str] = []
+
+    def final(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    def done(self, stage: str, key: str) -> bool:
+        return (self.final(stage, key) / DONE).exists()
+
+    def lock_path(self, stage: str, key: str) -> Path:
+        return self.root / stage / LOCKS / f"{key}.lock"
+
+    def attempts(self, stage: str, key: str) -> list[Path]:
+        """Attempt folders of ``key`` (any owner), newest first."""
+        found = list((self.root / stage).glob(f"{key}.*{PARTIAL}"))
+        legacy = self.root / stage / f"{key}{PARTIAL}"
+        found += [legacy] if legacy.is_dir() else []
+        return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+    def event(self, stage: str, key: str, event: str, **extra: Any) -> None:
+        """Append one line to ``events.jsonl`` (one ``write``: lines of concurrent jobs stay whole)."""
+        row = {"time": time.time(), "stage": stage, "key": key, "event": event}
+        row |= {"pid": os.getpid(), "host": socket.gethostname(), **extra}
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / EVENTS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (json.dumps(row, default=str) + "\n").encode())
+        finally:
+            os.close(fd)
+
+    def get_or_run(
+        self,
+        stage: str,
+        key: str,
+        fn: Callable[[Path], dict | None],
+        identity: dict | None = None,
+    ) -> Path:
+        """Return the completed folder for ``(stage, key)``, running ``fn(work_dir)`` on a miss.
+
+        ``identity`` (what the key hashes, plus a ``summary``) is saved as ``identity.json``.
+        If ``fn`` raises, its work folder is kept for the next attempt to resume.
+        """
+        final = self.final(stage, key)
+        if self._usable(stage, key):
+            return self._hit(stage, key, 0.0)
+        what = f"[{stage}] {key}"
+        with KeyLock(self.lock_path(stage, key), what, self.wait_message_s) as lock:
+            if lock.stale is not None:
+                self.event(stage, key, "stale_owner", owner=lock.stale)
+            if self._usable(stage, key):  # computed by the job we waited for
+                return self._hit(stage, key, lock.waited_s)
+            self.misses.append(stage)
+            work = self._claim(stage, key)
+            log.info("[%s] running -> %s", stage, final)
+            self.event(stage, key, "miss", waited_s=round(lock.waited_s, 2), work=work.name)
+            t0 = time.time()
+            try:
+                info = fn(work) or {}
+            except BaseException as exc:
+                self.event(stage, key, "failed", error=type(exc).__name__)
+                raise
+            self._publish(stage, key, work, info, identity, time.time() - t0)
+        return final
+
+    def _usable(self, stage: str, key: str) -> bool:
+        """Done and intact (every manifest file present with its size); else quarantined."""
+        if not self.done(stage, key):
+            return False
+        problems = check_entry(self.final(stage, key))
+        if not problems:
+            return True
+        with try_lock(self.lock_path(stage, key)) as free:
+            if free and self.done(stage, key):
+                bad = self.final(stage, key)
+                aside = bad.with_name(f"{key}.corrupt-{uuid.uuid4().hex[:6]}")
+                log.warning(
+                    "[%s] cache entry %s is damaged (%s): moved to %s and recomputed",
+                    stage,
+                    bad,
+                    "; ".join(problems[:3]),
+                    aside.name,
+                )
+                os.replace(bad, aside)
+        return False
+
+    def _hit(self, stage: str, key: str, waited_s: float) -> Path:
+        self.hits.append(stage)
+        final = self.final(stage, key)
+        log.info("[%s] cache hit %s", stage, final)
+        self.event(stage, key, "hit", waited_s=round(waited_s, 2))
+        return final
+
+    def _claim(self, stage: str, key: str) -> Path:
+        """A fresh attempt folder for this process, adopting the newest abandoned one (resume)."""
+        mine = self.root / stage / f"{key}.{socket.gethostname()}-{os.getpid()}-"
+        mine = mine.with_name(mine.name + f"{uuid.uuid4().hex[:6]}{PARTIAL}")
+        mine.parent.mkdir(parents=True, exist_ok=True)
+        old = self.attempts(stage, key)  # we hold the lock: every other attempt is abandoned
+        if old:
+            log.warning("[%s] resuming the interrupted attempt %s", stage, old[0].name)
+            os.replace(old[0], mine)
+            for extra in old[1:]:
+                log.warning("[%s] removing an older abandoned attempt %s", stage, extra.name)
+                shutil.rmtree(extra, ignore_errors=True)
+        mine.mkdir(exist_ok=True)
+        return mine
+
+    def _publish(
+        self, stage: str, key: str, work: Path, info: dict, identity: dict | None, wall: float
+    ) -> None:
+        final = self.final(stage, key)
+        write_json(work / STAGE_INFO, {"stage": stage, "key": key, "wall_s": wall, **info})
+        ident = dict(identity or {})
+        ident |= {
+            "stage": stage,
+            "key": key,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "host": socket.gethostname(),
+        }
+        write_json(work / IDENTITY, ident)
+        write_manifest(work)
+        fsync_tree(work)
+        write_text(work / DONE, time.strftime("%Y-%m-%dT%H:%M:%S\n"))  # fsynced by write_text
+        if final.exists():  # left by an older version without a usable DONE: keep it aside
+            os.replace(final, final.with_name(f"{key}.corrupt-{uuid.uuid4().hex[:6]}"))
+        os.replace(work, final)
+        _fsync(final.parent)
+        self.event(stage, key, "done", wall_s=round(wall, 2))
+
+
+# --------------------------------------------------------------------------------------------------
+# Listing, verification, garbage collection
+# --------------------------------------------------------------------------------------------------
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def scan(root: Path) -> list[dict]:
+    """Every entry of the cache: ``{stage, key, path, status, summary, upstream}``.
+
+    Status: ``done``, ``partial`` (an attempt folder), ``running`` (an attempt whose lock is held),
+    ``corrupt`` (moved aside), ``legacy`` (no identity/manifest: an older cache version),
+    ``incomplete`` (a ``<key>`` folder without ``DONE``).
+    """
+    from grads.identity import STAGES
+
+    out: list[dict] = []
+    for stage in (*STAGES, BASE_EVAL):  # other folders (generated data, ...) are not entries
+        stage_dir = root / stage
+        if not stage_dir.is_dir():
+            continue
+        if stage == BASE_EVAL:
+            out += _scan_base_eval(stage_dir)
+            continue
+        for p in sorted(stage_dir.iterdir()):
+            if p.name.startswith(".") or not p.is_dir():
+                continue
+            key = p.name.split(".")[0]
+            row = {"stage": stage, "key": key, "path": p, "summary": {}, "upstream": {}}
+            if p.name.endswith(PARTIAL):
+                with try_lock(stage_dir / LOCKS / f"{key}.lock") as free:
+                    row["status"] = "partial" if free else "running"
+            elif ".corrupt-" in p.name:
+                row["status"] = "corrupt"
+            elif not (p / DONE).exists():
+                row["status"] = "incomplete"
+            elif not (p / IDENTITY).exists():
+                row["status"] = "legacy"
+            else:
+                ident = read_json(p / IDENTITY)
+                row |= {
+                    "status": "done",
+                    "summary": ident.get("summary") or {},
+                    "upstream": ident.get("upstream") or {},
+                    "created": ident.get("created"),
+                }
+            out.append(row)
+    return out
+
+
+def _scan_base_eval(folder: Path) -> list[dict]:
+    rows = []
+    for p in sorted(folder.glob("*.json")):
+        try:
+            ident = read_json(p).get("identity") or {}
+        except (OSError, ValueError):
+            ident = {}
+        model = (ident.get("model") or {}).get("name")
+        rows.append(
+            {
+                "stage": BASE_EVAL,
+                "key": p.stem,
+                "path": p,
+                "status": "done" if ident else "corrupt",
+                "summary": {"model.name": model, "tasks": ",".join(ident.get("tasks") or [])},
+                "upstream": {},
+            }
+        )
+    return rows
+
+
+def event_counts(root: Path, by_key: bool = False) -> dict:
+    """``stage -> {hit, miss, done, failed, stale_owner: count}`` from ``events.jsonl`` (keyed by
+    ``(stage, key)`` with ``by_key``)."""
+    counts: dict = {}
+    path = root / EVENTS
+    if not path.exists():
+        return counts
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                row = json.loads(line)
+            except ValueError:  # a torn last line
+                continue
+            where = (row.get("stage"), row.get("key")) if by_key else row.get("stage", "?")
+            per = counts.setdefault(where, {})
+            per[row.get("event", "?")] = per.get(row.get("event", "?"), 0) + 1
+    return counts
+
+
+def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c, overflow="fold")
+    for r in rows:
+        t.add_row(*r)
+    Console().print(t)
+
+
+def cmd_ls(root: Path, stage: str | None) -> int:
+    rows = [r for r in scan(root) if stage is None or r["stage"] == stage]
+    per_key = event_counts(root, by_key=True)
+    table = []
+    total = 0
+    for r in rows:
+        size = _size(r["path"])
+        total += size
+        summary = " ".join(
+            f"{k.removesuffix('.name').split('.')[-1]}={v}"
+            for k, v in r["summary"].items()
+            if v is not None
+        )
+        hits = per_key.get((r["stage"], r["key"]), {}).get("hit", 0)
+        table.append([r["stage"], r["key"], r["status"], summary, _human(size), str(hits)])
+    _print_table(
+        f"grads cache {root} ({len(rows)} entries, {_human(total)})",
+        ["stage", "key", "status", "config", "size", "hits"],
+        table,
+    )
+    counts = event_counts(root)
+    if counts:
+        _print_table(
+            "events (all jobs)",
+            ["stage", "hit", "miss", "done", "failed", "stale owner"],
+            [
+                [s, *(str(c.get(k, 0)) for k in ("hit", "miss", "done", "failed", "stale_owner"))]
+                for s, c in sorted(counts.items())
+            ],
+        )
+    return 0
+
+
+def cmd_verify(root: Path, stage: str | None, keys: list[str]) -> int:
+    bad = 0
+    table = []
+    for r in scan(root):
+        if (stage and r["stage"] != stage) or (keys and r["key"] not in keys):
+            continue
+        if r["stage"] == BASE_EVAL or r["status"] in ("partial", "running"):
+            continue
+        problems = check_entry(r["path"], content=True) if r["status"] != "corrupt" else ["corrupt"]
+        bad += bool(problems)
+        table.append([r["stage"], r["key"], "ok" if not problems else "; ".join(problems[:4])])
+    _print_table(f"verify {root}", ["stage", "key", "result"], table)
+    print(f"{len(table) - bad} ok, {bad} with problems")
+    return 1 if bad else 0
+
+
+def referenced_keys(
+    runs: list[Path], configs: list[str], skip: Path | None = None
+) -> set[tuple[str, str]]:
+    """``(stage, key)`` pairs referenced by run folders (``metrics.json`` keys, else the keys of
+    their ``config_resolved.yaml``) and by configs given as Hydra override strings."""
+    refs: set[tuple[str, str]] = set()
+    skip = skip.resolve() if skip is not None else None
+    for run_root in runs:
+        for m in Path(run_root).rglob("metrics.json"):
+            if skip is not None and skip in m.resolve().parents:
+                continue  # an evaluate entry's own metrics, not a job's
+            try:
+                data = read_json(m)
+            except (OSError, ValueError):
+                continue
+            if isinstance(data, dict) and isinstance(data.get("keys"), dict):
+                refs |= set(data["keys"].items())
+        for c in Path(run_root).rglob("config_resolved.yaml"):
+            if (c.parent / "metrics.json").exists():
+                continue
+            from omegaconf import OmegaConf
+
+            refs |= _config_refs(OmegaConf.to_container(OmegaConf.load(c), resolve=True), str(c))
+    for overrides in configs:
+        refs |= _config_refs(_compose(overrides.split()), overrides)
+    return refs
+
+
+def _config_refs(resolved: dict, where: str) -> set[tuple[str, str]]:
+    from grads.pipeline import job_identities
+
+    try:
+        ids = job_identities(resolved, list(resolved.get("stages") or ()))
+    except Exception as exc:  # noqa: BLE001 - a stale config must not stop gc; it says which
+        log.warning(
+            "cannot compute the keys of %s (%s: %s): skipped", where, type(exc).__name__, exc
+        )
+        return set()
+    return {(s, i.key) for s, i in ids.items()}
+
+
+def _compose(overrides: list[str]) -> dict:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    conf = os.environ.get("GRADS_CONF_DIR") or str(Path(__file__).resolve().parent.parent / "conf")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def _close_upstream(rows: list[dict], refs: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Add every entry a referenced entry was computed from (its identity's upstream keys), and the
+    base-model evaluations a referenced evaluation used."""
+    by_key = {(r["stage"], r["key"]): r for r in rows if r["status"] == "done"}
+    todo, seen = list(refs), set(refs)
+    while todo:
+        row = by_key.get(todo.pop())
+        if row is None:
+            continue
+        nxt = set(row["upstream"].items())
+        metrics = row["path"] / "metrics.json" if row["stage"] == "evaluate" else None
+        if metrics is not None and metrics.exists():
+            for part in (read_json(metrics).get("base_cache") or {}).values():
+                nxt.add((BASE_EVAL, part.get("key")))
+        for ref in nxt - seen:
+            seen.add(ref)
+            todo.append(ref)
+    return seen
+
+
+def cmd_gc(root: Path, runs: list[Path], configs: list[str], yes: bool) -> int:
+    rows = scan(root)
+    remove = [r for r in rows if r["status"] in ("partial", "corrupt", "legacy", "incomplete")]
+    if runs or configs:
+        keep = _close_upstream(rows, referenced_keys(runs, configs, skip=root))
+        remove += [r for r in rows if r["status"] == "done" and (r["stage"], r["key"]) not in keep]
+    else:
+        print("no --runs/--config given: only partial, corrupt and legacy entries are candidates")
+    total = sum(_size(r["path"]) for r in remove)
+    _print_table(
+        f"gc {root}: {len(remove)} entries, {_human(total)}" + ("" if yes else " (dry run)"),
+        ["stage", "key", "status", "size"],
+        [[r["stage"], r["key"], r["status"], _human(_size(r["path"]))] for r in remove],
+    )
+    if not yes:
+        print("dry run: add --yes to delete")
+        return 0
+    for r in remove:
+        lock = root / r["stage"] / LOCKS / f"{r['key']}.lock"
+        with try_lock(lock) if r["stage"] != BASE_EVAL else contextlib.nullcontext(True) as free:
+            if not free:
+                print(f"skipped {r['path']}: a job holds its lock")
+                continue
+            if r["path"].is_dir():
+                shutil.rmtree(r["path"])
+            else:
+                r["path"].unlink(missing_ok=True)
+    print(f"removed {len(remove)} entries ({_human(total)})")
+    return 0
+
+
+def default_root() -> Path:
+    """``$GRADS_CACHE_DIR``, else ``$GRADS_OUTPUT_DIR/cache``, else ``./outputs/cache`` (as the
+    ``paths`` config resolves them)."""
+    if os.environ.get("GRADS_CACHE_DIR"):
+        return Path(os.environ["GRADS_CACHE_DIR"])
+    return Path(os.environ.get("GRADS_OUTPUT_DIR", "outputs")) / "cache"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``grads-cache ls|verify|gc``: list, check and clean the stage cache."""
+    p = argparse.ArgumentParser(prog="grads-cache", description=main.__doc__)
+    p.add_argument("--root", type=Path, default=None, help="cache folder (default: %(default)s)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    ls = sub.add_parser("ls", help="entries with their config summary and size; event counts")
+    ls.add_argument("--stage")
+    ver = sub.add_parser("verify", help="re-hash every entry's files against its manifest")
+    ver.add_argument("--stage")
+    ver.add_argument("keys", nargs="*")
+    gc = sub.add_parser("gc", help="remove partial/corrupt/legacy entries and unreferenced ones")
+    gc.add_argument(
+        "--runs",
+        type=Path,
+        action="append",
+        default=[],
+        help="run/sweep folder whose jobs reference entries (metrics.json / config_resolved.yaml)",
+    )
+    gc.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        help='Hydra overrides of a config whose entries are kept, e.g. "experiment=demo"',
+    )
+    gc.add_argument("--yes", action="store_true", help="delete (default: dry run)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    root = args.root or default_root()
+    if args.cmd == "ls":
+        return cmd_ls(root, args.stage)
+    if args.cmd == "verify":
+        return cmd_verify(root, args.stage, args.keys)
+    return cmd_gc(root, args.runs, args.config, args.yes)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
