@@ -53,10 +53,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from grads.constants import IGNORE_INDEX, conf_dir
+
 log = logging.getLogger(__name__)
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-IGNORE_INDEX = -100
 MODEL_DIR, ADAPTER_DIR, CKPT_DIR = "model", "adapter", "checkpoints"
 LOG_NAME, SUMMARY_NAME, DS_CONFIG_NAME = "train_log.jsonl", "train_summary.json", "ds_config.json"
 USES = ("warmup", "finetune")
@@ -197,15 +197,13 @@ def _plain(cfg: Any) -> dict:
 # --------------------------------------------------------------------------------------------------
 def load_ds_template(ref: str) -> dict:
     """Read a DeepSpeed JSON template: an existing path, or a path under ``conf/trainer/``."""
-    path = Path(ref)
+    path, trainer_dir = Path(ref), conf_dir() / "trainer"  # GRADS_CONF_DIR is honoured here too
     if not path.exists():
-        path = CONF_DIR / "trainer" / ref
+        path = trainer_dir / ref
     if not path.exists() and not ref.endswith(".json"):
-        path = CONF_DIR / "trainer" / "ds" / f"{ref}.json"
+        path = trainer_dir / "ds" / f"{ref}.json"
     if not path.exists():
-        raise FileNotFoundError(
-            f"DeepSpeed config {ref!r} not found (looked under {CONF_DIR / 'trainer'})"
-        )
+        raise FileNotFoundError(f"DeepSpeed config {ref!r} not found (looked under {trainer_dir})")
     return json.loads(path.read_text())
 
 
