@@ -338,6 +338,9 @@ def run(cfg) -> dict:
     """Run the configured stages for one job; returns (and writes) its ``metrics.json``."""
     from omegaconf import DictConfig, OmegaConf
 
+    from grads.config import validate_config
+
+    cfg = validate_config(cfg)  # unknown keys, bad values: fail now; paths.* made absolute
     if isinstance(cfg, DictConfig):
         resolved: dict = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     else:

@@ -113,7 +113,10 @@ class TrainerSettings:
         """Settings from a resolved config: ``cfg["trainer"]`` deep-merged with ``cfg[use]``."""
         if use not in USES:
             raise ValueError(f"use={use!r}: expected one of {USES}")
-        merged = _deep_merge(dict(cfg.get("trainer") or {}), dict(cfg.get(use) or {}))
+        from grads.config import defaults  # conf/trainer/cpu.yaml: the one place they live
+
+        trainer = _deep_merge(defaults("trainer"), dict(cfg.get("trainer") or {}))
+        merged = _deep_merge(trainer, dict(cfg.get(use) or {}))
         merged = {k: v for k, v in merged.items() if not str(k).startswith("_")}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(merged) - names)
