@@ -226,7 +226,8 @@ def _features_job(cfg: dict, warmup_dir: str, work: str) -> None:
     from grads.features import run_features
 
     model, tokenizer = _load_trained(cfg, Path(warmup_dir))
-    pool = load_pool(cfg, tokenizer)
+    pool, data_stats = load_pool(cfg, tokenizer, return_stats=True)
+    write_json(Path(work) / "data.json", data_stats)  # bad/filtered/dropped rows -> metrics.json
     run_features(cfg, model, tokenizer, pool, work)
 
 
@@ -470,6 +471,8 @@ def _assemble(
         "cache_hits": cache.hits,
         "cache_misses": cache.misses,
     }
+    if "features" in dirs and (dirs["features"] / "data.json").exists():
+        m["data"] = read_json(dirs["features"] / "data.json")
     if "select" in dirs:
         sel = read_json(dirs["select"] / "selection.json")
         m["n_pool"], m["n_selected"] = sel.get("pool_size"), sel.get("selected")
