@@ -178,10 +178,21 @@ def test_bad_config_fails_fast_naming_the_key(overrides, message):
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_every_experiment_and_group_default_validates(name):
+def test_every_point_of_every_experiment_grid_validates(name):
+    """The whole sweep grid as written (own model, trainer, eval), not just its first point."""
+    import itertools
+
     from grads.config import validate_config
 
-    validate_config(compose([f"experiment={name}"]))
+    cfg = compose([f"experiment={name}"], return_hydra_config=True)
+    params = OmegaConf.to_container(cfg.hydra.sweeper.get("params") or OmegaConf.create({}))
+    axes = [[f"{k}={v.strip()}" for v in str(vals).split(",")] for k, vals in params.items()]
+    points = list(itertools.product(*axes))
+    for point in points:
+        validate_config(compose([f"experiment={name}", *point]))
+    assert len(points) == {"paper_main": 42, "paper_ablation": 21, "paper_lora_vs_full": 12}.get(
+        name, 1
+    )
 
 
 def test_all_problems_are_reported_at_once():
