@@ -300,6 +300,8 @@ def check_values(cfg: dict) -> list[str]:
         for path in paths:
             ruled.add(path)
             present, value = _get_path(cfg, path)
+            if path.endswith(".seed") and value == cfg.get("seed"):
+                continue  # ${seed} interpolated: reported once, at `seed`
             if present and (problem := rule(value)):
                 problems.append(f"{path}={value!r}: {problem}")
     primary = _primary(str(conf_dir()))
