@@ -461,32 +461,41 @@ def _env_problems() -> list[str]:
     ]
 
 
+def _absolute(value: Any) -> str:
+    return os.path.abspath(os.path.expanduser(str(value)))
+
+
 def absolute_paths(cfg: Any) -> Any:
     """Make every ``paths.*`` absolute (relative to the working directory), in order, so that
-    ``cache_dir: ${paths.output_dir}/cache`` sees the absolute ``output_dir``.
+    ``cache_dir: ${paths.output_dir}/cache`` sees the absolute ``output_dir``; a relative file
+    path written into ``domain.sources`` / ``domain.decontaminate`` is made absolute the same way.
 
     A ``DictConfig`` is updated in place before anything else is resolved (every interpolation of a
     path then yields an absolute path); a plain dict is returned as an updated copy.
     """
+    import contextlib
+    import copy
+
     problems = []
-    if isinstance(cfg, DictConfig):
-        with read_write(cfg), open_dict(cfg):
-            paths = cfg.get("paths") or {}
-            for key in list(paths.keys()):
-                value = paths[key]
-                if value is None or not str(value).strip():
-                    problems.append(f"paths.{key}={value!r}: expected a folder path")
-                    continue
-                paths[key] = os.path.abspath(os.path.expanduser(str(value)))
-    else:
-        cfg = dict(cfg)
-        paths = dict(cfg.get("paths") or {})
-        for key, value in paths.items():
+    plain = not isinstance(cfg, DictConfig)
+    cfg = copy.deepcopy(dict(cfg)) if plain else cfg
+    with contextlib.ExitStack() as stack:
+        if not plain:
+            stack.enter_context(read_write(cfg))
+            stack.enter_context(open_dict(cfg))
+        paths = cfg.get("paths") or {}
+        for key in list(paths.keys()):
+            value = paths[key]
             if value is None or not str(value).strip():
                 problems.append(f"paths.{key}={value!r}: expected a folder path")
             else:
-                paths[key] = os.path.abspath(os.path.expanduser(str(value)))
-        cfg["paths"] = paths
+                paths[key] = _absolute(value)
+        domain = cfg.get("domain") or {}
+        for name in ("sources", "decontaminate"):
+            for item in domain.get(name) or []:
+                path = item.get("path") if hasattr(item, "get") else None
+                if isinstance(path, str) and path.strip() and not os.path.isabs(path):
+                    item["path"] = _absolute(path)
     if problems:
         raise ConfigError(problems)
     return cfg

@@ -301,6 +301,10 @@ def test_relative_paths_are_taken_from_the_working_directory(tmp_path, monkeypat
     )
     for value in resolved["paths"].values():
         assert os.path.isabs(value)
+    (tmp_path / "mine.jsonl").write_text('{"q": "a", "a": "b"}\n')
+    src = "{name: mine, path: mine.jsonl, prompt: '{q}', response: '{a}'}"
+    cfg = validate_config(compose(["~domain.generator", f"domain.sources=[{src}]"]))
+    assert cfg.domain.sources[0].path == str(tmp_path / "mine.jsonl")
 
 
 def test_conf_dir_is_honoured_by_the_deepspeed_templates(tmp_path, monkeypatch):
