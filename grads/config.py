@@ -188,7 +188,9 @@ def allowed_keys(node: str) -> set[str]:
     conf = str(conf_dir())
     primary = _primary(conf)
     if node == "":
-        return {k for k in primary if k not in ("defaults", "hydra")} | set(_primary_groups(conf))
+        # experiment and local files are `@package _global_`: no key of their own at the top level.
+        groups = set(_primary_groups(conf)) - {"experiment", "local"}
+        return {k for k in primary if k not in ("defaults", "hydra")} | groups
     keys = (set(_group_keys(conf, node)) | _code_keys(node)) if node in UNION_GROUPS else set()
     if isinstance(primary.get(node), dict):
         keys |= set(primary[node])
