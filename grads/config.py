@@ -83,6 +83,8 @@ def int_rule(lo: int | None = None, nullable: bool = False, also: tuple = ()) ->
 
 
 def number_rule(gt: float | None = None) -> Callable:
+    """A number (int or float, not a bool), ``> gt`` when given."""
+
     def check(v: Any) -> str | None:
         if _is_num(v) and (gt is None or v > gt):
             return None
@@ -92,6 +94,8 @@ def number_rule(gt: float | None = None) -> Callable:
 
 
 def choice_rule(*allowed: Any) -> Callable:
+    """One of ``allowed`` (``True`` matches only ``True``, not ``1``)."""
+
     def check(v: Any) -> str | None:
         ok = any(v is a if isinstance(a, bool) or a is None else v == a for a in allowed)
         return None if ok else f"expected one of {list(allowed)}, got {v!r}"
@@ -411,6 +415,7 @@ def check_trainer(cfg: dict) -> list[str]:
 
 
 def check_eval(cfg: dict) -> list[str]:
+    """``eval_settings``: the evaluation module's own value checks (tasks_from, metric, limits)."""
     from grads.evaluation.harness import eval_settings
 
     try:
