@@ -346,3 +346,19 @@ def test_code_reads_defaults_from_the_yaml():
         **feats,
         "ifd": False,
     }  # auto: only the pipeline knows the selector
+
+
+def test_importorskip_of_a_required_dependency_fails(tmp_path):
+    """A broken install must turn the suite red: conftest fails such skips (optional ones still skip)."""
+    (tmp_path / "test_probe.py").write_text(
+        "import sys\nimport pytest\n"
+        "sys.modules['peft'] = None  # a broken install: importing it fails\n"
+        "def test_required():\n    pytest.importorskip('peft')\n"
+        "def test_optional():\n    pytest.importorskip('not_a_dependency_of_grads')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", str(tmp_path), "-p", "tests.conftest", "-p", "no:cacheprovider", "-q", "-rA"],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )  # fmt: skip
+    assert "1 failed, 1 skipped" in out.stdout, out.stdout[-2000:]
+    assert "required dependency 'peft' cannot be imported" in out.stdout
