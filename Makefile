@@ -2,6 +2,8 @@
 #   make demo    SmolLM2-135M on the synthetic domain, end to end, offline on a CPU (~8 min + set-up)
 #   make test    the test suite (slow tests excluded; see `make test-all`)
 #   make gpu-bundle  wheels the GPU machine lacks -> .gpu-wheels/ (then: bash scripts/gpu_run.sh)
+#   make ci      what CI runs (.ci/run): `make test`, then `grads experiment=smoke` with no GRADS_*
+#                variable, from another directory and from the repo root (each must write metrics.json)
 SHELL := /bin/bash
 PY ?= python3
 VENV ?= .venv
@@ -14,7 +16,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export WANDB_SILENT ?= true
 
-.PHONY: setup demo test test-all smoke lint format bench clean-cache gpu-bundle
+.PHONY: setup demo test test-all smoke ci lint format bench clean-cache gpu-bundle
 
 setup: $(STAMP)
 
@@ -42,6 +44,9 @@ test-all: setup
 
 smoke: setup
 	$(BIN)/grads experiment=smoke
+
+ci:
+	.ci/run
 
 lint: setup
 	$(BIN)/ruff check .

@@ -1,20 +1,20 @@
 """The ``grads`` console script: a Hydra app whose job is :func:`grads.pipeline.run`.
 
-Nothing heavy is imported here, so ``grads --help`` and ``grads --cfg job ...`` stay instant.
+Nothing heavy is imported here, so ``grads --help`` and ``grads --cfg job ...`` stay instant. Library
+modules never import this one: the config folder and the repository root live in
+:mod:`grads.constants`.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import hydra
 from omegaconf import DictConfig
 
+from grads.constants import conf_dir
+
 # An absolute path: Hydra would otherwise resolve a relative one as a Python module when the app is
-# started through the console script. The repo's conf/ is used (editable install); GRADS_CONF_DIR
-# points elsewhere.
-CONF_DIR = os.environ.get("GRADS_CONF_DIR", str(Path(__file__).resolve().parent.parent / "conf"))
+# started through the console script. GRADS_CONF_DIR points elsewhere (see grads.constants).
+CONF_DIR = str(conf_dir())
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

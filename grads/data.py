@@ -8,13 +8,18 @@ pipeline is::
       -> de-duplicate -> pool_limit (deterministic) -> chat template + tokenise -> mask prompt
 
 Every sample gets a stable id (a hash of its prompt and response), so selections compare across runs.
-Bad input never raises a bare ``KeyError`` and is never dropped silently: with
-``data.on_bad_row=error`` (default) the first bad row raises :class:`BadRecordError` naming file, row
-and field; with ``skip`` the bad rows are counted and logged.
+Bad input never raises a bare ``KeyError`` or ``UnicodeDecodeError`` and is never dropped silently:
+with ``data.on_bad_row=error`` (default) the first bad row raises :class:`BadRecordError` naming
+file, row and field; with ``skip`` every kind of bad row (invalid JSON, bytes that are not UTF-8, a
+CSV row with the wrong number of values, a missing, empty or mistyped field, an unmappable label)
+is skipped and counted per source and kind (``<source>:bad_row:<kind>``); the counts travel with the
+features stage into the run's ``metrics.json`` (``data``). Problems that would make every row bad
+(an empty file, a source whose rows all fail, an empty pool) are errors in either mode.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import json
@@ -27,17 +32,84 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from grads.constants import IGNORE_INDEX
+
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
+# Keys of a domain node and of its list items that the code below reads (grads.config rejects
+# others, so a typo such as `promt:` fails before the warm-up instead of rendering "None").
+DOMAIN_KEYS = (
+    "name",
+    "sources",
+    "generator",
+    "pool_limit",
+    "pool_seed",
+    "decontaminate",
+    "eval_tasks",
+    "eval_tasks_general",
+    "eval_tasks_hub",
+    "hub_datasets",
+)
+SOURCE_KEYS = (
+    "name",
+    "path",
+    "hub_id",
+    "hub_config",
+    "split",
+    "reader",
+    "reader_kwargs",
+    "prompt",
+    "response",
+    "key_field",
+    "fields",
+    "map",
+    "list_mode",
+    "filter",
+    "enabled",
+)
+DECONTAMINATE_KEYS = (
+    "name",
+    "path",
+    "hub_id",
+    "hub_config",
+    "split",
+    "reader",
+    "reader_kwargs",
+    "field",
+    "extract",
+    "filter",
+    "heldout_source",
+    "frac",
+)
+# Lone surrogates: where bytes that are not UTF-8 end up after decoding with "surrogateescape".
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
 
 
 class BadRecordError(ValueError):
-    """A record that cannot be turned into a training sample; the message names file, row and field."""
+    """A record that cannot be turned into a training sample; the message names file, row and field.
 
-    def __init__(self, file: str, row: int | str, field_name: str | None, problem: str):
-        self.file, self.row, self.field, self.problem = file, row, field_name, problem
-        where = f"{file}, row {row}" + (f", field '{field_name}'" if field_name else "")
+    ``kind`` classifies the problem for the skip-mode counts (``invalid_json``, ``not_utf8``,
+    ``not_an_object``, ``column_count``, ``missing_field``, ``wrong_type``, ``empty_field``,
+    ``unmappable``, ``empty_file``, ``all_rows_bad``).
+    """
+
+    def __init__(
+        self,
+        file: str,
+        row: int | str | None,
+        field_name: str | None,
+        problem: str,
+        kind: str = "invalid",
+    ):
+        self.file, self.row, self.field, self.problem, self.kind = (
+            file,
+            row,
+            field_name,
+            problem,
+            kind,
+        )
+        where = str(file) + (f", row {row}" if row is not None else "")
+        where += f", field '{field_name}'" if field_name else ""
         super().__init__(f"{where}: {problem}")
 
 
@@ -51,45 +123,103 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
     return default if value is None and default is not None else value
 
 
+def _utf8_problem(text: str) -> str:
+    """Describe the first undecodable byte of a string decoded with ``surrogateescape``."""
+    m = _UNDECODABLE.search(text)
+    byte = ord(m.group()) - 0xDC00 if m else 0
+    return f"not valid UTF-8 (byte 0x{byte:02x} at character {m.start() + 1 if m else '?'})"
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _undecodable_field(row: dict) -> str | None:
+    """The first field whose text holds bytes that were not UTF-8 (nested values included)."""
+    for key, value in row.items():
+        if isinstance(value, str | dict | list) and _UNDECODABLE.search(_text(value)):
+            return str(key)
+    return None
+
+
 # --------------------------------------------------------------------------------------------------
-# Readers: each yields (row_number, flat dict). Row numbers are 1-based data rows (JSONL: the line).
+# Readers: each yields (row_number, flat dict | BadRecordError). Row numbers are 1-based data rows
+# (JSONL: the line). A bad row is yielded, not raised, so that skip mode can count it and go on;
+# problems with the whole file (empty, not parseable at all) raise.
 # --------------------------------------------------------------------------------------------------
-def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    with open(path, encoding="utf-8-sig") as fh:
-        for i, line in enumerate(fh, start=1):
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict | BadRecordError]]:
+    n = 0
+    with open(path, "rb") as fh:
+        for i, raw in enumerate(fh, start=1):
+            if i == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)
+            line = raw.decode("utf-8", errors="surrogateescape")
             if not line.strip():
                 continue
+            n += 1
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise BadRecordError(str(path), i, None, f"invalid JSON ({exc.msg})") from exc
-            if not isinstance(obj, dict):
-                raise BadRecordError(
-                    str(path), i, None, f"expected a JSON object, got {type(obj).__name__}"
+                extra = (
+                    f"; the line is also {_utf8_problem(line)}" if _UNDECODABLE.search(line) else ""
                 )
+                yield i, BadRecordError(
+                    str(path), i, None, f"invalid JSON ({exc.msg}, column {exc.colno}){extra}",
+                    kind="invalid_json",
+                )  # fmt: skip
+                continue
+            if not isinstance(obj, dict):
+                problem = f"expected a JSON object, got {type(obj).__name__}"
+                yield i, BadRecordError(str(path), i, None, problem, kind="not_an_object")
+                continue
             yield i, obj
+    if n == 0:
+        raise BadRecordError(str(path), None, None, "empty file (no JSON lines)", kind="empty_file")
 
 
-def _read_json(path: Path) -> Iterator[tuple[int, dict]]:
+def _read_json(path: Path) -> Iterator[tuple[int, dict | BadRecordError]]:
     """A JSON list of objects, or a dict of id -> object (the key is kept as ``_key``)."""
-    with open(path, encoding="utf-8-sig") as fh:
-        try:
-            obj = json.load(fh)
-        except json.JSONDecodeError as exc:
-            raise BadRecordError(str(path), exc.lineno, None, f"invalid JSON ({exc.msg})") from exc
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as fh:
+        text = fh.read()
+    if not text.strip():
+        raise BadRecordError(str(path), None, None, "empty file (no JSON document)", "empty_file")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:  # one document: nothing in it can be read, in any mode
+        raise BadRecordError(
+            str(path), exc.lineno, None, f"invalid JSON ({exc.msg}, column {exc.colno})",
+            kind="invalid_json",
+        ) from exc  # fmt: skip
     items = obj.items() if isinstance(obj, dict) else enumerate(obj)
     for i, (key, rec) in enumerate(items, start=1):
         if not isinstance(rec, dict):
-            raise BadRecordError(
-                str(path), i, None, f"expected an object, got {type(rec).__name__}"
-            )
+            problem = f"expected an object, got {type(rec).__name__}"
+            yield i, BadRecordError(str(path), i, None, problem, kind="not_an_object")
+            continue
         yield i, {"_key": str(key), **rec}
 
 
-def _read_delimited(path: Path, delimiter: str) -> Iterator[tuple[int, dict]]:
-    with open(path, encoding="utf-8-sig", newline="") as fh:
+def _read_delimited(path: Path, delimiter: str) -> Iterator[tuple[int, dict | BadRecordError]]:
+    """CSV/TSV rows as dicts; a row with more or fewer values than the header has is bad."""
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
         reader = csv.DictReader(fh, delimiter=delimiter)
-        yield from enumerate(reader, start=1)
+        columns = reader.fieldnames
+        if not columns:
+            raise BadRecordError(str(path), None, None, "empty file (no header row)", "empty_file")
+        n = 0
+        for n, row in enumerate(reader, start=1):
+            extra, short = row.pop(None, None), [c for c in columns if row.get(c) is None]
+            if extra or short:
+                got = len(columns) + len(extra or []) - len(short)
+                problem = f"{got} values for the {len(columns)} columns {list(columns)}" + (
+                    " (an unquoted delimiter inside a value?)" if extra else ""
+                )
+                field_name = short[0] if short else None
+                yield n, BadRecordError(str(path), n, field_name, problem, kind="column_count")
+                continue
+            yield n, row
+    if n == 0:
+        raise BadRecordError(str(path), None, None, "no data rows under the header", "empty_file")
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[int, dict]]:
@@ -102,6 +232,9 @@ def _read_pubmedqa(path: Path, split: str = "train", test_file: str = "test_grou
     """PubMedQA PQA-L: ``ori_pqal.json`` (PMID -> record); the official test = keys of ``test_file``."""
     test_ids = set(json.loads((path.parent / test_file).read_text()))
     for i, rec in _read_json(path):
+        if isinstance(rec, BadRecordError):
+            yield i, rec
+            continue
         in_test = rec["_key"] in test_ids
         if (split == "test") == in_test:
             contexts = rec.get("CONTEXTS") or []
@@ -114,6 +247,9 @@ def _read_pubmedqa(path: Path, split: str = "train", test_file: str = "test_grou
 def _read_fiqa_post(path: Path):
     """FiQA 2018 task-1 posts: id -> {sentence, info: [{sentiment_score, ...}]}; flattened."""
     for i, rec in _read_json(path):
+        if isinstance(rec, BadRecordError):
+            yield i, rec
+            continue
         info = (rec.get("info") or [{}])[0]
         yield (
             i,
@@ -128,10 +264,21 @@ def _read_fiqa_post(path: Path):
 def _read_tatqa(path: Path):
     """TAT-QA: contexts with a table, paragraphs and questions -> one row per question."""
     n = 0
-    for _, ctx in _read_json(path):
-        table = "\n".join(" | ".join(str(c) for c in row) for row in ctx["table"]["table"])
-        paras = "\n".join(p["text"] for p in sorted(ctx["paragraphs"], key=lambda p: p["order"]))
-        for q in ctx["questions"]:
+    for i, ctx in _read_json(path):
+        if isinstance(ctx, BadRecordError):
+            yield i, ctx
+            continue
+        try:
+            table = "\n".join(" | ".join(str(c) for c in row) for row in ctx["table"]["table"])
+            paras = "\n".join(
+                p["text"] for p in sorted(ctx["paragraphs"], key=lambda p: p["order"])
+            )
+            questions = list(ctx["questions"])
+        except (KeyError, TypeError) as exc:
+            problem = f"not a TAT-QA context (missing {exc})"
+            yield i, BadRecordError(str(path), i, None, problem, kind="missing_field")
+            continue
+        for q in questions:
             n += 1
             ans = q.get("answer")
             ans = ", ".join(map(str, ans)) if isinstance(ans, list) else str(ans)
@@ -142,15 +289,15 @@ def _read_tatqa(path: Path):
                 {
                     "table": table,
                     "paragraphs": paras,
-                    "question": q["question"],
+                    "question": q.get("question"),
                     "answer": ans,
-                    "uid": q["uid"],
+                    "uid": q.get("uid"),
                 },
             )
 
 
-READERS: dict[str, Callable[..., Iterator[tuple[int, dict]]]] = {
-    "jsonl": _read_jsonl,
+READERS: dict[str, Callable[..., Iterator[tuple[int, dict | BadRecordError]]]] = {
+    "jsonl": _iter_jsonl,
     "json": _read_json,
     "csv": lambda p: _read_delimited(p, ","),
     "tsv": lambda p: _read_delimited(p, "\t"),
@@ -161,14 +308,33 @@ READERS: dict[str, Callable[..., Iterator[tuple[int, dict]]]] = {
 }
 
 
+def strict_rows(file: str, rows: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, dict]]:
+    """Raise at the first bad row of a reader, or at a row holding bytes that are not UTF-8.
+
+    For files whose every row must be good (evaluation sets, decontamination lists).
+    """
+    for i, row in rows:
+        if isinstance(row, BadRecordError):
+            raise row
+        bad = _undecodable_field(row)
+        if bad is not None:
+            raise BadRecordError(file, i, bad, _utf8_problem(_text(row[bad])), "not_utf8")
+        yield i, row
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """JSON Lines that must be valid throughout: the first bad line raises, naming file and row."""
+    return strict_rows(str(path), _iter_jsonl(path))
+
+
 def _infer_reader(path: Path) -> str:
     suffix = path.suffix.lower().lstrip(".")
     if suffix in READERS:
         # Several shared files are JSON Lines despite a .json extension (e.g. MedMCQA dev.json).
         if suffix == "json":
-            with open(path, encoding="utf-8-sig") as fh:
-                first = fh.readline().strip()
-            if first.startswith("{") and first.endswith("}"):
+            with open(path, "rb") as fh:
+                first = fh.readline().removeprefix(codecs.BOM_UTF8).strip()
+            if first.startswith(b"{") and first.endswith(b"}"):
                 return "jsonl"
         return suffix
     raise ValueError(f"{path}: cannot infer the file format from '{path.suffix}'; set `reader:`")
@@ -185,8 +351,10 @@ def _read_hub(source: Any) -> Iterator[tuple[int, dict]]:
         yield i, dict(row)
 
 
-def read_source(source: Any) -> tuple[str, Iterator[tuple[int, dict]]]:
+def read_source(source: Any) -> tuple[str, Iterator[tuple[int, dict | BadRecordError]]]:
     """Open one configured source; returns ``(display_name, rows)``.
+
+    A bad row arrives as a :class:`BadRecordError` in place of its dict (see :func:`strict_rows`).
 
     Raises:
         FileNotFoundError: the file does not exist (the message names the source and path).
@@ -278,72 +446,100 @@ def _filter_ok(row: dict, spec: Any) -> bool:
     return True
 
 
+def _row_values(row: dict, source: Any, required: list[str], file: str, row_no: int) -> dict:
+    """The validated, stripped string values of ``required`` fields of one row.
+
+    Raises:
+        BadRecordError: a field is missing, not a string/number, empty, not UTF-8 or unmappable.
+    """
+    maps = dict(_get(source, "map") or {})
+    list_mode = _get(source, "list_mode")
+    values = {}
+    for f in required:
+        if f not in row:
+            columns = sorted(str(k) for k in row if not str(k).startswith("_"))
+            raise BadRecordError(
+                file, row_no, f, f"missing field (row has {columns})", "missing_field"
+            )
+        v = row[f]
+        if isinstance(v, list) and v and list_mode in ("first", "join"):
+            # e.g. BioASQ's ideal_answer is a list of equivalent expert answers.
+            v = v[0] if list_mode == "first" else " ".join(map(str, v))
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            v = str(v)
+        if not isinstance(v, str):
+            problem = f"expected a string, got {type(v).__name__}"
+            raise BadRecordError(file, row_no, f, problem, "wrong_type")
+        if _UNDECODABLE.search(v):
+            raise BadRecordError(file, row_no, f, _utf8_problem(v), "not_utf8")
+        if f in maps:
+            try:
+                v = str(_label_map(v, maps[f]))
+            except (ValueError, TypeError, IndexError) as exc:
+                problem = f"cannot map value {v!r}: {exc}"
+                raise BadRecordError(file, row_no, f, problem, "unmappable") from exc
+        if not v.strip():
+            raise BadRecordError(file, row_no, f, "empty string", "empty_field")
+        values[f] = v.strip()
+    return values
+
+
+def _required_fields(source: Any) -> list[str]:
+    """Fields named in the ``prompt``/``response`` templates, plus ``fields`` and ``key_field``."""
+    key_field = _get(source, "key_field")
+    return list(
+        dict.fromkeys(
+            _template_fields(str(_get(source, "prompt")))
+            + _template_fields(str(_get(source, "response")))
+            + list(_get(source, "fields") or [])
+            + ([key_field] if key_field else [])
+        )
+    )
+
+
 def records_from_source(
     source: Any, on_bad_row: str = "error", system: str | None = None, counts: Counter | None = None
 ) -> list[Record]:
     """Read one source and render its rows into :class:`Record` objects.
 
-    Required fields are those named in the ``prompt``/``response`` templates (plus ``fields``).
-    Each must be present and a non-empty string (numbers are accepted and converted).
+    Required fields are those named in the ``prompt``/``response`` templates (plus ``fields`` and
+    ``key_field``). Each must be present and a non-empty string (numbers are converted).
+
+    Args:
+        source: a ``domain.sources`` entry.
+        on_bad_row: ``error`` raises at the first bad row; ``skip`` skips it and counts it in
+            ``counts`` as ``<name>:bad_row`` and ``<name>:bad_row:<kind>``.
+        system: optional system prompt (part of the sample id).
+        counts: a Counter to add read/filtered/bad counts to.
+
+    Raises:
+        BadRecordError: a bad row (``error`` mode), an empty file, or (either mode) a source whose
+            rows are all bad, which is a mapping mistake rather than bad data.
     """
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"data.on_bad_row={on_bad_row!r}: expected 'error' or 'skip'")
     counts = counts if counts is not None else Counter()
     name = str(_get(source, "name", "source"))
     prompt_t, response_t = str(_get(source, "prompt")), str(_get(source, "response"))
-    # key_field: the text that decides held-out splits and decontamination (e.g. the CUAD clause).
     key_field = _get(source, "key_field")
-    required = list(
-        dict.fromkeys(
-            _template_fields(prompt_t)
-            + _template_fields(response_t)
-            + list(_get(source, "fields") or [])
-            + ([key_field] if key_field else [])
-        )
-    )
-    maps = dict(_get(source, "map") or {})
+    required = _required_fields(source)
     file, rows = read_source(source)
     out: list[Record] = []
-    seen_columns = None
+    bad: list[BadRecordError] = []
     for row_no, row in rows:
-        if not _filter_ok(row, _get(source, "filter")):
-            counts[f"{name}:filtered"] += 1
-            continue
         try:
-            values = {}
-            for f in required:
-                if f not in row:
-                    if seen_columns is None:
-                        seen_columns = sorted(k for k in row if not k.startswith("_"))
-                    raise BadRecordError(file, row_no, f, f"missing field (row has {seen_columns})")
-                v = row[f]
-                if isinstance(v, list) and v and _get(source, "list_mode") in ("first", "join"):
-                    # e.g. BioASQ's ideal_answer is a list of equivalent expert answers.
-                    v = v[0] if _get(source, "list_mode") == "first" else " ".join(map(str, v))
-                if isinstance(v, bool) or v is None or isinstance(v, list | dict):
-                    raise BadRecordError(
-                        file, row_no, f, f"expected a string, got {type(v).__name__}"
-                    )
-                if isinstance(v, int | float):
-                    v = str(v)
-                if not isinstance(v, str):
-                    raise BadRecordError(
-                        file, row_no, f, f"expected a string, got {type(v).__name__}"
-                    )
-                if f in maps:
-                    try:
-                        v = str(_label_map(v, maps[f]))
-                    except (ValueError, TypeError) as exc:
-                        raise BadRecordError(
-                            file, row_no, f, f"cannot map value {v!r}: {exc}"
-                        ) from exc
-                if not v.strip():
-                    raise BadRecordError(file, row_no, f, "empty string")
-                values[f] = v.strip()
-        except BadRecordError:
+            if isinstance(row, BadRecordError):
+                raise row
+            if not _filter_ok(row, _get(source, "filter")):
+                counts[f"{name}:filtered"] += 1
+                continue
+            values = _row_values(row, source, required, file, row_no)
+        except BadRecordError as exc:
             if on_bad_row == "error":
                 raise
+            bad.append(exc)
             counts[f"{name}:bad_row"] += 1
+            counts[f"{name}:bad_row:{exc.kind}"] += 1
             continue
         prompt, response = prompt_t.format(**values), response_t.format(**values)
         out.append(
@@ -356,6 +552,18 @@ def records_from_source(
                 meta={"row": row_no, "key_text": values.get(key_field) if key_field else None},
             )
         )
+    if bad and not out:
+        first = bad[0]
+        raise BadRecordError(
+            file,
+            first.row,
+            first.field,
+            f"all {len(bad)} rows are bad (first: {first.problem}): the source does not match "
+            "the file (check its prompt/response templates and fields)",
+            "all_rows_bad",
+        )
+    if bad:
+        log.warning("data: %s: skipped %d bad rows (first: %s)", name, len(bad), bad[0])
     return out
 
 
@@ -365,13 +573,17 @@ def _eval_texts(spec: Any) -> set[str]:
     field_name, pattern = _get(spec, "field"), _get(spec, "extract")
     regex = re.compile(pattern, re.S) if pattern else None
     texts = set()
-    for _, row in rows:
+    for row_no, row in rows:
+        if isinstance(row, BadRecordError):  # an evaluation file must be read whole: never skip
+            raise row
         if not _filter_ok(row, _get(spec, "filter")):
             continue
         value = row.get(field_name)
         if value is None:
             continue
         value = str(value)
+        if _UNDECODABLE.search(value):
+            raise BadRecordError(file, row_no, field_name, _utf8_problem(value), "not_utf8")
         if regex is not None:
             m = regex.search(value)
             if not m:
@@ -418,14 +630,34 @@ def _matches_eval(rec: Record, eval_texts: set[str]) -> bool:
     return normalise_text(key if key is not None else rec.prompt) in eval_texts
 
 
+def _data_settings(data_cfg: Any) -> dict:
+    """``data_cfg`` over the ``data`` defaults of conf/config.yaml (the one place they live)."""
+    from grads.config import defaults
+
+    given = {k: v for k, v in dict(data_cfg or {}).items() if v is not None}
+    return {**defaults("data"), **given}
+
+
+def _require_records(records: list, domain: Any, step: str, counts: Counter) -> None:
+    """An empty pool is an error that says which step emptied it, with the counts so far."""
+    if not records:
+        raise ValueError(
+            f"domain '{_get(domain, 'name')}': the train pool is empty after {step} "
+            f"(counts: {dict(sorted(counts.items()))})"
+        )
+
+
 def load_records(domain: Any, data_cfg: Any = None) -> tuple[list[Record], dict]:
     """All records of a domain's train pool after validation, decontamination, dedup and pool_limit.
 
     Returns:
-        ``(records, stats)`` where stats counts rows read, skipped, filtered, duplicates, etc.
+        ``(records, stats)`` where stats counts rows read, skipped (per source and kind), filtered,
+        duplicates, eval overlaps, etc.
+
+    Raises:
+        ValueError: the pool is empty after any step (the message names the step and the counts).
     """
-    on_bad_row = _get(data_cfg, "on_bad_row", "error")
-    system = _get(data_cfg, "system_prompt")
+    data = _data_settings(data_cfg)
     counts: Counter = Counter()
     records: list[Record] = []
     for source in _get(domain, "sources") or []:
@@ -436,15 +668,15 @@ def load_records(domain: Any, data_cfg: Any = None) -> tuple[list[Record], dict]
             from hydra.utils import get_method
 
             build = get_method(str(_get(source, "builder")))
-        recs = build(source, on_bad_row=on_bad_row, system=system, counts=counts)
+        recs = build(
+            source, on_bad_row=data["on_bad_row"], system=data["system_prompt"], counts=counts
+        )
         counts[f"{_get(source, 'name')}:read"] += len(recs)
         records += recs
-    if not records:
-        raise ValueError(
-            f"domain '{_get(domain, 'name')}': no training records (check its sources)"
-        )
+    _require_records(records, domain, "reading and filtering its sources", counts)
     records = decontaminate(records, domain, counts)
-    if _get(data_cfg, "dedup", True):
+    _require_records(records, domain, "decontamination against its evaluation sets", counts)
+    if data["dedup"]:
         seen, unique = set(), []
         for rec in records:
             if rec.id in seen:
@@ -454,6 +686,8 @@ def load_records(domain: Any, data_cfg: Any = None) -> tuple[list[Record], dict]
             unique.append(rec)
         records = unique
     limit = _get(domain, "pool_limit")
+    if limit is not None and (isinstance(limit, bool) or int(limit) < 1):
+        raise ValueError(f"domain.pool_limit={limit!r}: expected an integer >= 1 or null")
     if limit is not None and int(limit) < len(records):
         # Deterministic subsample: order by a hash of (id, pool_seed), independent of file order.
         seed = str(_get(domain, "pool_seed", 0))
@@ -528,8 +762,8 @@ def tokenize_records(
     records: list[Record], tokenizer, data_cfg: Any = None
 ) -> tuple[list[dict], dict]:
     """Tokenise records; samples left with fewer than ``min_response_tokens`` are reported and dropped."""
-    max_len = int(_get(data_cfg, "max_seq_len", 256))
-    min_resp = int(_get(data_cfg, "min_response_tokens", 1))
+    data = _data_settings(data_cfg)
+    max_len, min_resp = int(data["max_seq_len"]), int(data["min_response_tokens"])
     samples, dropped, truncated = [], [], 0
     from tqdm.auto import tqdm
 
@@ -572,6 +806,9 @@ def load_pool(cfg: Any, tokenizer, return_stats: bool = False):
     records, stats = load_records(domain, data_cfg)
     samples, tok_stats = tokenize_records(records, tokenizer, data_cfg)
     stats.update(tok_stats)
+    counts = Counter({k: v for k, v in stats.items() if isinstance(v, int)})
+    _require_records(samples, domain, f"tokenising to data.max_seq_len={tok_stats['max_seq_len']}"
+                     " (every response was cut away)", counts)  # fmt: skip
     ds = Dataset.from_list(samples)
     return (ds, stats) if return_stats else ds
 

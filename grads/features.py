@@ -54,12 +54,11 @@ def _lengths(pool: Any, indices: list[int]) -> dict[int, int]:
 
 
 def _features_cfg(cfg: dict) -> dict:
-    f = dict((cfg or {}).get("features") or {})
-    f.setdefault("batch_size", 8)
-    f.setdefault("ifd", False)
-    f.setdefault("stats", True)
-    f.setdefault("chunk_bytes", 1 << 26)
-    f.setdefault("progress", True)
+    from grads.config import defaults  # the defaults live in conf/config.yaml only
+
+    f = {**defaults("features"), **dict((cfg or {}).get("features") or {})}
+    if f["ifd"] == "auto":  # the pipeline resolves auto from the selector; a direct call has none
+        f["ifd"] = False
     return f
 
 

@@ -45,7 +45,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-IGNORE_INDEX = -100
+from grads.constants import IGNORE_INDEX
+
 STAT_KEYS = (
     "embed_tok_mean",
     "embed_tok_std",

@@ -24,6 +24,28 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 TINY_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# Every knob a conf/model node may set (read below and by grads.training); grads.config rejects
+# other keys, so a typo fails before anything is loaded.
+MODEL_KEYS = (
+    "name",
+    "source",
+    "dtype",
+    "trust_remote_code",
+    "chat_template",
+    "attn_implementation",
+    "lora_target_modules",
+    "tied",
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "intermediate_size",
+    "init_seed",
+    "gguf_package",
+    "gguf_pattern",
+    "hub_id",
+    "revision",
+    "local_path",
+)
 
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -248,10 +270,10 @@ def model_config(name: str) -> dict:
     """The resolved ``conf/model/<name>.yaml`` node, for scripts and tests that load a model directly."""
     from omegaconf import OmegaConf
 
-    from grads.cli import CONF_DIR
+    from grads.constants import conf_dir
 
     return OmegaConf.to_container(
-        OmegaConf.load(Path(CONF_DIR) / "model" / f"{name}.yaml"), resolve=True
+        OmegaConf.load(conf_dir() / "model" / f"{name}.yaml"), resolve=True
     )
 
 

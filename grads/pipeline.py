@@ -102,7 +102,8 @@ def _features_job(cfg: dict, warmup_dir: str, work: str) -> None:
     model, tokenizer = _load_trained(cfg, Path(warmup_dir))
     # Models load on the CPU; without this move a GPU machine would compute features on the CPU.
     model.to(compute_device())
-    pool = load_pool(cfg, tokenizer)
+    pool, data_stats = load_pool(cfg, tokenizer, return_stats=True)
+    write_json(Path(work) / "data.json", data_stats)  # bad/filtered/dropped rows -> metrics.json
     run_features(cfg, model, tokenizer, pool, work)
     if (cfg.get("features") or {}).get("representations"):
         from grads.representations import run_stage_passes
@@ -238,6 +239,9 @@ def run(cfg) -> dict:
     """Run the configured stages for one job; returns (and writes) its ``metrics.json``."""
     from omegaconf import DictConfig, OmegaConf
 
+    from grads.config import validate_config
+
+    cfg = validate_config(cfg)  # unknown keys, bad values: fail now; paths.* made absolute
     if isinstance(cfg, DictConfig):
         resolved: dict = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     else:
@@ -375,6 +379,8 @@ def _assemble(
         "cache_hits": cache.hits,
         "cache_misses": cache.misses,
     }
+    if "features" in dirs and (dirs["features"] / "data.json").exists():
+        m["data"] = read_json(dirs["features"] / "data.json")
     if "select" in dirs:
         sel = read_json(dirs["select"] / "selection.json")
         m["n_pool"], m["n_selected"] = sel.get("pool_size"), sel.get("selected")

@@ -52,10 +52,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from grads.constants import IGNORE_INDEX, conf_dir
+
 log = logging.getLogger(__name__)
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-IGNORE_INDEX = -100
 MODEL_DIR, ADAPTER_DIR, CKPT_DIR = "model", "adapter", "checkpoints"
 LOG_NAME, SUMMARY_NAME, DS_CONFIG_NAME = "train_log.jsonl", "train_summary.json", "ds_config.json"
 USES = ("warmup", "finetune")
@@ -64,55 +64,62 @@ USES = ("warmup", "finetune")
 # --------------------------------------------------------------------------------------------------
 # Settings
 # --------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class LoraSettings:
-    """LoRA knobs (peft); ``target_modules: None`` takes ``model.lora_target_modules``."""
+    """LoRA knobs (peft); ``target_modules: None`` takes ``model.lora_target_modules``.
 
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] | None = None
+    No defaults here: they live in ``conf/trainer/cpu.yaml`` only (``from_cfg`` merges them).
+    """
+
+    r: int
+    alpha: int
+    dropout: float
+    target_modules: list[str] | None
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class TrainerSettings:
     """The trainer knobs (``conf/trainer/*.yaml`` with ``cfg[use]`` merged on top).
 
-    Unknown keys are rejected in ``from_cfg`` so that a typo fails before a model is loaded.
+    Unknown keys are rejected in ``from_cfg`` so that a typo fails before a model is loaded. The
+    fields are the schema; their defaults live in ``conf/trainer/cpu.yaml`` only.
     """
 
-    name: str = "cpu"
-    ds_config: str = "ds/cpu.json"  # relative to conf/trainer/, or an absolute path
-    procs: int | str = 1  # local processes; "auto": one per CUDA device (1 on CPU)
-    mode: str = "lora"  # lora | full
-    lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)
-    epochs: float = 1.0
-    max_steps: int = -1  # > 0 overrides epochs
-    micro_batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 2e-4
-    warmup_ratio: float = 0.03
-    min_lr_ratio: float = 0.0
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    dtype: str = "auto"  # auto | float32 | bf16
-    seed: int | None = None  # None: the top-level cfg.seed
-    save_every: int = 0  # optimizer steps between resumable checkpoints; 0: none
-    keep_checkpoints: int = 1
-    clean_checkpoints: bool = True
-    save_merged: bool = False  # LoRA: also export base+adapter merged (always on for warmup)
-    log_every: int = 1  # steps between log_fn calls; train_log.jsonl gets every step
-    gradient_checkpointing: bool = False
-    stop_after_steps: int | None = None  # debug: return after this step, as if killed
+    name: str
+    ds_config: str  # relative to conf/trainer/, or an absolute path
+    procs: int | str  # local processes; "auto": one per CUDA device (1 on CPU)
+    mode: str  # lora | full
+    lora: LoraSettings
+    epochs: float
+    max_steps: int  # > 0 overrides epochs
+    micro_batch_size: int
+    grad_accum: int
+    lr: float
+    warmup_ratio: float
+    min_lr_ratio: float
+    weight_decay: float
+    betas: tuple[float, float]
+    eps: float
+    max_grad_norm: float  # 0 disables clipping
+    dtype: str  # auto | float32 | bf16
+    seed: int | None  # None: the top-level cfg.seed
+    save_every: int  # optimizer steps between resumable checkpoints; 0: none
+    keep_checkpoints: int
+    clean_checkpoints: bool
+    save_merged: bool  # LoRA: also export base+adapter merged (always on for warmup)
+    log_every: int  # steps between log_fn calls; train_log.jsonl gets every step
+    gradient_checkpointing: bool
+    stop_after_steps: int | None  # debug: return after this step, as if killed
 
     @classmethod
     def from_cfg(cls, cfg: dict, use: str) -> TrainerSettings:
         """Settings from a resolved config: ``cfg["trainer"]`` deep-merged with ``cfg[use]``."""
         if use not in USES:
             raise ValueError(f"use={use!r}: expected one of {USES}")
-        merged = _deep_merge(dict(cfg.get("trainer") or {}), dict(cfg.get(use) or {}))
+        from grads.config import defaults  # conf/trainer/cpu.yaml: the one place they live
+
+        trainer = _deep_merge(defaults("trainer"), dict(cfg.get("trainer") or {}))
+        merged = _deep_merge(trainer, dict(cfg.get(use) or {}))
         merged = {k: v for k, v in merged.items() if not str(k).startswith("_")}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(merged) - names)
@@ -196,15 +203,13 @@ def _plain(cfg: Any) -> dict:
 # --------------------------------------------------------------------------------------------------
 def load_ds_template(ref: str) -> dict:
     """Read a DeepSpeed JSON template: an existing path, or a path under ``conf/trainer/``."""
-    path = Path(ref)
+    path, trainer_dir = Path(ref), conf_dir() / "trainer"  # GRADS_CONF_DIR is honoured here too
     if not path.exists():
-        path = CONF_DIR / "trainer" / ref
+        path = trainer_dir / ref
     if not path.exists() and not ref.endswith(".json"):
-        path = CONF_DIR / "trainer" / "ds" / f"{ref}.json"
+        path = trainer_dir / "ds" / f"{ref}.json"
     if not path.exists():
-        raise FileNotFoundError(
-            f"DeepSpeed config {ref!r} not found (looked under {CONF_DIR / 'trainer'})"
-        )
+        raise FileNotFoundError(f"DeepSpeed config {ref!r} not found (looked under {trainer_dir})")
     return json.loads(path.read_text())
 
 

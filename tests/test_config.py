@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import subprocess
 import sys
 
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import CONF_DIR, compose
+from tests.conftest import CONF_DIR, REPO, compose
 
 GROUPS = sorted(
     d.name for d in CONF_DIR.iterdir() if d.is_dir() and d.name not in {"local", "hydra"}
@@ -123,3 +124,241 @@ def test_experiment_values_override_the_primary_config():
     assert main.features.ifd is True and main.warmup.seed == 0
     # ... and the command line still wins over the experiment.
     assert compose(["experiment=demo", "data.max_seq_len=64"]).data.max_seq_len == 64
+
+
+# --------------------------------------------------------------------------------------------------
+# Fail fast: every probe of issue 11 fails in validate_config, before any stage, naming the key
+# --------------------------------------------------------------------------------------------------
+PROBES = [
+    (["+finetune.epoch=3"], r"finetune\.epoch: unknown key \(did you mean 'epochs'\?\)"),
+    (
+        ["+data.max_seq_length=64"],
+        r"data\.max_seq_length: unknown key \(did you mean 'max_seq_len'",
+    ),
+    (["+features.batchsize=4"], r"features\.batchsize: unknown key \(did you mean 'batch_size'"),
+    (["+eval.limt=4"], r"eval\.limt: unknown key \(did you mean 'limit'"),
+    (["+trainer.micro_batchsize=4"], r"trainer\.micro_batchsize: unknown key .*micro_batch_size"),
+    (["+warmup.lrr=1"], r"warmup\.lrr: unknown key \(did you mean 'lr'"),
+    (["+selector.rul=x"], r"selector\.rul: unknown key \(did you mean 'rule'"),
+    (["+domain.sources.0.promt=x"], r"domain\.sources\[0\]\.promt: unknown key"),
+    (["+model.dtyp=bf16"], r"model\.dtyp: unknown key \(did you mean 'dtype'"),
+    (["+sed=1"], r"sed: unknown key \(did you mean 'seed'"),
+    (["budget.value=1.5"], r"budget\.value \(kind='fraction', value=1\.5.*must be in \(0, 1\]"),
+    (["budget=p5", "budget.value=0"], r"budget\.value \(kind='fraction', value=0,.*must be in"),
+    (["budget=n100", "budget.value=0.5"], r"budget\.value \(kind='count'.*whole number"),
+    (
+        ["budget=auto"],
+        r"budget=auto: selector 'grads' cannot choose its own size; allowed with auto: "
+        r"\['full', 'grads_adaptive'\]",
+    ),  # fmt: skip
+    (["budget=auto", "selector=random"], r"selector 'random' cannot choose its own size"),
+    (["features.batch_size=0"], r"features\.batch_size=0: expected an integer >= 1"),
+    (["domain.pool_limit=-5"], r"domain\.pool_limit=-5: expected an integer >= 1 or null"),
+    (["domain.pool_limit=0"], r"domain\.pool_limit=0: expected an integer >= 1 or null"),
+    (["warmup.max_steps=0"], r"warmup\.max_steps=0: expected an integer >= 1 or -1"),
+    (["finetune.max_steps=-3"], r"finetune\.max_steps=-3: expected an integer >= 1 or -1"),
+    (["finetune.epochs=0"], r"finetune\.epochs=0: expected a number > 0"),
+    (["seed=abc"], r"seed='abc': expected an integer"),
+    (["data.on_bad_row=ignore"], r"data\.on_bad_row='ignore': expected one of \['error', 'skip'\]"),
+    (["features.ifd=maybe"], r"features\.ifd='maybe': expected one of \[True, False, 'auto'\]"),
+    (["data.dedup=3"], r"data\.dedup=3: expected true or false"),
+    (["stages=[warmup,train]"], r"stages=\['warmup', 'train'\]: expected a non-empty list"),
+    (["trainer.mode=qlora"], r"trainer \+ warmup: trainer\.mode='qlora': expected lora or full"),
+    (["eval.metric=f1"], r"eval\.metric='f1': expected 'acc' or 'acc_norm'"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), PROBES, ids=[" ".join(o) for o, _ in PROBES])
+def test_bad_config_fails_fast_naming_the_key(overrides, message):
+    from grads.config import ConfigError, validate_config
+
+    cfg = compose(["experiment=smoke", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        validate_config(cfg)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_point_of_every_experiment_grid_validates(name):
+    """The whole sweep grid as written (own model, trainer, eval), not just its first point."""
+    import itertools
+
+    from grads.config import validate_config
+
+    cfg = compose([f"experiment={name}"], return_hydra_config=True)
+    params = OmegaConf.to_container(cfg.hydra.sweeper.get("params") or OmegaConf.create({}))
+    axes = [[f"{k}={v.strip()}" for v in str(vals).split(",")] for k, vals in params.items()]
+    points = list(itertools.product(*axes))
+    for point in points:
+        validate_config(compose([f"experiment={name}", *point]))
+    assert len(points) == {"paper_main": 42, "paper_ablation": 21, "paper_lora_vs_full": 12}.get(
+        name, 1
+    )
+
+
+def test_all_problems_are_reported_at_once():
+    from grads.config import ConfigError, validate_config
+
+    cfg = compose(["+finetune.epoch=3", "seed=abc", "features.batch_size=0", "budget.value=2"])
+    with pytest.raises(ConfigError) as exc:
+        validate_config(cfg)
+    text = str(exc.value)
+    for key in ("finetune.epoch", "seed=", "features.batch_size=0", "budget.value"):
+        assert key in text, key
+
+
+def test_typo_inside_an_experiment_file_fails(tmp_path, monkeypatch):
+    import shutil
+
+    from grads.config import ConfigError, validate_config
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    smoke = conf / "experiment" / "smoke.yaml"
+    smoke.write_text(smoke.read_text().replace("finetune:\n  epochs: 1", "finetune:\n  epoch: 1"))
+    monkeypatch.setenv("GRADS_CONF_DIR", str(conf))
+    with pytest.raises(ConfigError, match=r"finetune\.epoch: unknown key"):
+        validate_config(compose(["experiment=smoke"], config_dir=conf))
+
+
+def test_a_knob_added_to_a_yaml_is_known_at_once(tmp_path, monkeypatch):
+    """Allowed keys come from the YAMLs: adding a knob is a one-place change."""
+    import shutil
+
+    from grads.config import validate_config
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    primary = conf / "config.yaml"
+    primary.write_text(primary.read_text().replace("  dedup: true", "  dedup: true\n  new_knob: 1"))
+    monkeypatch.setenv("GRADS_CONF_DIR", str(conf))
+    validate_config(compose(["data.new_knob=2"], config_dir=conf))
+
+
+def test_empty_grads_data_dir_fails(monkeypatch):
+    from grads.config import ConfigError, validate_config
+
+    monkeypatch.setenv("GRADS_DATA_DIR", "")
+    with pytest.raises(ConfigError, match=r"GRADS_DATA_DIR is set but empty \(paths\.data_dir\)"):
+        validate_config(compose(["domain=legal"]))
+
+
+def test_missing_data_dir_is_one_clear_problem(tmp_path):
+    from grads.config import ConfigError, validate_config
+
+    with pytest.raises(
+        ConfigError, match=r"(?s)1 config problem.*paths\.data_dir=.*nope: not a folder"
+    ):
+        validate_config(compose(["domain=medical", f"paths.data_dir={tmp_path / 'nope'}"]))
+
+
+def test_cli_probe_fails_before_any_stage(tmp_path):
+    """The real entry point: `grads experiment=smoke +finetune.epoch=3` stops before the warm-up."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRADS_")}
+    cmd = [sys.executable, "-m", "grads.cli", "experiment=smoke", "+finetune.epoch=3"]
+    out = subprocess.run(
+        [*cmd, f"paths.output_dir={tmp_path}"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert out.returncode != 0
+    assert "finetune.epoch: unknown key (did you mean 'epochs'?)" in out.stdout + out.stderr
+    assert not (tmp_path / "cache").exists()  # no stage started
+
+
+# --------------------------------------------------------------------------------------------------
+# Paths: absolute before any stage runs; defaults independent of the working directory
+# --------------------------------------------------------------------------------------------------
+def test_default_paths_do_not_depend_on_the_working_directory(tmp_path, monkeypatch):
+    from grads.config import validate_config
+    from grads.constants import DEFAULT_DATA_DIR, PATH_ENV, REPO_ROOT
+
+    for var in PATH_ENV.values():
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    cfg = validate_config(compose(["experiment=smoke"]))
+    paths = cfg.paths
+    assert (
+        paths.data_dir == os.path.abspath(DEFAULT_DATA_DIR) == str(REPO.parent / "shared" / "data")
+    )
+    assert paths.output_dir == str(REPO_ROOT / "outputs")
+    assert paths.cache_dir == str(REPO_ROOT / "outputs" / "cache")
+    gen = cfg.domain.generator.out_dir  # an interpolation of cache_dir: absolute as well
+    assert gen == str(REPO_ROOT / "outputs" / "cache" / "synthetic" / "seed0")
+
+
+def test_relative_paths_are_taken_from_the_working_directory(tmp_path, monkeypatch):
+    from grads.config import validate_config
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GRADS_MODEL_DIR", "models")
+    cfg = validate_config(
+        compose(["experiment=smoke", "paths.output_dir=out", "paths.cache_dir=./c"])
+    )
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["paths"]["output_dir"] == str(tmp_path / "out")
+    assert resolved["paths"]["cache_dir"] == str(tmp_path / "c")
+    assert resolved["paths"]["model_dir"] == str(tmp_path / "models")
+    assert resolved["domain"]["sources"][0]["path"] == str(
+        tmp_path / "c/synthetic/seed0/train.jsonl"
+    )
+    for value in resolved["paths"].values():
+        assert os.path.isabs(value)
+    (tmp_path / "mine.jsonl").write_text('{"q": "a", "a": "b"}\n')
+    src = "{name: mine, path: mine.jsonl, prompt: '{q}', response: '{a}'}"
+    cfg = validate_config(compose(["~domain.generator", f"domain.sources=[{src}]"]))
+    assert cfg.domain.sources[0].path == str(tmp_path / "mine.jsonl")
+
+
+def test_conf_dir_is_honoured_by_the_deepspeed_templates(tmp_path, monkeypatch):
+    import shutil
+
+    from grads.training import load_ds_template
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    (conf / "trainer" / "ds" / "cpu.json").write_text('{"marker": 1}')
+    monkeypatch.setenv("GRADS_CONF_DIR", str(conf))
+    assert load_ds_template("ds/cpu.json") == {"marker": 1}
+    monkeypatch.setenv("GRADS_CONF_DIR", "")
+    with pytest.raises(ValueError, match="GRADS_CONF_DIR is set but empty"):
+        load_ds_template("ds/cpu.json")
+
+
+def test_one_owner_for_shared_constants_and_no_library_import_of_the_cli():
+    sources = {p: p.read_text() for p in (REPO / "grads").rglob("*.py")}
+    assert [p.name for p, s in sources.items() if "IGNORE_INDEX = " in s] == ["constants.py"]
+    importers = [p for p, s in sources.items() if "grads.cli" in s and p.name != "cli.py"]
+    assert importers == []
+
+
+def test_code_reads_defaults_from_the_yaml():
+    """Defaults live in the YAML only: code without a composed config gets the same values."""
+    from grads.config import defaults
+    from grads.features import _features_cfg
+    from grads.training import TrainerSettings
+
+    cpu = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "trainer" / "cpu.yaml"))
+    s = TrainerSettings.from_cfg(
+        {"trainer": {}, "model": {"lora_target_modules": ["q"]}}, "finetune"
+    )
+    assert s.save_every == cpu["save_every"] and s.lr == cpu["lr"] and s.lora.r == cpu["lora"]["r"]
+    feats = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml"))["features"]
+    assert defaults("features") == feats
+    assert _features_cfg({}) == {
+        **feats,
+        "ifd": False,
+    }  # auto: only the pipeline knows the selector
+
+
+def test_importorskip_of_a_required_dependency_fails(tmp_path):
+    """A broken install must turn the suite red: conftest fails such skips (optional ones still skip)."""
+    (tmp_path / "test_probe.py").write_text(
+        "import sys\nimport pytest\n"
+        "sys.modules['peft'] = None  # a broken install: importing it fails\n"
+        "def test_required():\n    pytest.importorskip('peft')\n"
+        "def test_optional():\n    pytest.importorskip('not_a_dependency_of_grads')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", str(tmp_path), "-p", "tests.conftest", "-p", "no:cacheprovider", "-q", "-rA"],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )  # fmt: skip
+    assert "1 failed, 1 skipped" in out.stdout, out.stdout[-2000:]
+    assert "required dependency 'peft' cannot be imported" in out.stdout

@@ -87,6 +87,9 @@ def test_collate_left_and_right(tiny_tokenizer):
 
 
 def test_ids_are_stable_content_hashes():
+    # Pinned: a change here silently invalidates every cached selection and cross-run comparison.
+    assert sample_id("a", "b") == "445ca3636e002aa2"
+    assert sample_id("a", "b", "sys") == "5b66c5231d94fe2a"
     assert sample_id("a", "b") == sample_id("a", "b")
     assert sample_id("a", "b") != sample_id("a", "c") != sample_id("ab", "")
     assert sample_id("a", "b", "sys") != sample_id("a", "b")
@@ -147,6 +150,126 @@ def test_wrong_csv_columns_and_skip_mode(tmp_path, caplog):
     recs = records_from_source(_src(good), on_bad_row="skip", counts=counts)
     assert [r.prompt for r in recs] == ["a", "c"] and recs[1].response == "3"
     assert counts["t:bad_row"] == 1
+
+
+def _bad_rows(counts: Counter) -> dict:
+    return {k: v for k, v in counts.items() if ":bad_row" in k}
+
+
+def test_non_utf8_byte_names_file_row_and_field(tmp_path):
+    p = tmp_path / "pool.jsonl"
+    p.write_bytes(b'{"q": "fine", "a": "ok"}\n{"q": "caf\xe9", "a": "ok"}\n')
+    with pytest.raises(
+        BadRecordError, match=r"pool\.jsonl, row 2, field 'q': not valid UTF-8 \(byte 0xe9"
+    ):
+        records_from_source(_src(p))
+    csv_p = tmp_path / "pool.csv"
+    csv_p.write_bytes(b"q,a\nfine,ok\nbad,caf\xff\n")
+    with pytest.raises(
+        BadRecordError, match=r"pool\.csv, row 2, field 'a': not valid UTF-8 \(byte 0xff"
+    ):
+        records_from_source(_src(csv_p))
+    # A bad byte in a field the source does not use is harmless.
+    p.write_bytes(b'{"q": "x", "a": "y", "note": "\xff"}\n')
+    assert [r.prompt for r in records_from_source(_src(p))] == ["x"]
+
+
+def test_skip_mode_skips_and_counts_every_kind_of_bad_row(tmp_path):
+    p = tmp_path / "pool.jsonl"
+    p.write_bytes(
+        b'{"q": "good 1", "a": "y"}\n'
+        b'{"q": "broken", "a": \n'  # invalid JSON
+        b'{"q": "caf\xe9", "a": "y"}\n'  # not UTF-8 inside a used field
+        b'{"q": "x", "a": "y"}\xff\n'  # a stray byte that breaks the JSON
+        b'["not", "an", "object"]\n'
+        b'{"a": "y"}\n'  # missing field
+        b'{"q": "", "a": "y"}\n'  # empty field
+        b'{"q": ["x"], "a": "y"}\n'  # wrong type
+        b'{"q": "good 2", "a": "y"}\n'
+    )
+    counts = Counter()
+    recs = records_from_source(_src(p), on_bad_row="skip", counts=counts)
+    assert [r.prompt for r in recs] == ["good 1", "good 2"]
+    assert _bad_rows(counts) == {
+        "t:bad_row": 7,
+        "t:bad_row:invalid_json": 2,
+        "t:bad_row:not_utf8": 1,
+        "t:bad_row:not_an_object": 1,
+        "t:bad_row:missing_field": 1,
+        "t:bad_row:empty_field": 1,
+        "t:bad_row:wrong_type": 1,
+    }
+    with pytest.raises(BadRecordError, match=r"row 2: invalid JSON"):
+        records_from_source(_src(p))  # error mode stops at the first one
+
+
+def test_csv_row_with_an_extra_or_missing_value(tmp_path):
+    p = tmp_path / "pool.csv"
+    p.write_text("q,a\nwhat?,that\nwhat, really?,that\nonly one\n")
+    with pytest.raises(
+        BadRecordError,
+        match=r"pool\.csv, row 2: 3 values for the 2 columns \['q', 'a'\] \(an unquoted delimiter",
+    ):
+        records_from_source(_src(p))
+    counts = Counter()
+    recs = records_from_source(_src(p), on_bad_row="skip", counts=counts)
+    assert [(r.prompt, r.response) for r in recs] == [("what?", "that")]
+    assert _bad_rows(counts) == {"t:bad_row": 2, "t:bad_row:column_count": 2}
+    p.write_text("q,a\nwhat?,that\nonly one\n")
+    with pytest.raises(BadRecordError, match=r"row 2, field 'a': 1 values for the 2 columns"):
+        records_from_source(_src(p))
+
+
+def test_wrong_csv_columns_in_skip_mode_name_the_field(tmp_path):
+    p = tmp_path / "pool.csv"
+    p.write_text("question,answer\nwhat?,that\nwhy?,because\n")
+    with pytest.raises(
+        BadRecordError,
+        match=r"pool\.csv, row 1, field 'q': all 2 rows are bad \(first: missing field "
+        r"\(row has \['answer', 'question'\]\)\): the source does not match the file",
+    ):
+        records_from_source(_src(p), on_bad_row="skip")
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "problem"),
+    [
+        ("pool.jsonl", b"", "empty file"),
+        ("pool.jsonl", b"\n  \n", "empty file"),
+        ("pool.csv", b"", "empty file"),
+        ("pool.csv", b"q,a\n", "no data rows"),
+        ("pool.json", b"", "empty file"),
+    ],
+)
+def test_empty_file_is_named(tmp_path, name, content, problem):
+    p = tmp_path / name
+    p.write_bytes(content)
+    for mode in ("error", "skip"):
+        with pytest.raises(BadRecordError, match=rf"{p}: {problem}"):
+            records_from_source(_src(p), on_bad_row=mode)
+
+
+def test_empty_pool_names_the_step(tmp_path, tiny_tokenizer):
+    p = tmp_path / "pool.jsonl"
+    p.write_text('{"q": "a", "a": "b", "kind": "x"}\n{"q": "c", "a": "d", "kind": "x"}\n')
+    filtered = {"name": "t", "sources": [_src(p, filter={"kind": "y"})]}
+    with pytest.raises(ValueError, match=r"domain 't': the train pool is empty after reading and "
+                       r"filtering its sources \(counts: \{'t:filtered': 2"):  # fmt: skip
+        load_records(filtered, {})
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text('{"question": "a"}\n{"question": "c"}\n')
+    overlap = {
+        "name": "t",
+        "sources": [_src(p)],
+        "decontaminate": [{"path": str(evals), "field": "question"}],
+    }
+    with pytest.raises(ValueError, match=r"empty after decontamination .*'t:eval_overlap': 2"):
+        load_records(overlap, {})
+    from grads.data import load_pool
+
+    cfg = {"domain": {"name": "t", "sources": [_src(p)]}, "data": {"max_seq_len": 2}}
+    with pytest.raises(ValueError, match=r"empty after tokenising to data.max_seq_len=2"):
+        load_pool(cfg, tiny_tokenizer)
 
 
 def test_unreadable_file_and_bad_mode(tmp_path):

@@ -454,6 +454,16 @@ def test_hub_task_names_exist_in_lm_eval():
 # ---------------------------------------------------------------------------------------------------
 # Real model (slow)
 # ---------------------------------------------------------------------------------------------------
+SMOLLM2_FEW_ITEMS = {
+    "grads_pubmedqa": (0.5, 2),
+    "grads_cuad_heldout": (1.0, 2),
+    "grads_fpb": (0.0, 2),
+    "grads_mmlu_finance": (0.25, 4),
+    "grads_arc_easy": (1.0, 2),
+    "grads_boolq_cb": (0.5, 2),
+}
+
+
 @pytest.mark.slow
 def test_smollm2_few_items_of_each_domain(data_dir, tmp_path):
     from grads.models import load_model
@@ -470,5 +480,6 @@ def test_smollm2_few_items_of_each_domain(data_dir, tmp_path):
     out = evaluate(model, tok, cfg, tasks, ["grads_arc_easy", "grads_boolq_cb"])
     again = evaluate(model, tok, cfg, tasks, ["grads_arc_easy", "grads_boolq_cb"])
     assert out["tasks"] == again["tasks"]
-    for name, s in out["tasks"].items():
-        assert 0.0 <= s["acc"] <= 1.0 and s["n"] >= 2, name
+    # Pinned (acc, n): `0 <= acc <= 1` could not fail; these change only if scoring, prompts, the
+    # seeded document order or the model change.
+    assert {name: (s["acc"], s["n"]) for name, s in out["tasks"].items()} == SMOLLM2_FEW_ITEMS

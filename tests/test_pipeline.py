@@ -168,14 +168,89 @@ def test_killed_finetune_resumes_without_recomputing(tmp_path):
 
 
 EXPERIMENTS = sorted(f.stem for f in (CONF_DIR / "experiment").glob("*.yaml"))
+# Only sizes shrink: the experiment's own trainer (mode, lr, batch), eval suite (task lists, shots,
+# prompt format), selector and budget run as configured. A real model becomes the tiny one in the
+# default suite; `-m slow` keeps it.
+SIZES = [
+    "domain.pool_limit=24",
+    "data.max_seq_len=64",
+    "warmup.max_steps=2",
+    "finetune.max_steps=2",
+    "eval.limit=2",
+    "eval.task_limits=null",
+]
+
+
+def grid_point(name: str, index: int) -> list[str]:
+    """The ``index``-th point of a covering walk of the experiment's sweep grid: point i takes the
+    (i mod len)-th value of every axis, so len(longest axis) points use every value of every axis."""
+    cfg = compose([f"experiment={name}"], return_hydra_config=True)
+    params = OmegaConf.to_container(cfg.hydra.sweeper.get("params") or OmegaConf.create({}))
+    axes = {k: [v.strip() for v in str(vals).split(",")] for k, vals in params.items()}
+    return [f"{k}={vals[index % len(vals)]}" for k, vals in axes.items()]
+
+
+def grid_width(name: str) -> int:
+    cfg = compose([f"experiment={name}"], return_hydra_config=True)
+    params = OmegaConf.to_container(cfg.hydra.sweeper.get("params") or OmegaConf.create({}))
+    return max([len(str(v).split(",")) for v in params.values()] or [1])
+
+
+def _check_experiment_run(tmp_path: Path, name: str, point: list[str], model: list[str]) -> None:
+    expected = OmegaConf.to_container(compose([f"experiment={name}", *point]), resolve=True)
+    m = _run(tmp_path, [f"experiment={name}", *point, *model, *SIZES])
+    assert m["stages"] == list(STAGES) and isinstance(m["domain_acc"], float)
+    assert (
+        m["domain"] == expected["domain"]["name"] and m["selector"] == expected["selector"]["name"]
+    )
+    assert m["budget"] == expected["budget"]["name"]
+    assert m["trainer_mode"] == expected["trainer"]["mode"]
+    general = expected["eval"]["general_tasks"] + expected["domain"]["eval_tasks_general"]
+    for task in expected["domain"]["eval_tasks"] + general:  # the experiment's own eval suite
+        assert task in m["tasks"], task
+    ft = json.loads((Path(m["artefacts"]["finetune"]) / "ds_config.json").read_text())
+    assert ft["train_micro_batch_size_per_gpu"] == expected["trainer"]["micro_batch_size"]
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_every_experiment_first_grid_point_runs(tmp_path, name):
-    cfg = compose([f"experiment={name}"], return_hydra_config=True)
-    params = OmegaConf.to_container(cfg.hydra.sweeper.get("params") or OmegaConf.create({}))
-    first = [f"{k}={str(v).split(',')[0].strip()}" for k, v in params.items()]
-    m = _run(
-        tmp_path, [f"experiment={name}", *first, *TINY, "domain.pool_limit=24", "eval.limit=4"]
+def test_every_experiment_runs_with_its_own_trainer_and_eval(tmp_path, name):
+    """One grid point per experiment, end to end; which point rotates with the experiment so
+    that the suite does not only ever run first points."""
+    point = grid_point(name, EXPERIMENTS.index(name))
+    model = [] if compose([f"experiment={name}"]).model.source == "tiny" else ["model=tiny"]
+    _check_experiment_run(tmp_path, name, point, model)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_covering_grid_runs_with_its_model(tmp_path, name):
+    """Every value of every sweep axis at least once, with the experiment's own model."""
+    for i in range(grid_width(name)):
+        _check_experiment_run(tmp_path, name, grid_point(name, i), [])
+
+
+def test_skipped_bad_rows_reach_metrics_json(tmp_path):
+    pool = tmp_path / "pool.jsonl"
+    good = [json.dumps({"q": f"question {i}?", "a": f"answer {i}."}) for i in range(12)]
+    pool.write_bytes(
+        ("\n".join(good[:6]) + "\n").encode()
+        + b'{"q": "broken", "a": \n{"q": "caf\xe9", "a": "x"}\n{"a": "no q"}\n'
+        + ("\n".join(good[6:]) + "\n").encode()
     )
-    assert m["stages"] == list(STAGES) and "domain_acc" in m
+    src = f"{{name: mine, path: '{pool}', prompt: '{{q}}', response: '{{a}}'}}"
+    m = _run(
+        tmp_path,
+        [
+            "experiment=smoke",
+            *TINY,
+            "data.on_bad_row=skip",
+            "~domain.generator",
+            f"domain.sources=[{src}]",
+            "stages=[warmup,features,select]",
+        ],
+    )
+    assert m["data"]["mine:read"] == 12 and m["data"]["mine:bad_row"] == 3
+    assert m["data"]["mine:bad_row:invalid_json"] == 1 and m["data"]["mine:bad_row:not_utf8"] == 1
+    assert m["data"]["mine:bad_row:missing_field"] == 1
+    metrics = json.loads(next(tmp_path.glob("outputs/runs/*/*/metrics.json")).read_text())
+    assert metrics["data"] == m["data"]

@@ -1,0 +1,537 @@
+"""Validation of a composed run config, done once before any stage runs (``grads.pipeline.run``).
+
+Hydra rejects an unknown key only in a plain ``key=value`` override: a ``+key=value`` override, a
+key in an experiment file or a YAML typo merges silently, and a bad value surfaces hours later (or
+never). :func:`validate_config` closes that gap in well under a second and reports every problem at
+once, each naming the key and what is allowed.
+
+Where the rules come from, so that adding a knob is a one-place change:
+
+* **Allowed keys** of ``data``, ``features``, ``warmup``, ``finetune`` and the top level are the keys
+  of ``conf/config.yaml``; those of a group node (``domain``, ``eval``, ``model``, ``paths``,
+  ``trainer``) are the union of the keys of every option file of that group, plus the knobs the
+  consuming code declares (``TrainerSettings`` fields, ``EVAL_DEFAULTS``, ``grads.models.MODEL_KEYS``,
+  ``grads.data.SOURCE_KEYS`` / ``DECONTAMINATE_KEYS``). A knob added to a YAML is known at once.
+* **Targets** (``selector``, ``budget``, ``logger``, ``domain.generator``) are checked by binding
+  the node's keys to the ``_target_``'s signature, then the budget and selector are instantiated
+  (cheap) so their own checks run, including ``budget=auto`` for a selector that cannot size itself.
+* **Values**: the owning code's validators (``TrainerSettings.from_cfg`` for ``warmup`` and
+  ``finetune``, ``eval_settings``), the explicit range rules in :data:`RULES`, and for the knobs of
+  ``conf/config.yaml`` the type of their YAML default (an int stays an int, a bool a bool).
+
+Defaults live in the YAML only: code that runs without a composed config (tests, scripts, direct
+API calls) reads them with :func:`defaults`. Paths: every ``paths.*`` value becomes absolute here,
+relative to the directory grads was started from (see ``conf/paths/default.yaml``), before the rest
+of the config is resolved, so every interpolation of a path sees the absolute value.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import inspect
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from grads.constants import PATH_ENV, conf_dir
+
+STAGES = ("warmup", "features", "select", "finetune", "evaluate")
+# Nodes of conf/config.yaml whose knobs are checked against its keys and default types.
+PRIMARY_NODES = ("data", "features", "warmup", "finetune")
+# Group nodes whose keys are the union over their option files (+ what the code declares).
+UNION_GROUPS = ("domain", "eval", "model", "paths", "trainer")
+TRAIN_USES = ("warmup", "finetune")
+
+
+class ConfigError(ValueError):
+    """One or more config problems; the message lists each as ``key: problem (allowed ...)``."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} config problem(s), nothing was run:\n{lines}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Value rules: each returns a problem (what is allowed) or None
+# --------------------------------------------------------------------------------------------------
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def int_rule(lo: int | None = None, nullable: bool = False, also: tuple = ()) -> Callable:
+    """An integer (``>= lo``), or one of ``also`` (e.g. ``-1`` meaning "off"), or null."""
+
+    def check(v: Any) -> str | None:
+        if (v is None and nullable) or (v in also and _is_int(v)):
+            return None
+        if _is_int(v) and (lo is None or v >= lo):
+            return None
+        want = "an integer" + (f" >= {lo}" if lo is not None else "")
+        want += "".join(f" or {a}" for a in also) + (" or null" if nullable else "")
+        return f"expected {want}, got {v!r}"
+
+    return check
+
+
+def number_rule(gt: float | None = None) -> Callable:
+    """A number (int or float, not a bool), ``> gt`` when given."""
+
+    def check(v: Any) -> str | None:
+        if _is_num(v) and (gt is None or v > gt):
+            return None
+        return f"expected a number{f' > {gt}' if gt is not None else ''}, got {v!r}"
+
+    return check
+
+
+def choice_rule(*allowed: Any) -> Callable:
+    """One of ``allowed`` (``True`` matches only ``True``, not ``1``)."""
+
+    def check(v: Any) -> str | None:
+        ok = any(v is a if isinstance(a, bool) or a is None else v == a for a in allowed)
+        return None if ok else f"expected one of {list(allowed)}, got {v!r}"
+
+    return check
+
+
+def _stages_rule(v: Any) -> str | None:
+    if isinstance(v, list) and v and all(s in STAGES for s in v):
+        return None
+    return f"expected a non-empty list drawn from {list(STAGES)}, got {v!r}"
+
+
+# Range and choice rules that a YAML default's type cannot express. `*` = trainer, warmup, finetune.
+RULES: dict[str, Callable[[Any], str | None]] = {
+    "seed": int_rule(),
+    "stages": _stages_rule,
+    "data.max_seq_len": int_rule(lo=2),
+    "data.min_response_tokens": int_rule(lo=0),
+    "data.on_bad_row": choice_rule("error", "skip"),
+    "data.num_proc": int_rule(lo=1),
+    "features.batch_size": int_rule(lo=1),
+    "features.procs": int_rule(lo=1),
+    "features.chunk_bytes": int_rule(lo=1),
+    "features.ifd": choice_rule(True, False, "auto"),
+    "features.padding_side": choice_rule("left", "right", None),
+    "features.num_threads": int_rule(lo=1, nullable=True),
+    "domain.pool_limit": int_rule(lo=1, nullable=True),
+    "domain.pool_seed": int_rule(),
+    # max_steps=0 used to mean "no limit" silently; -1 is the documented "off".
+    "*.max_steps": int_rule(lo=1, also=(-1,)),
+    "*.epochs": number_rule(gt=0),
+    "*.seed": int_rule(nullable=True),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Where the allowed keys come from
+# --------------------------------------------------------------------------------------------------
+def _load(path: Path) -> dict:
+    node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    return node if isinstance(node, dict) else {}
+
+
+@functools.cache
+def _primary(conf: str) -> dict:
+    return _load(Path(conf) / "config.yaml")
+
+
+@functools.cache
+def _group_keys(conf: str, group: str) -> frozenset[str]:
+    keys: set[str] = set()
+    for f in sorted((Path(conf) / group).glob("*.yaml")):
+        keys |= {k for k in _load(f) if k != "defaults"}
+    return frozenset(keys)
+
+
+def _primary_groups(conf: str) -> list[str]:
+    """Group names of the primary defaults list (``optional local`` -> ``local``)."""
+    names = []
+    for entry in _primary(conf).get("defaults") or []:
+        if isinstance(entry, dict):
+            name = next(iter(entry)).replace("optional ", "").replace("override ", "")
+            if "/" not in name:  # hydra/help etc. are Hydra's own
+                names.append(name)
+    return names
+
+
+def _code_keys(group: str) -> set[str]:
+    """Knobs the consuming code reads although no option file of the group sets them."""
+    if group == "trainer":
+        import dataclasses
+
+        from grads.training import TrainerSettings
+
+        return {f.name for f in dataclasses.fields(TrainerSettings)}
+    if group == "eval":
+        from grads.evaluation.harness import EVAL_DEFAULTS
+
+        return set(EVAL_DEFAULTS)
+    if group == "model":
+        from grads.models import MODEL_KEYS
+
+        return set(MODEL_KEYS)
+    if group == "domain":
+        from grads.data import DOMAIN_KEYS
+
+        return set(DOMAIN_KEYS)
+    return set()
+
+
+def allowed_keys(node: str) -> set[str]:
+    """The keys a node of the composed config may hold (``""`` is the top level)."""
+    conf = str(conf_dir())
+    primary = _primary(conf)
+    if node == "":
+        # experiment and local files are `@package _global_`: no key of their own at the top level.
+        groups = set(_primary_groups(conf)) - {"experiment", "local"}
+        return {k for k in primary if k not in ("defaults", "hydra")} | groups
+    keys = (set(_group_keys(conf, node)) | _code_keys(node)) if node in UNION_GROUPS else set()
+    if isinstance(primary.get(node), dict):
+        keys |= set(primary[node])
+    if node in TRAIN_USES:  # any trainer knob may be overridden per use
+        keys |= allowed_keys("trainer")
+    return keys
+
+
+def defaults(node: str) -> dict:
+    """The YAML defaults of a node: a ``conf/config.yaml`` node (``data``, ``features``, ...) or
+    the default option of a group (``trainer`` -> ``conf/trainer/cpu.yaml``), unresolved.
+
+    This is the one place code reads a default from, so that no value is written twice.
+    """
+    conf = str(conf_dir())
+    primary = _primary(conf)
+    if isinstance(primary.get(node), dict):
+        return dict(primary[node])
+    for entry in primary.get("defaults") or []:
+        if isinstance(entry, dict) and next(iter(entry)) == node:
+            return _option(conf, node, str(entry[node]))
+    raise KeyError(f"no defaults for config node {node!r}")
+
+
+@functools.cache
+def _option_cached(conf: str, group: str, name: str) -> dict:
+    node = _load(Path(conf) / group / f"{name}.yaml")
+    merged: dict = {}
+    for entry in node.pop("defaults", None) or []:  # e.g. zero2.yaml extends cpu.yaml
+        if isinstance(entry, str) and entry != "_self_":
+            merged.update(_option_cached(conf, group, entry))
+    merged.update(node)
+    return merged
+
+
+def _option(conf: str, group: str, name: str) -> dict:
+    import copy
+
+    return copy.deepcopy(_option_cached(conf, group, name))
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks: each returns a list of problems
+# --------------------------------------------------------------------------------------------------
+def _unknown(where: str, keys: Any, allowed: set[str]) -> list[str]:
+    problems = []
+    shown = sorted(a for a in allowed if not a.startswith("_"))
+    for key in keys:
+        if str(key).startswith("_") or key in allowed:
+            continue
+        hint = difflib.get_close_matches(str(key), shown, n=1)
+        problems.append(
+            f"{where}{key}: unknown key"
+            + (f" (did you mean '{hint[0]}'?)" if hint else "")
+            + f"; allowed: {shown}"
+        )
+    return problems
+
+
+def check_keys(cfg: dict) -> list[str]:
+    """Unknown keys at the top level, in the primary nodes, the group nodes and domain lists."""
+    from grads.data import DECONTAMINATE_KEYS, SOURCE_KEYS
+
+    problems = _unknown("", cfg, allowed_keys(""))
+    for node in (*PRIMARY_NODES, *UNION_GROUPS):
+        if isinstance(cfg.get(node), dict):
+            problems += _unknown(f"{node}.", cfg[node], allowed_keys(node))
+    domain = cfg.get("domain") if isinstance(cfg.get("domain"), dict) else {}
+    for name, keys in (("sources", SOURCE_KEYS), ("decontaminate", DECONTAMINATE_KEYS)):
+        for i, item in enumerate(domain.get(name) or []):
+            if isinstance(item, dict):
+                problems += _unknown(f"domain.{name}[{i}].", item, set(keys))
+    return problems
+
+
+def _get_path(cfg: dict, dotted: str) -> tuple[bool, Any]:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _type_problem(default: Any, value: Any) -> str | None:
+    """The type a conf/config.yaml default implies (null and interpolated defaults imply none)."""
+    if value is None or default is None or (isinstance(default, str) and "${" in default):
+        return None
+    if isinstance(default, bool):
+        ok, want = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, want = _is_int(value), "an integer"
+    elif isinstance(default, float):
+        ok, want = _is_num(value), "a number"
+    elif isinstance(default, str):
+        ok, want = isinstance(value, str), "a string"
+    elif isinstance(default, list):
+        ok, want = isinstance(value, list), "a list"
+    else:
+        return None
+    return None if ok else f"expected {want}, got {value!r}"
+
+
+def check_values(cfg: dict) -> list[str]:
+    """:data:`RULES`, then the types of conf/config.yaml's defaults for the other knobs."""
+    problems, ruled = [], set()
+    for key, rule in RULES.items():
+        paths = [key.replace("*", n) for n in ("trainer", *TRAIN_USES)] if "*" in key else [key]
+        for path in paths:
+            ruled.add(path)
+            present, value = _get_path(cfg, path)
+            if path.endswith(".seed") and value == cfg.get("seed"):
+                continue  # ${seed} interpolated: reported once, at `seed`
+            if present and (problem := rule(value)):
+                problems.append(f"{path}={value!r}: {problem}")
+    primary = _primary(str(conf_dir()))
+    flat = [(k, v) for k, v in primary.items() if not isinstance(v, dict) and k != "defaults"]
+    for node in PRIMARY_NODES:
+        flat += [(f"{node}.{k}", v) for k, v in (primary.get(node) or {}).items()]
+    for path, default in flat:
+        present, value = _get_path(cfg, path)
+        if path not in ruled and present and (problem := _type_problem(default, value)):
+            problems.append(f"{path}={value!r}: {problem}")
+    return problems
+
+
+def _bind(where: str, target: Callable, kwargs: dict) -> list[str]:
+    """Bind ``kwargs`` to ``target``'s signature: unknown and missing arguments, named."""
+    try:
+        inspect.signature(target).bind(**kwargs)
+        return []
+    except TypeError as exc:
+        params = inspect.signature(target).parameters
+        if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return [f"{where}: {exc}"]
+        unknown = _unknown(f"{where}.", [k for k in kwargs if k not in params], set(params))
+        return unknown or [f"{where}: {exc} (accepted: {sorted(params)})"]
+
+
+def _target_of(where: str, node: Any) -> tuple[Any, dict, list[str]]:
+    from hydra.utils import get_object
+
+    if not isinstance(node, dict) or not node.get("_target_"):
+        return None, {}, [f"{where}: expected a node with a _target_, got {node!r}"]
+    try:
+        target = get_object(str(node["_target_"]))
+    except Exception as exc:  # ImportError, AttributeError: a wrong class path
+        return None, {}, [f"{where}._target_={node['_target_']!r}: cannot import ({exc})"]
+    kwargs = {k: v for k, v in node.items() if not str(k).startswith("_")}
+    return target, kwargs, _bind(where, target, kwargs)
+
+
+def check_targets(cfg: dict) -> list[str]:
+    """Bind selector, budget and logger; build the budget and selector so their checks run."""
+    built: dict[str, Any] = {}
+    problems: list[str] = []
+    for where in ("selector", "budget", "logger"):
+        if cfg.get(where) is None and where == "logger":
+            continue
+        target, kwargs, bad = _target_of(where, cfg.get(where))
+        problems += bad
+        if bad or where == "logger":  # a logger may open files or sockets: bind it only
+            continue
+        try:
+            built[where] = target(**kwargs)
+        except (ValueError, TypeError) as exc:
+            problems.append(f"{_culprit(where, kwargs)} ({_short(cfg[where])}): {exc}")
+    budget, selector = built.get("budget"), built.get("selector")
+    auto = budget is not None and getattr(budget, "is_auto", False)
+    if auto and selector is not None and not getattr(selector, "supports_auto", False):
+        problems.append(
+            f"budget=auto: selector '{cfg['selector'].get('name')}' cannot choose its own "
+            f"size; allowed with auto: {_auto_selectors()} (or a sized budget such as p5, n100)"
+        )
+    return problems
+
+
+def _culprit(where: str, kwargs: dict) -> str:
+    """The key a constructor error is about: a budget's ``value`` unless its ``kind`` is wrong."""
+    if where != "budget":
+        return where
+    from grads.selectors.budget import KINDS
+
+    return "budget.kind" if kwargs.get("kind") not in KINDS else "budget.value"
+
+
+def _short(node: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in node.items() if not str(k).startswith("_"))
+
+
+def _auto_selectors() -> list[str]:
+    """The selector options that accept ``budget=auto`` (only computed for the error message)."""
+    from hydra.utils import get_object
+
+    names, conf = [], str(conf_dir())
+    for f in sorted((Path(conf) / "selector").glob("*.yaml")):
+        node = _option(conf, "selector", f.stem)
+        try:
+            kwargs = {k: v for k, v in node.items() if not str(k).startswith("_")}
+            if getattr(get_object(node["_target_"])(**kwargs), "supports_auto", False):
+                names.append(f.stem)
+        except Exception:  # noqa: S112  (a broken option is reported when it is used)
+            continue
+    return names
+
+
+def check_trainer(cfg: dict) -> list[str]:
+    """``TrainerSettings.from_cfg`` for both uses: the trainer's own checks, before the warm-up."""
+    from grads.training import TrainerSettings
+
+    problems = []
+    for use in TRAIN_USES:
+        try:
+            TrainerSettings.from_cfg(cfg, use)
+        except (ValueError, TypeError) as exc:
+            problems.append(f"trainer + {use}: {exc}")
+    return problems
+
+
+def check_eval(cfg: dict) -> list[str]:
+    """``eval_settings``: the evaluation module's own value checks (tasks_from, metric, limits)."""
+    from grads.evaluation.harness import eval_settings
+
+    try:
+        eval_settings(cfg)
+    except ValueError as exc:
+        return [str(exc)]
+    return []
+
+
+def check_domain(cfg: dict) -> list[str]:
+    """The generator's arguments, each source's templates, and (when a stage will read the pool)
+    that every source and decontamination file exists."""
+    domain = cfg.get("domain") or {}
+    problems = []
+    gen = domain.get("generator")
+    if gen:
+        from grads.synthetic import materialise
+
+        problems += _bind("domain.generator", materialise, dict(gen))
+    for i, src in enumerate(domain.get("sources") or []):
+        for key in ("prompt", "response"):
+            if not isinstance(src.get(key), str) or not src[key].strip():
+                problems.append(f"domain.sources[{i}].{key}: expected a template string")
+    if gen or not {"warmup", "features"} & set(cfg.get("stages") or STAGES):
+        return problems  # generated files appear at run time; no stage reads the pool
+    data_dir = (cfg.get("paths") or {}).get("data_dir")
+    if data_dir and not Path(data_dir).is_dir():  # one problem, not one per file
+        return problems + [
+            f"paths.data_dir={data_dir}: not a folder; the domain '{domain.get('name')}' reads its "
+            "files from it (set GRADS_DATA_DIR or paths.data_dir; the default is "
+            "../shared/data beside the repository)"
+        ]
+    for name in ("sources", "decontaminate"):
+        for i, item in enumerate(domain.get(name) or []):
+            path = item.get("path")
+            if item.get("enabled", True) and path and not Path(str(path)).exists():
+                problems.append(
+                    f"domain.{name}[{i}].path: file not found: {path} (paths.data_dir={data_dir}; "
+                    "set GRADS_DATA_DIR or paths.data_dir to the folder holding the shared data)"
+                )
+    return problems
+
+
+def _env_problems() -> list[str]:
+    """``GRADS_DATA_DIR=`` (set but empty) would silently mean the working directory."""
+    return [
+        f"{var} is set but empty (paths.{key}): unset it to use the default, or set it to a folder"
+        for key, var in PATH_ENV.items()
+        if var in os.environ and not os.environ[var].strip()
+    ]
+
+
+def _absolute(value: Any) -> str:
+    return os.path.abspath(os.path.expanduser(str(value)))
+
+
+def absolute_paths(cfg: Any) -> Any:
+    """Make every ``paths.*`` absolute (relative to the working directory), in order, so that
+    ``cache_dir: ${paths.output_dir}/cache`` sees the absolute ``output_dir``; a relative file
+    path written into ``domain.sources`` / ``domain.decontaminate`` is made absolute the same way.
+
+    A ``DictConfig`` is updated in place before anything else is resolved (every interpolation of a
+    path then yields an absolute path); a plain dict is returned as an updated copy.
+    """
+    import contextlib
+    import copy
+
+    problems = []
+    plain = not isinstance(cfg, DictConfig)
+    cfg = copy.deepcopy(dict(cfg)) if plain else cfg
+    with contextlib.ExitStack() as stack:
+        if not plain:
+            stack.enter_context(read_write(cfg))
+            stack.enter_context(open_dict(cfg))
+        paths = cfg.get("paths") or {}
+        for key in list(paths.keys()):
+            value = paths[key]
+            if value is None or not str(value).strip():
+                problems.append(f"paths.{key}={value!r}: expected a folder path")
+            else:
+                paths[key] = _absolute(value)
+        domain = cfg.get("domain") or {}
+        for name in ("sources", "decontaminate"):
+            for item in domain.get(name) or []:
+                path = item.get("path") if hasattr(item, "get") else None
+                if isinstance(path, str) and path.strip() and not os.path.isabs(path):
+                    item["path"] = _absolute(path)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def validate_config(cfg: Any) -> Any:
+    """Check a composed config and make its paths absolute; call once before any stage runs.
+
+    Args:
+        cfg: the composed ``DictConfig`` (or a resolved dict).
+
+    Returns:
+        ``cfg`` with absolute ``paths.*`` (a ``DictConfig`` is updated in place).
+
+    Raises:
+        ConfigError: every problem found, each naming the key and what is allowed.
+    """
+    problems = _env_problems()
+    if problems:
+        raise ConfigError(problems)
+    cfg = absolute_paths(cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    problems = check_keys(resolved) + check_values(resolved)
+    problems += check_targets(resolved) + check_domain(resolved)
+    # The owners' own checks, unless their keys were already reported (no double reports).
+    if not any(p.startswith(("trainer.", "warmup.", "finetune.")) for p in problems):
+        problems += check_trainer(resolved)
+    if not any(p.startswith("eval.") for p in problems):
+        problems += check_eval(resolved)
+    if problems:
+        raise ConfigError(problems)
+    return cfg

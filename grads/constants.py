@@ -1,0 +1,60 @@
+"""Where grads lives and the few constants every module shares (the single owner of each).
+
+* :data:`REPO_ROOT`: the checkout that holds the ``grads`` package (grads runs from an editable
+  install, so the package's parent folder is the repository).
+* :func:`conf_dir`: the Hydra config folder, ``$GRADS_CONF_DIR`` when set, else ``<repo>/conf``. The
+  CLI, the DeepSpeed JSON templates and every script read it through this function.
+* :data:`DEFAULT_DATA_DIR`: ``<repo>/../shared/data``, the data folder beside the checkout.
+* :data:`IGNORE_INDEX`: the label of tokens without loss (prompt, padding), as in PyTorch's
+  ``cross_entropy(ignore_index=-100)`` and Hugging Face's collators.
+
+Importing this module registers the ``grads.repo_root`` OmegaConf resolver that ``conf/paths``
+uses, so any code that composes the config (the CLI, tests, scripts) resolves paths the same way.
+Nothing heavy is imported here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+IGNORE_INDEX = -100
+# Path knobs that an environment variable may set (conf/paths/default.yaml reads them with oc.env).
+PATH_ENV = {
+    "root_dir": "GRADS_ROOT",
+    "data_dir": "GRADS_DATA_DIR",
+    "output_dir": "GRADS_OUTPUT_DIR",
+    "cache_dir": "GRADS_CACHE_DIR",
+    "model_dir": "GRADS_MODEL_DIR",
+}
+
+
+def conf_dir() -> Path:
+    """The config folder: ``$GRADS_CONF_DIR`` (absolute, relative to the working directory), else
+    the repository's ``conf/``.
+
+    Raises:
+        ValueError: ``GRADS_CONF_DIR`` is set but empty or not a folder.
+    """
+    env = os.environ.get("GRADS_CONF_DIR")
+    if env is None:
+        return REPO_ROOT / "conf"
+    if not env.strip():
+        raise ValueError(
+            "GRADS_CONF_DIR is set but empty: unset it to use the repository's conf/ "
+            f"({REPO_ROOT / 'conf'}) or point it at a config folder"
+        )
+    path = Path(os.path.abspath(os.path.expanduser(env)))
+    if not (path / "config.yaml").is_file():
+        raise ValueError(f"GRADS_CONF_DIR={env!r}: no config.yaml in {path}")
+    return path
+
+
+if not OmegaConf.has_resolver("grads.repo_root"):
+    # ${grads.repo_root:} in conf/paths/default.yaml: defaults that do not depend on where grads
+    # is started from (the data beside the checkout, one output/cache folder for every run).
+    OmegaConf.register_new_resolver("grads.repo_root", lambda: str(REPO_ROOT))
