@@ -103,6 +103,14 @@ def choice_rule(*allowed: Any) -> Callable:
     return check
 
 
+def _representations_rule(v: Any) -> str | None:
+    from grads.representations import PASSES
+
+    if v == "auto" or (isinstance(v, list) and all(p in PASSES for p in v)):
+        return None
+    return f"expected 'auto' or a list drawn from {list(PASSES)}, got {v!r}"
+
+
 def _stages_rule(v: Any) -> str | None:
     if isinstance(v, list) and v and all(s in STAGES for s in v):
         return None
@@ -123,6 +131,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "features.ifd": choice_rule(True, False, "auto"),
     "features.padding_side": choice_rule("left", "right", None),
     "features.num_threads": int_rule(lo=1, nullable=True),
+    "features.representations": _representations_rule,
     "domain.pool_limit": int_rule(lo=1, nullable=True),
     "domain.pool_seed": int_rule(),
     # max_steps=0 used to mean "no limit" silently; -1 is the documented "off".

@@ -16,7 +16,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from grads.cli import CONF_DIR
+from grads.constants import CONF_DIR
 
 log = logging.getLogger(__name__)
 

@@ -190,7 +190,13 @@ def test_every_point_of_every_experiment_grid_validates(name):
     points = list(itertools.product(*axes))
     for point in points:
         validate_config(compose([f"experiment={name}", *point]))
-    assert len(points) == {"paper_main": 42, "paper_ablation": 21, "paper_lora_vs_full": 12}.get(
+    assert len(points) == {
+        "paper_main": 66,
+        "paper_ablation": 27,
+        "paper_lora_vs_full": 12,
+        "hpo_finetune": 64,
+        "hpo_pareto": 64,
+    }.get(
         name, 1
     )
 
