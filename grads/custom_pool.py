@@ -371,6 +371,9 @@ def iter_records(
     """``(row, record)`` for every row of the pool, or ``(row, error)`` for a bad one."""
     spec = None
     for file, row_no, row in iter_rows(source):
+        if isinstance(row, BadRecordError):  # the reader already named the problem
+            yield row, row
+            continue
         if not isinstance(row, dict):
             yield (
                 row,

@@ -69,11 +69,13 @@ NON_SEMANTIC: dict[str, frozenset[str]] = {
             "gradient_checkpointing",  # recomputes activations: same maths
         }
     ),
-    "features": frozenset({"batch_size", "procs"}),  # same table for any batch / process split
+    # same table for any batch / process / thread split, with or without a progress bar
+    "features": frozenset({"batch_size", "procs", "num_threads", "progress"}),
     "eval": frozenset({"batch_size"}),
     "data": frozenset({"num_proc"}),  # never read
-    # hub_datasets: never read; path: the custom domain's pool, keyed by content through its source.
-    "domain": frozenset({"hub_datasets", "path"}),
+    # hub_datasets: never read; path: the custom domain's pool, keyed by content through its source;
+    # target: read only by targeted selectors, keyed in the features stage as `features.target`.
+    "domain": frozenset({"hub_datasets", "path", "target"}),
     # Top-level keys that are bookkeeping or act after the cached stages (export, objective).
     "": frozenset({"stages", "group", "tags", "paths", "logger", "local", "export", "objective"}),
 }
