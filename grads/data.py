@@ -66,6 +66,13 @@ SOURCE_KEYS = (
     "list_mode",
     "filter",
     "enabled",
+    # a source with its own reader (`builder`, e.g. grads.custom_pool.records_from_custom) and the
+    # knobs that reader takes
+    "builder",
+    "format",
+    "mode",
+    "messages_field",
+    "optional_fields",
 )
 DECONTAMINATE_KEYS = (
     "name",

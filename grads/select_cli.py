@@ -16,7 +16,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from grads.constants import CONF_DIR
+from grads.constants import conf_dir
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def select(cfg: DictConfig) -> dict:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
 def _app(cfg: DictConfig) -> None:
     select(cfg)
 
