@@ -78,6 +78,7 @@ def pool_spec(cfg: dict) -> dict:
         "generator": gen,
         "pool_limit": dom.get("pool_limit"),
         "pool_seed": dom.get("pool_seed"),
+        "heldout": dom.get("heldout"),  # the held-out split is removed from every pool
         "decontaminate": [
             _without(d, {"path"}) | {"file": Path(str(d.get("path", ""))).name}
             for d in dom.get("decontaminate", [])
@@ -472,22 +473,14 @@ def _assemble(
         m["n_pool"], m["n_selected"] = sel.get("pool_size"), sel.get("selected")
         m["selection"] = {k: v for k, v in sel.items() if isinstance(v, int | float | str | None)}
     if "evaluate" in dirs:
+        from grads.evaluation.metrics import headline_keys
+
         ev = read_json(dirs["evaluate"] / "metrics.json")
-        m.update(
-            {
-                k: ev[k]
-                for k in (
-                    "domain_acc",
-                    "general_acc",
-                    "domain_gain",
-                    "forgetting",
-                    "base_domain_acc",
-                    "base_general_acc",
-                )
-                if k in ev
-            }
-        )
+        m.update({k: ev[k] for k in headline_keys() if k in ev})
         m["tasks"] = ev.get("tasks", {})
+        m["loss_tasks"] = ev.get("loss_tasks", {})
+        # per-item results of the tuned and the base model: the collector pairs methods on them
+        m["items"] = ev.get("items", {})
     return m
 
 
