@@ -22,6 +22,7 @@ import gc
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -353,6 +354,8 @@ def run_evaluate(
         "kl_wall_s": kl_wall if kl is not None else None,
         "kl_nll_gap": kl_gap,
         "wall_s": round(time.perf_counter() - t0, 2),
+        # wall times on a shared machine mean little without the load they ran under
+        "host_load_avg": [round(x, 2) for x in os.getloadavg()],
     }
     write_json(out_path, metrics)
     return metrics
