@@ -588,3 +588,36 @@ def test_clipping_is_deterministic_and_keeps_the_question():
     assert (
         wikitext_detokenize("1 @,@ 000 people , he said . It 's") == "1,000 people, he said. It's"
     )
+
+
+def test_loss_task_config_errors_are_named(tiny_tasks):
+    cfg = tiny_cfg(tiny_tasks, kl_task="grads_alpaca_ref")
+    with pytest.raises(TaskConfigError, match="kl_task.*ref_tasks"):
+        validate_tasks(cfg)
+    with pytest.raises(TaskConfigError, match="kl_limit"):
+        validate_tasks(tiny_cfg(tiny_tasks, kl_limit=0))
+    cfg = tiny_cfg(tiny_tasks, domain_loss_tasks=["grads_heldout"])
+    with pytest.raises(TaskConfigError, match="grads_heldout.*no `heldout` block"):
+        validate_tasks(cfg)
+
+
+def test_part_lists_follow_the_config():
+    from grads.evaluation import part_lists
+
+    cfg = {
+        "domain": {"eval_tasks": ["a"], "eval_tasks_general": ["p"]},
+        "eval": {
+            "general_tasks": ["g"],
+            "domain_loss_tasks": ["h"],
+            "ref_tasks": ["r", "g"],
+            "text_tasks": ["w"],
+            "kl_task": "r",
+        },
+    }
+    assert part_lists(cfg) == {
+        "domain": ["a"],
+        "general": ["g", "p"],
+        "domain_loss": ["h"],
+        "ref": ["r"],  # a task already listed in an accuracy part is not repeated
+        "text": ["w"],
+    }
