@@ -184,3 +184,19 @@ def test_noise_floor_numbers():
     assert nf["se_items_pair"] == pytest.approx(0.0, abs=1e-12)  # seeds differ by a constant
     assert nf["mdd"] == pytest.approx((Z_975 + Z_80) * math.sqrt(2 * sd**2 / 3))
     assert nf["ratio"] == pytest.approx(abs(nf["effect"]) / nf["mdd"])
+
+
+def test_noise_floor_report_picks_headlines(tmp_path):
+    from grads.report import collect, noise_floor_report
+
+    _paired_sweep(tmp_path / "sweep")
+    rows, _ = collect(tmp_path / "sweep", keep_items=True)
+    with pytest.raises(ValueError, match="one method"):
+        noise_floor_report(rows)
+    text, table = noise_floor_report([r for r in rows if r["selector"] == "random"])
+    assert set(table["metrics"]) >= {"domain_loss", "domain_bpb", "domain_acc", "general_kl"}
+    # the tuned loss is 0.3 nats/token below the base in every item: by far the clearest domain metric
+    assert table["headline"]["domain"] in ("domain_loss", "domain_bpb")
+    assert table["metrics"]["domain_loss"]["improvement"] == pytest.approx(0.3, abs=0.02)
+    assert table["headline"]["forgetting"] == "general_kl"
+    assert "**(headline)**" in text and "| domain_acc |" in text
