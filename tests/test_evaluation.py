@@ -621,3 +621,19 @@ def test_part_lists_follow_the_config():
         "ref": ["r"],  # a task already listed in an accuracy part is not repeated
         "text": ["w"],
     }
+
+
+@pytest.mark.parametrize("by_size", [True, False])
+def test_item_metrics_reproduce_a_group_score(tiny, tiny_tasks, by_size):
+    from grads.evaluation.metrics import ITEM_METRICS
+
+    (tiny_tasks["tasks"] / "_tiny_group.yaml").write_text(
+        "group: tiny_group\ntask: [tiny_alpha, tiny_beta]\naggregate_metric_list:\n"
+        f"  - metric: acc\n    aggregation: mean\n    weight_by_size: {str(by_size).lower()}\n"
+    )
+    model, tok = tiny
+    out = evaluate(model, tok, tiny_cfg(tiny_tasks), ["tiny_group"], [])
+    a, b = out["subtasks"]["tiny_alpha"]["acc"], out["subtasks"]["tiny_beta"]["acc"]
+    expected = (6 * a + 4 * b) / 10 if by_size else (a + b) / 2
+    assert out["domain_acc"] == pytest.approx(expected)
+    assert ITEM_METRICS["domain_acc"].value(out["items"]["domain"]) == pytest.approx(expected)
