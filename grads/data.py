@@ -692,6 +692,9 @@ def load_records(domain: Any, data_cfg: Any = None) -> tuple[list[Record], dict]
             seen.add(rec.id)
             unique.append(rec)
         records = unique
+    from grads.heldout import exclude_heldout  # the held-out split never enters any pool
+
+    records = exclude_heldout(records, domain, counts)
     limit = _get(domain, "pool_limit")
     if limit is not None and (isinstance(limit, bool) or int(limit) < 1):
         raise ValueError(f"domain.pool_limit={limit!r}: expected an integer >= 1 or null")

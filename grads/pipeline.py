@@ -386,22 +386,14 @@ def _assemble(
         m["n_pool"], m["n_selected"] = sel.get("pool_size"), sel.get("selected")
         m["selection"] = {k: v for k, v in sel.items() if isinstance(v, int | float | str | None)}
     if "evaluate" in dirs:
+        from grads.evaluation.metrics import headline_keys
+
         ev = read_json(dirs["evaluate"] / "metrics.json")
-        m.update(
-            {
-                k: ev[k]
-                for k in (
-                    "domain_acc",
-                    "general_acc",
-                    "domain_gain",
-                    "forgetting",
-                    "base_domain_acc",
-                    "base_general_acc",
-                )
-                if k in ev
-            }
-        )
+        m.update({k: ev[k] for k in headline_keys() if k in ev})
         m["tasks"] = ev.get("tasks", {})
+        m["loss_tasks"] = ev.get("loss_tasks", {})
+        # per-item results of the tuned and the base model: the collector pairs methods on them
+        m["items"] = ev.get("items", {})
     return m
 
 

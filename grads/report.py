@@ -5,17 +5,27 @@ never fatal. The collected long-form CSV is the source of truth; every table and
 from it alone (``--from-csv``), so a results section never depends on raw run folders.
 
 Layout (as in the GrADS paper): one table per domain, rows = methods (selectors), and for each budget
-the columns domain accuracy, general accuracy and forgetting, as ``mean ± std`` over seeds.
+the columns domain accuracy, general accuracy and forgetting, as ``mean ± std`` over seeds, plus the
+continuous metrics of the evaluation when the runs have them (held-out domain loss, KL to the base).
+
+Paired comparisons: a second table per domain gives, for every method against a reference method
+(default ``random``) at the same budget and seeds, the mean paired difference of each metric in
+:data:`PAIRED_METRICS` and its bootstrap 95 % CI over items and seeds
+(:func:`grads.evaluation.stats.paired_bootstrap`); ▲ marks a significant win, ▼ a significant loss.
+The per-item results this needs are written next to the CSV (``<title>_items.json.gz``), so
+``--from-csv`` rebuilds the paired tables too.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import logging
 import math
 from pathlib import Path
 
+from grads.evaluation.metrics import ITEM_METRICS, headline_keys
 from grads.io import write_text
 
 log = logging.getLogger(__name__)
@@ -33,11 +43,20 @@ METRIC_COLS = [
     "finetune_tokens",
     "wall_s",
 ]
+EXTRA_COLS = [k for k in headline_keys() if k not in METRIC_COLS]
+# The paired-comparison columns: the headline domain and forgetting metrics chosen by the measured
+# noise floor (RESULTS.md, "Noise floor"), then the accuracies users expect beside them.
+PAIRED_METRICS = ["domain_bpb", "general_kl", "domain_acc", "general_acc"]
+# Continuous columns of the main table (mean ± std over seeds, raw units) when the runs have them.
+CONTINUOUS_COLS = [("domain_bpb", "Domain bpb"), ("general_kl", "KL")]
 _BUDGET_ORDER = {"p5": 5, "p10": 10, "p25": 25, "p50": 50, "p100": 100, "auto": 1000}
 
 
-def collect(sweep_dir: str | Path) -> tuple[list[dict], list[str]]:
-    """All ``metrics.json`` rows under ``sweep_dir`` plus the job folders that have none."""
+def collect(sweep_dir: str | Path, keep_items: bool = False) -> tuple[list[dict], list[str]]:
+    """All ``metrics.json`` rows under ``sweep_dir`` plus the job folders that have none.
+
+    With ``keep_items`` every row also holds the run's per-item results under ``items``.
+    """
     sweep_dir = Path(sweep_dir)
     rows, missing = [], []
     for cfg in sorted(sweep_dir.rglob("config_resolved.yaml")):
@@ -51,7 +70,7 @@ def collect(sweep_dir: str | Path) -> tuple[list[dict], list[str]]:
         except json.JSONDecodeError:
             missing.append(f"{job} (unreadable metrics.json)")
             continue
-        row = {k: m.get(k) for k in ID_COLS + METRIC_COLS}
+        row = {k: m.get(k) for k in ID_COLS + METRIC_COLS + EXTRA_COLS}
         cost = m.get("cost", {})
         row["finetune_s"] = cost.get("finetune", {}).get("wall_s")
         row["select_s"] = cost.get("select", {}).get("wall_s")
@@ -60,6 +79,8 @@ def collect(sweep_dir: str | Path) -> tuple[list[dict], list[str]]:
             if isinstance(res, dict) and "acc" in res:
                 row[f"task/{task}"] = res["acc"]
         row["job"] = str(job.relative_to(sweep_dir))
+        if keep_items:
+            row["items"] = m.get("items") or {}
         rows.append(row)
     return rows, missing
 
@@ -73,10 +94,11 @@ def _mean_std(values: list[float]) -> tuple[float, float, int]:
     return mean, std, len(vals)
 
 
-def _fmt(mean: float, std: float, n: int, scale: float = 100.0) -> str:
+def _fmt(mean: float, std: float, n: int, scale: float = 100.0, digits: int = 1) -> str:
     if n == 0:
         return "–"
-    return f"{mean * scale:.1f} ± {std * scale:.1f}" if n > 1 else f"{mean * scale:.1f}"
+    m, sd = mean * scale, std * scale
+    return f"{m:.{digits}f} ± {sd:.{digits}f}" if n > 1 else f"{m:.{digits}f}"
 
 
 def _full_once(df):
@@ -92,9 +114,14 @@ def paper_tables(df) -> dict[str, object]:
 
     out = {}
     metrics = [
-        ("domain_acc", "Domain acc"),
-        ("general_acc", "General acc"),
-        ("forgetting", "Forgetting"),
+        ("domain_acc", "Domain acc", 100.0, 1),
+        ("general_acc", "General acc", 100.0, 1),
+        ("forgetting", "Forgetting", 100.0, 1),
+    ]
+    metrics += [
+        (col, label, 1.0, 3)
+        for col, label in CONTINUOUS_COLS
+        if col in df.columns and df[col].notna().any()
     ]
     for domain, ddf in df.groupby("domain", sort=True):
         budgets = sorted(ddf["budget"].dropna().unique(), key=lambda b: _BUDGET_ORDER.get(b, 999))
@@ -103,8 +130,8 @@ def paper_tables(df) -> dict[str, object]:
             row = {}
             for b in budgets:
                 bdf = sdf[sdf["budget"] == b] if sel != "full" else _full_once(sdf)
-                for col, label in metrics:
-                    row[(b if sel != "full" else b, label)] = _fmt(*_mean_std(bdf[col].tolist()))
+                for col, label, scale, digits in metrics:
+                    row[(b, label)] = _fmt(*_mean_std(bdf[col].tolist()), scale, digits)
                 row[(b, "n")] = str(len(bdf)) if len(bdf) else "–"
             table[sel] = row
         wide = pd.DataFrame.from_dict(table, orient="index")
@@ -113,6 +140,157 @@ def paper_tables(df) -> dict[str, object]:
         wide = wide.loc[order + sorted(s for s in wide.index if s not in order)]
         out[domain] = wide
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Paired comparisons against a reference method
+# --------------------------------------------------------------------------------------------------
+def _part(row: dict, metric: str) -> dict | None:
+    part = ITEM_METRICS[metric].part
+    return ((row.get("items") or {}).get("tuned") or {}).get(part)
+
+
+def _paired_cell(metric: str, p) -> str:
+    """``+1.2 [+0.3, +2.1] ▲``: accuracies in points, losses and KL in raw units."""
+    if p is None:
+        return "–"
+    m = ITEM_METRICS[metric]
+    scale, digits = (100.0, 1) if m.num in ("acc", "acc_norm") else (1.0, 4)
+    mark = ""
+    if p.significant:
+        better = (p.mean > 0) == m.higher_is_better
+        mark = " ▲" if better else " ▼"
+    lo, hi, mean = p.lo * scale, p.hi * scale, p.mean * scale
+    return f"{mean:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]{mark}"
+
+
+def paired_tables(
+    rows: list[dict],
+    reference: str = "random",
+    metrics: list[str] | None = None,
+    n_boot: int = 2000,
+) -> dict[str, object]:
+    """Per domain: rows = methods, columns = (budget, metric) paired difference vs ``reference``.
+
+    Each method is paired with the reference at the same domain, model, trainer mode and budget,
+    on the seeds both ran and the items both evaluated (:func:`grads.evaluation.stats.paired_bootstrap`).
+    """
+    import pandas as pd
+
+    from grads.evaluation.stats import paired_bootstrap
+
+    metrics = [m for m in (metrics or PAIRED_METRICS) if m in ITEM_METRICS]
+    groups: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        if not r.get("items"):
+            continue
+        key = (r["domain"], r.get("model"), r.get("trainer_mode"), r["budget"])
+        groups.setdefault(key, {}).setdefault(r["selector"], {})[r["seed"]] = r
+    out: dict[str, dict] = {}
+    for (domain, _, _, budget), by_sel in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        ref = by_sel.get(reference)
+        if not ref:
+            continue
+        table = out.setdefault(domain, {})
+        for sel, by_seed in by_sel.items():
+            seeds = sorted(set(by_seed) & set(ref))
+            for metric in metrics:
+                cell = "ref" if sel == reference else "–"
+                a = [_part(by_seed[s], metric) for s in seeds]
+                b = [_part(ref[s], metric) for s in seeds]
+                if sel != reference and seeds and all(a) and all(b):
+                    p = paired_bootstrap(a, b, metric, n_boot=n_boot)
+                    cell = _paired_cell(metric, p)
+                table.setdefault(sel, {})[(budget, ITEM_METRICS[metric].label)] = cell
+    tables = {}
+    for domain, table in out.items():
+        wide = pd.DataFrame.from_dict(table, orient="index")
+        budgets = sorted({b for b, _ in wide.columns}, key=lambda b: _BUDGET_ORDER.get(b, 999))
+        cols = [(b, ITEM_METRICS[m].label) for b in budgets for m in metrics]
+        wide = wide.reindex(columns=[c for c in cols if c in wide.columns]).fillna("–")
+        wide.columns = pd.MultiIndex.from_tuples(wide.columns)
+        order = [s for s in (reference, "full", "grads") if s in wide.index]
+        tables[domain] = wide.loc[order + sorted(s for s in wide.index if s not in order)]
+    return tables
+
+
+def _latex(wide) -> str:
+    """LaTeX of a table whose cells may carry ▲ / ▼ (amssymb triangles) and ``_`` in names."""
+
+    def tex(x: object) -> str:
+        t = str(x).replace("_", r"\_").replace("±", r"$\pm$").replace("‖", r"$\|$")
+        return t.replace("▲", r"$\blacktriangle$").replace("▼", r"$\blacktriangledown$")
+
+    body = wide.copy()
+    body.index = [tex(i) for i in body.index]
+    body.columns = body.columns.set_levels([[tex(c) for c in lv] for lv in body.columns.levels])
+    return body.map(tex).to_latex(escape=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Noise floor
+# --------------------------------------------------------------------------------------------------
+DOMAIN_METRICS = ["domain_loss", "domain_bpb", "domain_acc"]
+FORGETTING_METRICS = [
+    "general_kl",
+    "ref_nll",
+    "ref_bpb",
+    "text_bpb",
+    "general_acc",
+    "general_acc_norm",
+]
+
+
+def noise_floor_report(rows: list[dict], k_compare: int = 3) -> tuple[str, dict]:
+    """Noise-floor table (Markdown) and numbers from the runs of ONE method on one domain.
+
+    Each row must carry ``items`` (``collect(..., keep_items=True)``); the base model's items come
+    with every run. Returns ``(markdown, {"metrics": {name: numbers}, "headline": {...}})``; the
+    headline domain / forgetting metric is the one whose fine-tuning effect is largest relative to
+    its minimum detectable difference (see :mod:`grads.evaluation.stats`).
+    """
+    from grads.evaluation.stats import noise_floor
+
+    rows = [r for r in rows if r.get("items")]
+    if not rows:
+        raise ValueError("no run with per-item results")
+    methods = {(r["domain"], r["selector"], r["budget"]) for r in rows}
+    if len(methods) != 1:
+        raise ValueError(f"noise floor needs the runs of one method on one domain, got {methods}")
+    domain, selector, budget = methods.pop()
+    rows = sorted(rows, key=lambda r: r["seed"])
+    table = {}
+    for name in DOMAIN_METRICS + FORGETTING_METRICS:
+        part = ITEM_METRICS[name].part
+        runs = [r["items"]["tuned"].get(part) for r in rows]
+        base = (rows[0]["items"].get("base") or {}).get(part)
+        if not all(runs):
+            continue
+        nf = noise_floor(runs, base, name, k_compare=k_compare)
+        if nf is not None:
+            table[name] = nf
+    head = {
+        kind: max((m for m in names if m in table), key=lambda m: table[m]["ratio"], default=None)
+        for kind, names in (("domain", DOMAIN_METRICS), ("forgetting", FORGETTING_METRICS))
+    }
+    lines = [
+        f"Noise floor: {domain}, {selector} at {budget}, seeds {[r['seed'] for r in rows]} "
+        f"vs the base model; MDD for two methods with {k_compare} seeds each (80 % power, "
+        "alpha 0.05). Accuracies in points.\n",
+        "| metric | base | tuned (mean) | effect | sd over seeds | CI half-width (vs base) "
+        "| MDD | effect / MDD | items |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, nf in table.items():
+        sc, dg = (100.0, 2) if ITEM_METRICS[name].num in ("acc", "acc_norm") else (1.0, 4)
+        star = " **(headline)**" if name in head.values() else ""
+        lines.append(
+            f"| {name}{star} | {nf['base'] * sc:.{dg}f} | {nf['mean'] * sc:.{dg}f} "
+            f"| {nf['effect'] * sc:+.{dg}f} | {nf['sd_seed'] * sc:.{dg}f} "
+            f"| {nf['ci_half_width'] * sc:.{dg}f} | {nf['mdd'] * sc:.{dg}f} "
+            f"| {nf['ratio']:.1f} | {nf['n_items']} |"
+        )
+    return "\n".join(lines) + "\n", {"metrics": table, "headline": head}
 
 
 def cost_table(df):
@@ -210,8 +388,25 @@ def plots(df, out_dir: Path) -> list[Path]:
     return paths
 
 
-def render(df, out_dir: str | Path, title: str = "results") -> dict[str, Path]:
-    """Write CSV, Markdown and LaTeX tables and the plots for a long-form results frame."""
+def render(
+    df,
+    out_dir: str | Path,
+    title: str = "results",
+    items: list[dict] | None = None,
+    reference: str = "random",
+    metrics: list[str] | None = None,
+) -> dict[str, Path]:
+    """Write CSV, Markdown and LaTeX tables and the plots for a long-form results frame.
+
+    Args:
+        df: one row per run (the collected CSV).
+        out_dir: output folder.
+        title: file stem.
+        items: per run ``{"job", "items"}`` (the runs' per-item results): enables the paired tables
+            and is written to ``<title>_items.json.gz`` for ``--from-csv`` rebuilds.
+        reference: the method every other one is paired with.
+        metrics: paired-table metrics (default :data:`PAIRED_METRICS`).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
@@ -222,11 +417,27 @@ def render(df, out_dir: str | Path, title: str = "results") -> dict[str, Path]:
     for domain, wide in paper_tables(df).items():
         md += [
             f"\n## {domain}\n",
-            "Accuracy and forgetting in points (%), mean ± std over seeds; n = number of runs.\n\n",
+            "Accuracy and forgetting in points (%), mean ± std over seeds; n = number of runs"
+            + ("; continuous metrics in their own units" if len(wide.columns) > 4 else "")
+            + ".\n\n",
             _markdown(wide),
             "\n",
         ]
-        tex += [f"% {domain}\n", wide.to_latex(escape=True), "\n"]
+        tex += [f"% {domain}\n", _latex(wide), "\n"]
+    if items:
+        written["items"] = _write_items(out_dir / f"{title}_items.json.gz", items)
+        by_job = {str(r["job"]): r["items"] for r in items}  # a CSV may read "0" back as 0
+        rows = [{**r, "items": by_job.get(str(r.get("job")))} for r in df.to_dict("records")]
+        for domain, wide in paired_tables(rows, reference, metrics).items():
+            md += [
+                f"\n## {domain}: paired difference vs {reference}\n",
+                "Mean paired difference (method − reference) over the same items and seeds, "
+                "[95 % bootstrap CI over items and seeds]; accuracies in points; "
+                "▲ significant win, ▼ significant loss (CI excludes 0).\n\n",
+                _markdown(wide),
+                "\n",
+            ]
+            tex += [f"% {domain}: paired difference vs {reference}\n", _latex(wide), "\n"]
     costs = cost_table(df)
     md += ["\n## cost (seconds)\n\n", costs.to_markdown(index=False), "\n"]
     write_text(out_dir / f"{title}.md", "".join(md))
@@ -235,6 +446,25 @@ def render(df, out_dir: str | Path, title: str = "results") -> dict[str, Path]:
     for p in plots(df, out_dir):
         written[p.stem] = p
     return written
+
+
+def _write_items(path: Path, items: list[dict]) -> Path:
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    blob = json.dumps(items).encode("utf-8")
+    with os.fdopen(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as fh:
+        fh.write(blob)  # mtime=0: the same runs give a byte-identical file
+    os.replace(tmp, path)
+    return path
+
+
+def _read_items(path: Path) -> list[dict] | None:
+    if not path.exists():
+        return None
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        return json.load(fh)
 
 
 def _markdown(wide) -> str:
@@ -256,26 +486,36 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--from-csv", help="rebuild tables and plots from a collected CSV instead")
     ap.add_argument("--out", default=None, help="output folder (default: <sweep_dir>/report)")
     ap.add_argument("--title", default="results")
+    ap.add_argument("--reference", default="random", help="method the paired tables compare to")
+    ap.add_argument(
+        "--paired-metrics", nargs="+", default=None, help=f"default: {' '.join(PAIRED_METRICS)}"
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.from_csv:
         df = pd.read_csv(args.from_csv)
         out = Path(args.out or Path(args.from_csv).parent)
+        items = _read_items(
+            Path(args.from_csv).with_name(f"{Path(args.from_csv).stem}_items.json.gz")
+        )
     else:
         if not args.sweep_dir:
             ap.error("give a sweep folder or --from-csv")
         rows, missing = [], []
         for d in args.sweep_dir:
-            r, m = collect(d)
+            r, m = collect(d, keep_items=True)
             rows += r
             missing += m
         for m in missing:
             print(f"missing or failed job: {m}")
         if not rows:
             raise SystemExit(f"no metrics.json found under {args.sweep_dir}")
+        items = [{"job": r["job"], "items": r.pop("items")} for r in rows if r.get("items")]
+        for r in rows:
+            r.pop("items", None)
         df = pd.DataFrame(rows)
         out = Path(args.out or Path(args.sweep_dir[0]) / "report")
-    written = render(df, out, args.title)
+    written = render(df, out, args.title, items, args.reference, args.paired_metrics)
     print(Path(written["md"]).read_text())
     print("written:", ", ".join(str(p) for p in written.values()))
 

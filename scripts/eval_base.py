@@ -1,5 +1,9 @@
 """Evaluate the BASE model on each domain's tasks and on the general suite; print a table.
 
+Besides the accuracy tasks this covers the suite's log-likelihood parts (held-out domain loss per
+domain; reference-answer NLL and plain-text bits per byte in the shared general part). KL needs a
+tuned model and is not part of a base evaluation.
+
 Composes the same Hydra config as the pipeline (``conf/``), so the task lists, limits and cache keys
 are exactly those of ``grads eval=<suite> domain=<d>``; the results land in the base-model cache
 (``<cache_dir>/eval_base/``), so later pipeline runs reuse them. The general suite is evaluated once
@@ -21,6 +25,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+GENERAL_PARTS = ("general", "ref", "text")  # evaluated once, shared by every domain
 
 
 def _fmt(value, err) -> str:
@@ -61,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO))
     import tempfile
 
-    from grads.evaluation import prepare, summarise, task_lists
+    from grads.evaluation import prepare, summarise
+    from grads.evaluation.harness import part_lists
+    from grads.evaluation.metrics import item_summary
     from grads.evaluation.runner import base_results
     from grads.models import load_model
 
@@ -81,30 +88,34 @@ def main(argv: list[str] | None = None) -> int:
         return loaded["m"]
 
     rows, report = [], {"suite": args.suite, "model": model_name, "domains": {}, "tasks": {}}
-    general = task_lists(first)[1]
-    g_scores, g_sub, g_info = base_results(
-        first, prepare(first, general), {"general": general}, load_base
+    # general parts (accuracy, reference answers, plain text) are shared by the domains
+    g_parts = {p: ns for p, ns in part_lists(first).items() if p in GENERAL_PARTS and ns}
+    general = g_parts.get("general", [])
+    g_scores, g_sub, g_items, g_info = base_results(
+        first, prepare(first, [n for ns in g_parts.values() for n in ns]), g_parts, load_base
     )
-    g_sum = summarise(g_scores, [], general, first["eval"]["metric"])
-    g_wall = float(g_info["general"]["wall_s"] or 0.0)
+    g_sum = summarise(g_scores, [], general, first["eval"]["metric"]) | item_summary(g_items)
+    g_wall = float(max((i["wall_s"] or 0.0) for i in g_info.values()))
     report["general"] = {
-        "tasks": general,
+        "tasks": g_parts,
         **g_sum,
         "wall_s": g_wall,
-        "cache": g_info["general"]["cache"],
+        "cache": {p: i["cache"] for p, i in g_info.items()},
     }
     report["tasks"] |= g_scores
     for d, cfg in cfgs.items():
-        domain = task_lists(cfg)[0]
-        scores, sub, info = base_results(cfg, prepare(cfg, domain), {"domain": domain}, load_base)
-        summ = summarise(scores, domain, [], cfg["eval"]["metric"])
-        wall = float(info["domain"]["wall_s"] or 0.0)
+        d_parts = {p: ns for p, ns in part_lists(cfg).items() if p not in GENERAL_PARTS and ns}
+        domain = d_parts.get("domain", [])
+        plan = prepare(cfg, [n for ns in d_parts.values() for n in ns])
+        scores, sub, items, info = base_results(cfg, plan, d_parts, load_base)
+        summ = summarise(scores, domain, [], cfg["eval"]["metric"]) | item_summary(items)
+        wall = float(max((i["wall_s"] or 0.0) for i in info.values()))
         report["domains"][d] = {
-            "tasks": domain,
+            "tasks": d_parts,
             **summ,
             "wall_s": wall,
             "wall_with_general_s": round(wall + g_wall, 1),
-            "cache": info["domain"]["cache"],
+            "cache": {p: i["cache"] for p, i in info.items()},
         }
         report["tasks"] |= scores
         rows += [(d, name, scores[name]) for name in domain]
@@ -122,12 +133,17 @@ def main(argv: list[str] | None = None) -> int:
     for d, r in report["domains"].items():
         print(
             f"{d:<10} domain_acc {_fmt(r['domain_acc'], r['domain_acc_stderr']):<16} "
-            f"wall {r['wall_s']:7.1f} s  + general {g_wall:7.1f} s = {r['wall_with_general_s']:7.1f} s"
-            f"  ({r['cache']})"
+            f"domain_loss {_fmt(r.get('domain_loss'), r.get('domain_loss_stderr')):<16} "
+            f"domain_bpb {_fmt(r.get('domain_bpb'), r.get('domain_bpb_stderr')):<16}\n"
+            f"{'':<10} wall {r['wall_s']:7.1f} s  + general {g_wall:7.1f} s = "
+            f"{r['wall_with_general_s']:7.1f} s  ({r['cache']})"
         )
     print(
         f"{'general':<10} general_acc {_fmt(g_sum['general_acc'], g_sum['general_acc_stderr']):<15} "
-        f"wall {g_wall:7.1f} s  ({report['general']['cache']})"
+        f"acc_norm {_fmt(g_sum.get('general_acc_norm'), None):<8} "
+        f"ref_nll {_fmt(g_sum.get('ref_nll'), g_sum.get('ref_nll_stderr')):<16} "
+        f"text_bpb {_fmt(g_sum.get('text_bpb'), g_sum.get('text_bpb_stderr')):<16}\n"
+        f"{'':<10} wall {g_wall:7.1f} s  ({report['general']['cache']})"
     )
     if "load_s" in loaded:
         print(f"model load {loaded['load_s']} s")

@@ -483,3 +483,168 @@ def test_smollm2_few_items_of_each_domain(data_dir, tmp_path):
     # Pinned (acc, n): `0 <= acc <= 1` could not fail; these change only if scoring, prompts, the
     # seeded document order or the model change.
     assert {name: (s["acc"], s["n"]) for name, s in out["tasks"].items()} == SMOLLM2_FEW_ITEMS
+
+
+# ---------------------------------------------------------------------------------------------------
+# Continuous metrics: held-out domain loss, reference-answer NLL, KL(base || tuned)
+# ---------------------------------------------------------------------------------------------------
+REF_ROWS = [
+    {"id": 0, "instruction": "Name a colour.", "output": "Blue is a colour.", "dataset": "t"},
+    {"id": 1, "instruction": "Count to three.", "output": "One, two, three.", "dataset": "t"},
+    {"id": 2, "instruction": "Say hi.", "output": "Hi there! How can I help?", "dataset": "t"},
+    {"id": 3, "instruction": "What is ice?", "output": "Frozen water.", "dataset": "t"},
+]
+POOL_ROWS = [{"q": f"What is fact {i}?", "a": f"Fact {i} is {i * 7 % 11}."} for i in range(24)]
+
+
+@pytest.fixture()
+def loss_cfg(tiny_tasks) -> dict:
+    """Tiny tasks + the shipped grads_heldout / grads_alpaca_ref on tiny data, KL on the latter."""
+    data = tiny_tasks["data"]
+    (data / "general" / "alpaca_eval").mkdir(parents=True)
+    (data / "general" / "alpaca_eval" / "alpaca_eval.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in REF_ROWS)
+    )
+    (data / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in POOL_ROWS))
+    cfg = tiny_cfg(
+        tiny_tasks,
+        general_tasks=[],
+        domain_loss_tasks=["grads_heldout"],
+        ref_tasks=["grads_alpaca_ref"],
+        kl_task="grads_alpaca_ref",
+    )
+    cfg["domain"] |= {
+        "sources": [
+            {"name": "toy", "path": str(data / "pool.jsonl"), "prompt": "{q}", "response": "{a}"}
+        ],
+        "heldout": {"n": 5},
+    }
+    return cfg
+
+
+def _by_hand(model, tok, prompt: str, response: str):
+    """Response NLL, token count and the logits predicting each response token (float64)."""
+    import torch
+
+    msgs = [{"role": "user", "content": prompt}]
+    ctx = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    n_ctx = len(tok(ctx, add_special_tokens=False)["input_ids"])
+    ids = tok(ctx + response, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].double()
+    rows = logits[n_ctx - 1 : len(ids) - 1]
+    logp = torch.log_softmax(rows, dim=-1)
+    nll = -sum(float(logp[j, ids[n_ctx + j]]) for j in range(len(ids) - n_ctx))
+    return nll, len(ids) - n_ctx, rows
+
+
+def test_heldout_loss_and_kl_match_a_hand_computation(tiny, loss_cfg, tmp_path):
+    import torch
+
+    from grads.heldout import heldout_records
+    from grads.models import build_tiny
+
+    model, tok = tiny
+    base_model, _ = build_tiny(tied=True, seed=1)
+    m = run_evaluate(loss_cfg, model, tok, tmp_path / "run", lambda: (base_model, tok))
+
+    held = heldout_records(loss_cfg)
+    assert len(held) == 5 and m["items"]["tuned"]["domain_loss"]["grads_heldout"]["keys"]
+    for mdl, key in ((model, "domain_loss"), (base_model, "base_domain_loss")):
+        nll = tokens = nbytes = 0.0
+        for r in held:
+            a, n, _ = _by_hand(mdl, tok, r.prompt, r.response)
+            nll, tokens, nbytes = nll + a, tokens + n, nbytes + len(r.response.encode())
+        assert m[key] == pytest.approx(nll / tokens, abs=1e-5)
+        assert m[key.replace("loss", "bpb")] == pytest.approx(nll / nbytes / math.log(2), abs=1e-5)
+    assert m["domain_loss_gain"] == pytest.approx(m["base_domain_loss"] - m["domain_loss"])
+
+    kl = nll = tokens = 0.0
+    for row in REF_ROWS:
+        a, n, tuned_rows = _by_hand(model, tok, row["instruction"], row["output"])
+        _, _, base_rows = _by_hand(base_model, tok, row["instruction"], row["output"])
+        p, q = torch.log_softmax(base_rows, -1), torch.log_softmax(tuned_rows, -1)
+        kl += float((p.exp() * (p - q)).sum())
+        nll, tokens = nll + a, tokens + n
+    assert m["general_kl"] == pytest.approx(kl / tokens, abs=1e-5)
+    assert m["ref_nll"] == pytest.approx(nll / tokens, abs=1e-5)
+    assert m["kl_nll_gap"] < 1e-3  # the KL pass scored the very tokens lm-eval scored
+    # lm-eval's own aggregate agrees with the per-item computation
+    assert m["loss_tasks"]["grads_alpaca_ref"]["bits_per_byte"] == pytest.approx(m["ref_bpb"])
+
+
+def test_item_metrics_reproduce_the_task_scores(tiny, tiny_tasks):
+    from grads.evaluation.metrics import ITEM_METRICS
+
+    model, tok = tiny
+    out = evaluate(model, tok, tiny_cfg(tiny_tasks), ["tiny_alpha"], ["tiny_beta"])
+    assert ITEM_METRICS["domain_acc"].value(out["items"]["domain"]) == out["domain_acc"]
+    assert ITEM_METRICS["general_acc"].value(out["items"]["general"]) == out["general_acc"]
+    norm = ITEM_METRICS["general_acc_norm"].value(out["items"]["general"])
+    assert norm == out["tasks"]["tiny_beta"]["acc_norm"]
+    keys = out["items"]["domain"]["tiny_alpha"]["keys"]
+    assert len(keys) == len(set(keys)) == len(TINY_ROWS["alpha"])
+
+
+def test_clipping_is_deterministic_and_keeps_the_question():
+    from grads.evaluation.tasks.utils import clip_head, clip_middle, wikitext_detokenize
+
+    text = "word " * 200
+    assert clip_head(text, 50) == clip_head(text, 50) and len(clip_head(text, 50)) <= 50
+    assert clip_head(text, 50).endswith("word")
+    prompt = "Context: " + "x" * 1000 + " Question: is it?"
+    cut = clip_middle(prompt, 200)
+    assert len(cut) <= 200 and cut.startswith("Context: ") and cut.endswith("is it?")
+    assert clip_head("short", 50) == "short" and clip_middle("short", None) == "short"
+    assert (
+        wikitext_detokenize("1 @,@ 000 people , he said . It 's") == "1,000 people, he said. It's"
+    )
+
+
+def test_loss_task_config_errors_are_named(tiny_tasks):
+    cfg = tiny_cfg(tiny_tasks, kl_task="grads_alpaca_ref")
+    with pytest.raises(TaskConfigError, match="kl_task.*ref_tasks"):
+        validate_tasks(cfg)
+    with pytest.raises(TaskConfigError, match="kl_limit"):
+        validate_tasks(tiny_cfg(tiny_tasks, kl_limit=0))
+    cfg = tiny_cfg(tiny_tasks, domain_loss_tasks=["grads_heldout"])
+    with pytest.raises(TaskConfigError, match="grads_heldout.*no `heldout` block"):
+        validate_tasks(cfg)
+
+
+def test_part_lists_follow_the_config():
+    from grads.evaluation import part_lists
+
+    cfg = {
+        "domain": {"eval_tasks": ["a"], "eval_tasks_general": ["p"]},
+        "eval": {
+            "general_tasks": ["g"],
+            "domain_loss_tasks": ["h"],
+            "ref_tasks": ["r", "g"],
+            "text_tasks": ["w"],
+            "kl_task": "r",
+        },
+    }
+    assert part_lists(cfg) == {
+        "domain": ["a"],
+        "general": ["g", "p"],
+        "domain_loss": ["h"],
+        "ref": ["r"],  # a task already listed in an accuracy part is not repeated
+        "text": ["w"],
+    }
+
+
+@pytest.mark.parametrize("by_size", [True, False])
+def test_item_metrics_reproduce_a_group_score(tiny, tiny_tasks, by_size):
+    from grads.evaluation.metrics import ITEM_METRICS
+
+    (tiny_tasks["tasks"] / "_tiny_group.yaml").write_text(
+        "group: tiny_group\ntask: [tiny_alpha, tiny_beta]\naggregate_metric_list:\n"
+        f"  - metric: acc\n    aggregation: mean\n    weight_by_size: {str(by_size).lower()}\n"
+    )
+    model, tok = tiny
+    out = evaluate(model, tok, tiny_cfg(tiny_tasks), ["tiny_group"], [])
+    a, b = out["subtasks"]["tiny_alpha"]["acc"], out["subtasks"]["tiny_beta"]["acc"]
+    expected = (6 * a + 4 * b) / 10 if by_size else (a + b) / 2
+    assert out["domain_acc"] == pytest.approx(expected)
+    assert ITEM_METRICS["domain_acc"].value(out["items"]["domain"]) == pytest.approx(expected)

@@ -56,6 +56,16 @@ def test_smoke_end_to_end(smoke_run):
     assert m["stages"] == list(STAGES) and m["cache_misses"] == list(STAGES)
     for key in ("domain_acc", "general_acc", "domain_gain", "forgetting"):
         assert isinstance(m[key], float), key
+    for key in (
+        "domain_loss",
+        "domain_bpb",
+        "domain_loss_gain",
+        "ref_nll",
+        "text_bpb",
+        "general_kl",
+    ):
+        assert isinstance(m[key], float), key  # the continuous metrics (grads.evaluation.metrics)
+    assert m["items"]["tuned"]["domain_loss"] and m["items"]["base"]["domain_loss"]
     assert m["n_pool"] == 40 and m["n_selected"] == 10  # p25
     art = {k: Path(v) for k, v in m["artefacts"].items()}
     assert (art["features"] / "features.parquet").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 
 from grads.report import collect, main, paper_tables
 
@@ -67,3 +68,135 @@ def test_collect_tables_and_rebuild_from_csv(tmp_path, capsys):
     first = (tmp_path / "rep" / "results.md").read_text()
     main(["--from-csv", str(tmp_path / "rep" / "results.csv"), "--out", str(tmp_path / "again")])
     assert (tmp_path / "again" / "results.md").read_text() == first
+
+
+# ---------------------------------------------------------------------------------------------------
+# Paired comparisons and the noise floor
+# ---------------------------------------------------------------------------------------------------
+def _items(rng, n, nll_shift=0.0, kl=0.05, acc_p=0.5):
+
+    tokens = rng.integers(20, 60, size=n).astype(float)
+    nll = tokens * (2.0 + nll_shift + rng.normal(0, 0.05, size=n))
+    keys = [f"{i}-abc" for i in range(n)]
+    return {
+        "domain_loss": {
+            "grads_heldout": {
+                "keys": keys,
+                "nll": nll.tolist(),
+                "tokens": tokens.tolist(),
+                "bytes": (tokens * 4).tolist(),
+            }
+        },
+        "domain": {"t": {"keys": keys, "acc": (rng.random(n) < acc_p).astype(float).tolist()}},
+        "kl": {
+            "grads_alpaca_ref": {
+                "keys": keys,
+                "kl": (tokens * kl).tolist(),
+                "tokens": tokens.tolist(),
+            }
+        },
+    }
+
+
+def _paired_sweep(root):
+    import numpy as np
+
+    base_rng = np.random.default_rng(99)
+    base = _items(base_rng, 80, nll_shift=0.3)
+    base.pop("kl")  # the base model has no KL to itself
+    for i, (sel, seed, shift, kl) in enumerate(
+        [("random", s, 0.0, 0.05) for s in range(3)] + [("grads", s, -0.2, 0.09) for s in range(3)]
+    ):
+        tuned = _items(np.random.default_rng(seed * 7 + (sel == "grads")), 80, shift, kl)
+        _job(root, str(i), "medical", sel, "p5", seed, 0.4, 0.45)
+        m = json.loads((root / str(i) / "metrics.json").read_text())
+        m["items"] = {"tuned": tuned, "base": base}
+        m["domain_bpb"] = 0.5
+        (root / str(i) / "metrics.json").write_text(json.dumps(m))
+
+
+def test_paired_tables_mark_significant_wins_and_losses(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    _paired_sweep(sweep)
+    main([str(sweep), "--out", str(tmp_path / "rep")])
+    out = capsys.readouterr().out
+    assert "paired difference vs random" in out
+    grads_row = next(
+        line for line in out.splitlines() if line.startswith("| grads |") and "[" in line
+    )
+    cells = [c.strip() for c in grads_row.split("|")[2:-1]]
+    # columns: Domain bpb, KL, Domain acc, General acc (PAIRED_METRICS); lower bpb wins, higher KL loses
+    assert cells[0].startswith("-") and cells[0].endswith("▲")
+    assert cells[1].startswith("+") and cells[1].endswith("▼")
+    assert "ref" in next(
+        line for line in out.splitlines() if line.startswith("| random |") and "ref" in line
+    )
+    tex = (tmp_path / "rep" / "results.tex").read_text()
+    assert r"\blacktriangle" in tex and r"\blacktriangledown" in tex
+    first = (tmp_path / "rep" / "results.md").read_text()
+    main(["--from-csv", str(tmp_path / "rep" / "results.csv"), "--out", str(tmp_path / "rep")])
+    assert (tmp_path / "rep" / "results.md").read_text() == first
+
+
+def test_paired_bootstrap_exact_cases():
+    import numpy as np
+
+    from grads.evaluation.stats import paired_bootstrap
+
+    keys = [str(i) for i in range(50)]
+    rng = np.random.default_rng(0)
+    acc = (rng.random(50) < 0.5).astype(float)
+    b = {"t": {"keys": keys, "acc": acc.tolist()}}
+    same = paired_bootstrap([b], [b], "domain_acc")
+    assert same.mean == same.lo == same.hi == 0.0 and not same.significant
+    # one extra correct item out of 50: +2 points, CI from the single discordant item
+    a = {"t": {"keys": keys, "acc": acc.tolist()}}
+    flip = int(np.argmin(acc))
+    a["t"]["acc"][flip] = 1.0
+    p = paired_bootstrap([a], [b], "domain_acc")
+    assert p.mean == pytest.approx(0.02) and p.lo >= 0.0 and p.n_items == 50
+    # items are aligned by key, not by position
+    shuffled = {"t": {"keys": keys[::-1], "acc": a["t"]["acc"][::-1]}}
+    assert paired_bootstrap([shuffled], [b], "domain_acc").mean == pytest.approx(0.02)
+
+
+def test_noise_floor_numbers():
+    import math
+
+    import numpy as np
+
+    from grads.evaluation.stats import Z_80, Z_975, noise_floor
+
+    keys = [str(i) for i in range(40)]
+    tokens = np.full(40, 10.0)
+    base_nll = 10.0 * (2.0 + np.random.default_rng(1).normal(0, 0.1, 40))
+
+    def run(offset):
+        nll = base_nll - 10.0 * (0.1 + offset)  # every item moves by the same per-token amount
+        return {"h": {"keys": keys, "nll": nll.tolist(), "tokens": tokens.tolist()}}
+
+    offsets = [0.0, 0.01, -0.02]
+    nf = noise_floor([run(o) for o in offsets], run(-0.1), "domain_loss", k_compare=3)
+    sd = float(np.std([0.1 + o for o in offsets], ddof=1))
+    assert nf["effect"] == pytest.approx(-(0.1 + np.mean(offsets)))
+    assert nf["improvement"] == pytest.approx(-nf["effect"])
+    assert nf["sd_seed"] == pytest.approx(sd)
+    assert nf["se_items_pair"] == pytest.approx(0.0, abs=1e-12)  # seeds differ by a constant
+    assert nf["mdd"] == pytest.approx((Z_975 + Z_80) * math.sqrt(2 * sd**2 / 3))
+    assert nf["ratio"] == pytest.approx(abs(nf["effect"]) / nf["mdd"])
+
+
+def test_noise_floor_report_picks_headlines(tmp_path):
+    from grads.report import collect, noise_floor_report
+
+    _paired_sweep(tmp_path / "sweep")
+    rows, _ = collect(tmp_path / "sweep", keep_items=True)
+    with pytest.raises(ValueError, match="one method"):
+        noise_floor_report(rows)
+    text, table = noise_floor_report([r for r in rows if r["selector"] == "random"])
+    assert set(table["metrics"]) >= {"domain_loss", "domain_bpb", "domain_acc", "general_kl"}
+    # the tuned loss is 0.3 nats/token below the base in every item: by far the clearest domain metric
+    assert table["headline"]["domain"] in ("domain_loss", "domain_bpb")
+    assert table["metrics"]["domain_loss"]["improvement"] == pytest.approx(0.3, abs=0.02)
+    assert table["headline"]["forgetting"] == "general_kl"
+    assert "**(headline)**" in text and "| domain_acc |" in text

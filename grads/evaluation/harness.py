@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 # Generated tasks and the key of their file in grads.synthetic.materialise()'s result.
 SYNTHETIC_TASKS = {"grads_synthetic": "eval_mc", "grads_probe": "probe"}
 SYNTHETIC_METADATA = {"eval_mc": "synthetic_eval_mc", "probe": "synthetic_probe"}
+# Tasks that read the run domain's held-out split (grads.heldout.materialise -> metadata key).
+HELDOUT_TASKS = {"grads_heldout": "heldout_path"}
 
 EVAL_DEFAULTS: dict[str, Any] = {
     "name": "custom",
@@ -53,6 +55,13 @@ EVAL_DEFAULTS: dict[str, Any] = {
     "seed": 1234,
     "bootstrap_iters": 1000,
     "include_paths": [],
+    # Continuous metrics (see grads.evaluation.metrics.LOSS_PARTS): log-likelihood task lists and
+    # the task whose items also get KL(base || tuned), on its first ``kl_limit`` items.
+    "domain_loss_tasks": [],
+    "ref_tasks": [],
+    "text_tasks": [],
+    "kl_task": None,
+    "kl_limit": None,
 }
 
 
@@ -96,6 +105,11 @@ def eval_settings(cfg: Any) -> dict:
             raise TaskConfigError(
                 f"{name}={lim!r}: expected null, a count >= 0 or a fraction in (0, 1)"
             )
+    kl_limit = ev["kl_limit"]
+    if kl_limit is not None and (
+        isinstance(kl_limit, bool) or not isinstance(kl_limit, int) or kl_limit < 1
+    ):
+        raise TaskConfigError(f"eval.kl_limit={kl_limit!r}: expected null or a count >= 1")
     ev["task_limits"] = dict(ev["task_limits"] or {})
     return ev
 
@@ -116,6 +130,30 @@ def task_lists(cfg: Any) -> tuple[list[str], list[str]]:
     domain = list(dict.fromkeys(domain))
     general = [t for t in dict.fromkeys(general) if t not in domain]
     return domain, general
+
+
+def part_lists(cfg: Any) -> dict[str, list[str]]:
+    """Every task list of a run by part: ``domain``/``general`` (accuracy, :func:`task_lists`) and
+    the log-likelihood parts ``domain_loss``/``ref``/``text`` (``eval.<part>_tasks``).
+
+    A task listed in an accuracy part is not repeated in a loss part.
+    """
+    from grads.evaluation.metrics import LOSS_PARTS
+
+    ev = eval_settings(cfg)
+    domain, general = task_lists(cfg)
+    parts = {"domain": domain, "general": general}
+    seen = set(domain) | set(general)
+    for part, key in LOSS_PARTS.items():
+        names = [t for t in dict.fromkeys(ev[key] or []) if t not in seen]
+        seen |= set(names)
+        parts[part] = names
+    kl = ev["kl_task"]
+    if kl and kl not in seen:
+        raise TaskConfigError(
+            f"eval.kl_task={kl!r} is not one of the run's tasks: list it in eval.ref_tasks"
+        )
+    return parts
 
 
 def data_dir_of(cfg: Any, required: bool = True) -> Path:
@@ -299,6 +337,10 @@ class Plan:
         data_dir: the data root passed to the loaders.
         metadata: the ``TaskManager`` metadata.
         fingerprint: hash of the local task files.
+        chat: leaf tasks scored in the training chat format (``metadata.grads_chat`` in their YAML).
+        size_weighted: requested group -> whether its score pools its leaves' items (else it
+            averages the leaves' scores); plain tasks pool trivially.
+        chat_system: the system prompt of the chat-formatted tasks (``data.system_prompt``).
     """
 
     names: list[str]
@@ -311,6 +353,9 @@ class Plan:
     data_dir: Path
     metadata: dict[str, str]
     fingerprint: str
+    chat: set[str] = field(default_factory=set)
+    size_weighted: dict[str, bool] = field(default_factory=dict)
+    chat_system: str | None = None
 
     def fresh_objects(self, names: list[str]) -> dict[str, Any]:
         """Name -> a Task/Group not used by a previous run (lm-eval tasks keep per-run state).
@@ -428,13 +473,15 @@ def prepare(cfg: Any, names: list[str]) -> Plan:
     # leaf tasks defined by local YAMLs (not built-ins referenced by a local group) read data_dir
     local_leaves = {leaf for n in names if n in index for leaf in _local_leaves(n, index)}
     local_leaves &= set(index)
-    needs_data = sorted(local_leaves - set(SYNTHETIC_TASKS))  # generated tasks need no data_dir
+    needs_data = sorted(local_leaves - set(SYNTHETIC_TASKS) - set(HELDOUT_TASKS))
     data_dir = data_dir_of(cfg, required=bool(needs_data))
     if needs_data and not data_dir.is_dir():
         raise TaskConfigError(f"paths.data_dir={data_dir} is not a folder (needed by {needs_data})")
     metadata: dict[str, str] = {"data_dir": str(data_dir)}
     if local_leaves & set(SYNTHETIC_TASKS):
         metadata |= synthetic_metadata(cfg)
+    if local_leaves & set(HELDOUT_TASKS):
+        metadata |= heldout_metadata(cfg)
 
     manager = _build_manager(dirs, metadata, with_defaults=bool(wanted_builtin))
     unknown = [n for n in wanted_builtin if n not in manager.all_tasks]
@@ -500,13 +547,51 @@ def prepare(cfg: Any, names: list[str]) -> Plan:
         data_dir=data_dir,
         metadata=metadata,
         fingerprint=task_fingerprint(dirs),
+        chat=_chat_leaves(objects, tasks),
+        size_weighted={n: _size_weighted(obj) for n, obj in objects.items()},
+        chat_system=(cfg.get("data") or {}).get("system_prompt"),
     )
+
+
+def _chat_leaves(objects: dict[str, Any], tasks: dict[str, Any]) -> set[str]:
+    """Leaf tasks marked ``metadata.grads_chat``; a requested group must not mix the two formats."""
+    chat = {leaf for leaf, t in tasks.items() if (t.config.metadata or {}).get("grads_chat")}
+    from lm_eval.api.group import Group
+
+    for name, obj in objects.items():
+        leaves = {t.task_name for t in obj.get_all_tasks()} if isinstance(obj, Group) else {name}
+        if leaves & chat and leaves - chat:
+            raise TaskConfigError(
+                f"group '{name}' mixes chat-formatted tasks {sorted(leaves & chat)} with plain ones"
+            )
+    return chat
+
+
+def _size_weighted(obj: Any) -> bool:
+    """Whether a requested group's score pools its items (``weight_by_size: true``)."""
+    aggs = getattr(obj, "aggregate_metric_list", None) or []
+    return bool(getattr(aggs[0], "weight_by_size", True)) if aggs else True
+
+
+def heldout_metadata(cfg: Any) -> dict[str, str]:
+    """Write the run domain's held-out split (``grads.heldout``) and return its path as metadata.
+
+    Raises:
+        TaskConfigError: the domain has no ``heldout`` block or its split cannot be built.
+    """
+    from grads.heldout import HeldoutConfigError, materialise
+
+    try:
+        path = materialise(as_dict(cfg))
+    except (HeldoutConfigError, ValueError, OSError) as exc:
+        raise TaskConfigError(f"task 'grads_heldout': {exc}") from exc
+    return {key: str(path) for key in HELDOUT_TASKS.values()}
 
 
 def validate_tasks(cfg: Any) -> None:
     """Fail fast, before any model is loaded, if an evaluation task cannot run.
 
-    Loads every task of the run (``domain.eval_tasks`` + general tasks) with its data, so a missing
+    Loads every task of the run (:func:`part_lists`) with its data, so a missing
     or malformed task file, an unknown task name or a missing data file raises here with the task
     and the file named. Does nothing when ``eval.enabled`` is false.
 
@@ -516,9 +601,9 @@ def validate_tasks(cfg: Any) -> None:
     cfg = as_dict(cfg)
     if not eval_settings(cfg)["enabled"]:
         return
-    domain, general = task_lists(cfg)
-    if domain or general:
-        prepare(cfg, domain + general)
+    names = [n for names in part_lists(cfg).values() for n in names]
+    if names:
+        prepare(cfg, names)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -582,6 +667,10 @@ def run_lm_eval(
 ) -> dict:
     """Evaluate an in-memory model on (a subset of) the plan's tasks with ``simple_evaluate``.
 
+    Tasks marked ``grads_chat`` run in a second ``simple_evaluate`` call with the model's chat
+    template and ``data.system_prompt`` (the training format); the others use the suite's settings.
+    Per-item results are kept (``log_samples``) and condensed by :func:`grads.evaluation.items.extract`.
+
     Args:
         plan: from :func:`prepare`.
         model: a ``transformers`` causal LM (any device; left where it is).
@@ -590,50 +679,108 @@ def run_lm_eval(
         names: requested names to run (default: all of the plan's).
 
     Returns:
-        lm-eval's results dict (``results``, ``groups``, ``n-samples``, ...).
+        lm-eval's results dict (``results``, ``n-samples``, ...; the two calls merged) plus
+        ``items``: leaf task -> per-item arrays (see :mod:`grads.evaluation.items`).
     """
-    from lm_eval.evaluator import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
+    from grads.evaluation.items import extract
 
     names = list(names or plan.names)
-    objects = plan.fresh_objects(names)
-    tasks = [objects[n] for n in names]
-    samples = {
-        leaf: idx
-        for leaf, idx in plan.samples().items()
-        if any(leaf in plan.leaves[n] for n in names)
-    }
+    is_chat = {n: bool(set(plan.leaves[n]) & plan.chat) for n in names}
+    chat = bool(ev["apply_chat_template"])
+    runs = [
+        (
+            [n for n in names if not is_chat[n]],
+            chat,
+            ev["system_instruction"],
+            ev["fewshot_as_multiturn"],
+        ),
+        ([n for n in names if is_chat[n]], True, plan.chat_system, False),
+    ]
     was_training = bool(getattr(model, "training", False))
     model.eval()
-    chat = bool(ev["apply_chat_template"])
-    multiturn = chat if ev["fewshot_as_multiturn"] is None else bool(ev["fewshot_as_multiturn"])
-    seed = int(ev["seed"])
+    merged: dict[str, Any] = {"results": {}, "n-samples": {}, "groups": {}, "items": {}}
     try:
         with quiet_lm_eval(), preserved_rng():
-            lm = HFLM(
+            lm = hflm_class()(
                 pretrained=model,
                 tokenizer=tokenizer,
                 batch_size=int(ev["batch_size"]),
                 max_length=ev["max_length"],
             )
-            out = simple_evaluate(
-                model=lm,
-                tasks=tasks,
-                task_manager=plan.manager,
-                num_fewshot=ev["num_fewshot"],
-                samples=samples,
-                apply_chat_template=chat,
-                fewshot_as_multiturn=multiturn,
-                system_instruction=ev["system_instruction"],
-                log_samples=False,
-                bootstrap_iters=int(ev["bootstrap_iters"]),
-                random_seed=seed,
-                numpy_random_seed=seed,
-                torch_random_seed=seed,
-                fewshot_random_seed=seed,
-            )
+            for run_names, apply_chat, system, multiturn in runs:
+                if not run_names:
+                    continue
+                out = _simple_evaluate(plan, lm, ev, run_names, apply_chat, system, multiturn)
+                for key in ("results", "n-samples", "groups"):
+                    merged[key] |= out.get(key) or {}
+                merged["items"] |= extract(out.get("samples") or {}, lm)
+                for key, value in out.items():
+                    merged.setdefault(key, value)
     finally:
         model.train(was_training)
+    merged.pop("samples", None)  # whole documents: condensed into "items"
+    return merged
+
+
+def hflm_class():
+    """lm-eval's ``HFLM`` scoring a continuation from the exact end of a newline-ended context.
+
+    lm-eval moves a context's trailing whitespace into the continuation (so that ``"Answer: " +
+    "A"`` is tokenised as ``" A"``). A chat-formatted context ends with the assistant header's
+    newline; moved, that newline would be scored as the first "response" token, which training
+    never supervises (``grads.data.tokenize_record`` ends the prompt after it) and which doubles
+    the token count of one-token answers. For contexts ending in a newline the split is therefore
+    made at the context's own tokens, when the whole sequence tokenises as context + continuation
+    (BPE pre-tokenisers never merge a newline into the next word); otherwise lm-eval's rule applies.
+    """
+    from lm_eval.models.huggingface import HFLM
+
+    class GradsHFLM(HFLM):
+        def _encode_pair(self, context: str, continuation: str):
+            if context.endswith("\n") and self.backend == "causal":
+                ctx = self.tok_encode(context)
+                whole = self.tok_encode(context + continuation)
+                if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
+                    return ctx, whole[len(ctx) :]
+            return super()._encode_pair(context, continuation)
+
+    return GradsHFLM
+
+
+def _simple_evaluate(
+    plan: Plan,
+    lm: Any,
+    ev: dict,
+    names: list[str],
+    apply_chat: bool,
+    system: str | None,
+    multiturn: bool | None,
+) -> dict:
+    from lm_eval.evaluator import simple_evaluate
+
+    objects = plan.fresh_objects(names)
+    samples = {
+        leaf: idx
+        for leaf, idx in plan.samples().items()
+        if any(leaf in plan.leaves[n] for n in names)
+    }
+    seed = int(ev["seed"])
+    out = simple_evaluate(
+        model=lm,
+        tasks=[objects[n] for n in names],
+        task_manager=plan.manager,
+        num_fewshot=ev["num_fewshot"],
+        samples=samples,
+        apply_chat_template=apply_chat,
+        fewshot_as_multiturn=apply_chat if multiturn is None else bool(multiturn),
+        system_instruction=system,
+        log_samples=True,
+        bootstrap_iters=int(ev["bootstrap_iters"]),
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
     if out is None:  # only rank 0 gets results
         raise RuntimeError("lm-eval returned no results (not rank 0?)")
     return out

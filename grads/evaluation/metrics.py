@@ -140,3 +140,135 @@ def compare(tuned: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, floa
         "domain_gain": _diff(tuned.get("domain_acc"), base.get("domain_acc")),
         "forgetting": _diff(base.get("general_acc"), tuned.get("general_acc")),
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# Item-level metrics: accuracy, held-out loss, bits per byte, KL as ratios of per-item sums
+# --------------------------------------------------------------------------------------------------
+LN2 = math.log(2.0)
+
+# Parts of an evaluation (config key of their task list) and the metrics computed from their items:
+#   domain / general         accuracy tasks (domain.eval_tasks, eval.general_tasks)
+#   domain_loss              eval.domain_loss_tasks   held-out domain SFT samples (grads_heldout)
+#   ref                      eval.ref_tasks           reference answers to general instructions
+#   text                     eval.text_tasks          plain text, rolling log-likelihood (WikiText-2)
+#   kl                       eval.kl_task             KL(base || tuned) on the reference answers
+LOSS_PARTS = {"domain_loss": "domain_loss_tasks", "ref": "ref_tasks", "text": "text_tasks"}
+
+
+class ItemMetric:
+    """A metric computed from per-item arrays: the mean over a part's tasks of a ratio of sums.
+
+    For each task (stratum) ``t`` of the part, ``value_t = scale * sum_i w_i num_i / sum_i w_i den_i``
+    (``den = 1`` for accuracies; ``w = 1`` unless a group averages its leaves), and the metric is the
+    unweighted mean of ``value_t`` over the part's tasks that have the numerator field. So
+    ``domain_loss`` is the mean response-token NLL ``sum(nll) / sum(tokens)`` of the held-out split,
+    ``*_bpb`` is ``sum(nll) / (ln 2 * sum(bytes))``, and ``domain_acc`` is the mean task accuracy,
+    exactly as the headline numbers are computed.
+    """
+
+    def __init__(self, name, part, num, den=None, scale=1.0, higher_is_better=True, label=None):
+        self.name, self.part, self.num, self.den = name, part, num, den
+        self.scale, self.higher_is_better = float(scale), bool(higher_is_better)
+        self.label = label or name
+
+    def strata(self, part_items: Mapping[str, Mapping[str, Any]]) -> list[str]:
+        """The part's tasks that carry this metric's numerator."""
+        return [t for t, d in part_items.items() if self.num in d and len(d[self.num])]
+
+    def arrays(self, items: Mapping[str, Any]) -> tuple[list[float], list[float]]:
+        """``(w * num, w * den)`` per item of one task."""
+        num = items[self.num]
+        den = items[self.den] if self.den else [1.0] * len(num)
+        w = items.get("w") or [1.0] * len(num)
+        return [a * b for a, b in zip(w, num)], [a * b for a, b in zip(w, den)]
+
+    def value(self, part_items: Mapping[str, Mapping[str, Any]]) -> float | None:
+        """The metric over one model's items of its part (None when no task has it)."""
+        vals = []
+        for task in self.strata(part_items):
+            num, den = self.arrays(part_items[task])
+            vals.append(self.scale * sum(num) / sum(den))
+        return sum(vals) / len(vals) if vals else None
+
+
+ITEM_METRICS: dict[str, ItemMetric] = {
+    m.name: m
+    for m in (
+        ItemMetric("domain_acc", "domain", "acc", label="Domain acc"),
+        ItemMetric("general_acc", "general", "acc", label="General acc"),
+        ItemMetric("general_acc_norm", "general", "acc_norm", label="General acc_norm"),
+        ItemMetric("domain_loss", "domain_loss", "nll", "tokens", 1.0, False, "Domain loss"),
+        ItemMetric("domain_bpb", "domain_loss", "nll", "bytes", 1 / LN2, False, "Domain bpb"),
+        ItemMetric("ref_nll", "ref", "nll", "tokens", 1.0, False, "Ref NLL"),
+        ItemMetric("ref_bpb", "ref", "nll", "bytes", 1 / LN2, False, "Ref bpb"),
+        ItemMetric("text_bpb", "text", "nll", "bytes", 1 / LN2, False, "Text bpb"),
+        ItemMetric("general_kl", "kl", "kl", "tokens", 1.0, False, "KL(base‖tuned)"),
+    )
+}
+# tuned-vs-base differences written to metrics.json, oriented so that larger = "more of it":
+# *_gain: learned (domain), *_increase / forgetting_*: forgotten (general).
+GAIN_NAMES = {
+    "domain_loss": "domain_loss_gain",
+    "domain_bpb": "domain_bpb_gain",
+    "ref_nll": "ref_nll_increase",
+    "ref_bpb": "ref_bpb_increase",
+    "text_bpb": "text_bpb_increase",
+    "general_acc_norm": "forgetting_acc_norm",
+}
+
+
+def ratio_stderr(num: list[float], den: list[float]) -> float | None:
+    """Standard error of ``sum(num) / sum(den)`` over items (delta method), None below 2 items."""
+    n = len(num)
+    if n < 2 or not sum(den):
+        return None
+    r, dbar = sum(num) / sum(den), sum(den) / n
+    z = [(a - r * b) / dbar for a, b in zip(num, den)]
+    mean = sum(z) / n
+    return math.sqrt(sum((x - mean) ** 2 for x in z) / (n - 1) / n)
+
+
+def item_summary(items: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, float | None]:
+    """Every :data:`ITEM_METRICS` value computable from one model's items (``part -> task -> arrays``).
+
+    Single-task continuous metrics also get ``<name>_stderr`` (item-level, delta method).
+    """
+    out: dict[str, float | None] = {}
+    for name, metric in ITEM_METRICS.items():
+        part = items.get(metric.part) or {}
+        value = metric.value(part)
+        if value is None:
+            continue
+        out[name] = value
+        strata = metric.strata(part)
+        if metric.den and len(strata) == 1:
+            se = ratio_stderr(*metric.arrays(part[strata[0]]))
+            out[f"{name}_stderr"] = None if se is None else metric.scale * se
+    return out
+
+
+def item_gains(tuned: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, float]:
+    """The :data:`GAIN_NAMES` differences between two :func:`item_summary` results."""
+    out = {}
+    for name, gain in GAIN_NAMES.items():
+        if tuned.get(name) is None or base.get(name) is None:
+            continue
+        better_lower = not ITEM_METRICS[name].higher_is_better
+        learned = name.startswith("domain")
+        diff = tuned[name] - base[name]
+        # domain: improvement is positive; general: deterioration is positive
+        out[gain] = (
+            (-diff if better_lower else diff) if learned else (diff if better_lower else -diff)
+        )
+    return out
+
+
+def headline_keys() -> list[str]:
+    """The scalar keys of the evaluate stage's metrics.json that a run's metrics.json repeats."""
+    keys = ["domain_acc", "general_acc", "domain_gain", "forgetting"]
+    keys += ["base_domain_acc", "base_general_acc"]
+    for name in ITEM_METRICS:
+        if name not in ("domain_acc", "general_acc"):
+            keys += [name, f"base_{name}"]
+    return keys + list(GAIN_NAMES.values()) + ["suite"]

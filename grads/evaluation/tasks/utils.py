@@ -424,3 +424,206 @@ def load_mc_jsonl(
             }
         )
     return _dataset_dict({"test": shuffled(docs, shuffle_seed)}, src)
+
+
+# --------------------------------------------------------------------------------------------------
+# Continuous (log-likelihood) tasks: held-out domain loss, reference answers, plain text
+# --------------------------------------------------------------------------------------------------
+def clip_head(text: str, max_chars: int | None) -> str:
+    """The first ``max_chars`` characters of ``text``, cut back to a word boundary.
+
+    Deterministic and tokenizer-independent, so every model scores the same text (bits per byte
+    stay comparable across tokenizers). ``None`` or a text that fits: unchanged.
+    """
+    text = str(text).strip()
+    if not max_chars or len(text) <= max_chars:
+        return text
+    cut = text[: int(max_chars)]
+    space = cut.rfind(" ")
+    # keep the cut inside the last word only when no boundary is in the last fifth
+    return (cut[:space] if space > 0.8 * max_chars else cut).rstrip()
+
+
+def clip_middle(text: str, max_chars: int | None, sep: str = " ... ") -> str:
+    """Keep the start (60 %) and the end (40 %) of a long prompt, joined by ``sep``.
+
+    Prompts carry their question at the end (e.g. PubMedQA: context, then the question), so the
+    middle goes first, as ``grads.data.tokenize_record`` truncates training prompts.
+    """
+    text = str(text).strip()
+    if not max_chars or len(text) <= max_chars:
+        return text
+    room = int(max_chars) - len(sep)
+    head, tail = room * 3 // 5, room - room * 3 // 5
+    return text[:head].rstrip() + sep + text[len(text) - tail :].lstrip()
+
+
+def _prompt_docs(rows: list[dict], max_prompt_chars: int | None, max_response_chars: int | None):
+    return [
+        {
+            **row,
+            "prompt": clip_middle(row["prompt"], max_prompt_chars),
+            "response": clip_head(row["response"], max_response_chars),
+        }
+        for row in rows
+    ]
+
+
+def load_heldout(
+    path_key: str = "heldout_path",
+    data_dir: str | None = None,
+    max_prompt_chars: int | None = 400,
+    max_response_chars: int | None = 400,
+    shuffle_seed: int | None = DEFAULT_SHUFFLE_SEED,
+    **metadata: Any,
+):
+    """The run's held-out domain split (``grads.heldout.materialise``) as prompt/response docs.
+
+    The runner writes the split and passes its path as ``metadata["heldout_path"]``. Docs:
+    ``{id, source, prompt, response}`` with the prompt cut in the middle and the response cut at
+    the end to the configured number of characters.
+    """
+    where = metadata.get(path_key)
+    if not where:
+        raise TaskDataError(
+            f"no held-out split: pass metadata={{'{path_key}': <jsonl>}} "
+            "(the grads runner writes it with grads.heldout.materialise)"
+        )
+    src = Path(str(where)).expanduser()
+    if not src.exists():
+        raise TaskDataError(f"data file not found: {src}")
+    rows = []
+    for row_no, rec in enumerate(_read_jsonl(src), start=1):
+        _need(rec, ("id", "prompt", "response"), src, row_no)
+        rows.append(
+            {
+                "id": str(rec["id"]),
+                "source": str(rec.get("source", "")),
+                "prompt": rec["prompt"],
+                "response": rec["response"],
+            }
+        )
+    docs = _prompt_docs(rows, max_prompt_chars, max_response_chars)
+    return _dataset_dict({"test": shuffled(docs, shuffle_seed)}, src)
+
+
+def load_alpaca_ref(
+    data_dir: str | None = None,
+    path: str = "general/alpaca_eval/alpaca_eval.jsonl",
+    max_prompt_chars: int | None = 400,
+    max_response_chars: int | None = 400,
+    shuffle_seed: int | None = DEFAULT_SHUFFLE_SEED,
+    **_: Any,
+):
+    """AlpacaEval instructions with their GPT-4 Turbo reference answers (805), cut to size.
+
+    Docs: ``{id, dataset, prompt (instruction), response (reference answer)}``.
+    """
+    src = resolve(data_root(data_dir), path)
+    rows = []
+    for row_no, rec in enumerate(_read_jsonl(src), start=1):
+        _need(rec, ("instruction", "output"), src, row_no)
+        rows.append(
+            {
+                "id": str(rec.get("id", row_no)),
+                "dataset": str(rec.get("dataset", "")),
+                "prompt": rec["instruction"],
+                "response": rec["output"],
+            }
+        )
+    docs = _prompt_docs(rows, max_prompt_chars, max_response_chars)
+    return _dataset_dict({"test": shuffled(docs, shuffle_seed)}, src)
+
+
+_WIKI_RULES = [
+    (" @-@ ", "-"),
+    (" @,@ ", ","),
+    (" @.@ ", "."),
+    (" ; ", "; "),
+    (" : ", ": "),
+    (" , ", ", "),
+    (" . ", ". "),
+    (" 's ", "'s "),
+    (" n't ", "n't "),
+    (" 't ", "'t "),
+    (" 're ", "'re "),
+    (" 've ", "'ve "),
+    (" 'll ", "'ll "),
+    (" 'd ", "'d "),
+    (" 'm ", "'m "),
+    ("( ", "("),
+    (" )", ")"),
+]
+
+
+def wikitext_detokenize(text: str) -> str:
+    """Undo WikiText's word-level tokenisation where it is unambiguous (``<unk>`` stays).
+
+    Joins number separators (``1 @,@ 000`` -> ``1,000``), punctuation and clitics to their word.
+    """
+    out = f" {text.strip()} "
+    for old, new in _WIKI_RULES:
+        out = out.replace(old, new)
+    for mark in (" .", " ,", " ;", " :", " !", " ?"):
+        if out.rstrip().endswith(mark):
+            out = out.rstrip()[: -len(mark)] + mark.strip()
+    return " ".join(out.split())
+
+
+def load_wikitext(
+    data_dir: str | None = None,
+    path: str = "general/wikitext2/test.txt",
+    min_chars: int = 200,
+    max_chars: int | None = 600,
+    detokenize: bool = True,
+    shuffle_seed: int | None = DEFAULT_SHUFFLE_SEED,
+    **_: Any,
+):
+    """WikiText-2 paragraphs (headings and short lines dropped), for rolling log-likelihood.
+
+    Docs: ``{id (line number), text}``; ``text`` detokenised (see :func:`wikitext_detokenize`) and
+    cut to ``max_chars`` at a word boundary.
+    """
+    src = resolve(data_root(data_dir), path)
+    docs = []
+    with open(src, encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, start=1):
+            text = line.strip()
+            if not text or text.startswith("=") or len(text) < min_chars:
+                continue
+            text = wikitext_detokenize(text) if detokenize else text
+            docs.append({"id": str(line_no), "text": clip_head(text, max_chars)})
+    return _dataset_dict({"test": shuffled(docs, shuffle_seed)}, src)
+
+
+def load_mmlu_cloze(
+    subjects: Sequence[str],
+    data_dir: str | None = None,
+    test_dir: str = "general/mmlu/test",
+    shuffle_seed: int | None = DEFAULT_SHUFFLE_SEED,
+    **_: Any,
+):
+    """MMLU questions of several subjects in one split, for cloze scoring of the answer *text*.
+
+    Docs: ``{subject (readable), question, choices[4], gold}``; one seeded shuffle over all
+    subjects, so ``limit=N`` is a uniform sample of their questions.
+    """
+    root = data_root(data_dir)
+    docs, first = [], None
+    for subject in subjects:
+        src = resolve(root, f"{test_dir}/{subject}_test.csv")
+        first = first or src
+        for row in _mmlu_rows(src):
+            docs.append({"subject": subject.replace("_", " "), **row})
+    if first is None:
+        raise TaskDataError("load_mmlu_cloze: no subjects given")
+    return _dataset_dict({"test": shuffled(docs, shuffle_seed)}, first)
+
+
+def response_bits_per_byte(doc: dict, results: list) -> dict:
+    """``process_results`` of the reference-answer tasks: ``(log-likelihood, bytes of the answer)``.
+
+    lm-eval's ``bits_per_byte`` aggregation turns the pairs into ``-sum(ll) / (ln 2 * sum(bytes))``.
+    """
+    ll = results[0][0] if isinstance(results[0], list | tuple) else results[0]
+    return {"bits_per_byte": (float(ll), len(str(doc["response"]).encode("utf-8")))}

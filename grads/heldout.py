@@ -1,0 +1,243 @@
+"""Held-out split of a domain's own SFT distribution: never in any pool, scored as domain loss.
+
+A domain config may carry ``heldout: {n, salt}``. After the pool's records are read, decontaminated
+and de-duplicated (``grads.data.load_records``), the held-out split is chosen *by content*:
+
+1. records are grouped by their normalised key text (the source's ``key_field``, else the prompt),
+   so every copy of a question lands on one side;
+2. key groups are ordered by ``sha1(salt + key)``;
+3. groups are taken in that order until they hold ``n`` distinct samples (the last group is kept
+   whole, so the split may exceed ``n`` by a few samples).
+
+``load_records`` removes these records *before* ``pool_limit`` subsamples, so no pool the pipeline
+can build (any ``pool_limit``, any ``pool_seed``, with or without ``data.dedup``) contains a
+held-out key. The choice depends only on the candidate records' content and the salt.
+
+The synthetic domain has ``heldout: {n, from_generated: eval_mc}`` instead: its held-out samples are
+the generator's evaluation phrasings (question -> correct answer), which no train phrasing uses.
+
+The evaluate stage scores the split with the ``grads_heldout`` lm-eval task: :func:`materialise`
+writes it to ``<cache_dir>/heldout/<domain>-<hash>.jsonl`` and the runner passes that path to the
+task loader as ``metadata["heldout_path"]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from grads.data import Record, _get, decontaminate, normalise_text, records_from_source, sample_id
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SALT = "grads-heldout-v1"
+HELDOUT_VERSION = 1
+
+
+class HeldoutConfigError(ValueError):
+    """A domain's ``heldout`` block is malformed (the message names the key)."""
+
+
+def heldout_config(domain: Any) -> dict | None:
+    """The validated ``domain.heldout`` block, or None when the domain has none.
+
+    Raises:
+        HeldoutConfigError: ``n`` is not a positive integer, or ``from_generated`` is unknown.
+    """
+    spec = _get(domain, "heldout")
+    if not spec:
+        return None
+    spec = dict(spec)
+    name = _get(domain, "name", "?")
+    n = spec.get("n")
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise HeldoutConfigError(f"domain '{name}': heldout.n={n!r} must be a positive integer")
+    gen = spec.get("from_generated")
+    if gen is not None and gen != "eval_mc":
+        raise HeldoutConfigError(
+            f"domain '{name}': heldout.from_generated={gen!r}: only 'eval_mc' is supported"
+        )
+    return {"n": n, "salt": str(spec.get("salt") or DEFAULT_SALT), "from_generated": gen}
+
+
+def key_of(rec: Record) -> str:
+    """The normalised text that decides a record's side (its key text, else its prompt)."""
+    key = rec.meta.get("key_text")
+    return normalise_text(key if key is not None else rec.prompt)
+
+
+def _rank(salt: str, key: str) -> bytes:
+    return hashlib.sha1(f"{salt}\x00{key}".encode()).digest()
+
+
+def choose_keys(records: list[Record], n: int, salt: str = DEFAULT_SALT) -> set[str]:
+    """The held-out key texts: whole key groups in hash order until ``n`` distinct samples.
+
+    Args:
+        records: candidate records (after decontamination; duplicates are counted once).
+        n: target number of held-out samples.
+        salt: changes the draw.
+
+    Returns:
+        Normalised key texts (see :func:`key_of`).
+    """
+    ids_by_key: dict[str, set[str]] = {}
+    for rec in records:
+        ids_by_key.setdefault(key_of(rec), set()).add(rec.id)
+    chosen: set[str] = set()
+    total = 0
+    for key in sorted(ids_by_key, key=lambda k: _rank(salt, k)):
+        if total >= n:
+            break
+        chosen.add(key)
+        total += len(ids_by_key[key])
+    return chosen
+
+
+def split(records: list[Record], domain: Any) -> tuple[list[Record], list[Record]]:
+    """``(pool records, held-out records)`` of candidate records; held-out de-duplicated by id.
+
+    A domain without a ``heldout`` block (or a generated one, whose held-out samples are not pool
+    records) keeps every record in the pool.
+    """
+    spec = heldout_config(domain)
+    if spec is None or spec["from_generated"]:
+        return list(records), []
+    keys = choose_keys(records, spec["n"], spec["salt"])
+    pool, held, seen = [], [], set()
+    for rec in records:
+        if key_of(rec) in keys:
+            if rec.id not in seen:
+                seen.add(rec.id)
+                held.append(rec)
+        else:
+            pool.append(rec)
+    return pool, held
+
+
+def exclude_heldout(
+    records: list[Record], domain: Any, counts: Counter | None = None
+) -> list[Record]:
+    """The hook in ``grads.data.load_records``: drop the held-out split from the candidates."""
+    pool, held = split(records, domain)
+    if counts is not None and len(pool) < len(records):
+        counts["heldout_for_domain_loss"] += len(records) - len(pool)
+    return pool
+
+
+def candidates(domain: Any, data_cfg: Any = None) -> list[Record]:
+    """A domain's records after validation, decontamination and de-duplication (no pool_limit).
+
+    The same steps, in the same order, as ``grads.data.load_records`` up to its held-out hook.
+    """
+    on_bad_row = _get(data_cfg, "on_bad_row", "error")
+    system = _get(data_cfg, "system_prompt")
+    counts: Counter = Counter()
+    records: list[Record] = []
+    for source in _get(domain, "sources") or []:
+        if _get(source, "enabled", True) is False:
+            continue
+        records += records_from_source(source, on_bad_row=on_bad_row, system=system, counts=counts)
+    records = decontaminate(records, domain, counts)
+    seen, unique = set(), []
+    for rec in records:
+        if rec.id not in seen:
+            seen.add(rec.id)
+            unique.append(rec)
+    return unique
+
+
+def _generated(domain: Any, cfg: Any) -> list[Record]:
+    """The synthetic domain's held-out phrasings: ``eval_mc`` question -> its correct choice."""
+    from grads import synthetic
+
+    gen = dict(_get(domain, "generator") or {})
+    out_dir = gen.pop("out_dir", None)
+    if out_dir is None:
+        cache = _get(_get(cfg, "paths"), "cache_dir", "outputs/cache")
+        out_dir = Path(str(cache)) / "synthetic" / f"seed{int(gen.get('seed', 0))}"
+    paths = synthetic.materialise(out_dir, **gen)
+    out = []
+    with open(paths["eval_mc"], encoding="utf-8") as fh:
+        for line in fh:
+            row = json.loads(line)
+            prompt, response = row["question"], str(row["choices"][row["answer"]])
+            out.append(
+                Record(sample_id(prompt, response), "synthetic_heldout", prompt, response, None)
+            )
+    return out
+
+
+def heldout_records(cfg: Any) -> list[Record]:
+    """The held-out records of ``cfg.domain`` (capped at ``n`` for generated domains).
+
+    Raises:
+        HeldoutConfigError: the domain has no ``heldout`` block.
+    """
+    domain = _get(cfg, "domain")
+    spec = heldout_config(domain)
+    if spec is None:
+        raise HeldoutConfigError(
+            f"domain '{_get(domain, 'name', '?')}' has no `heldout` block: add "
+            "`heldout: {n: 300}` to its conf/domain file (needed by the grads_heldout task)"
+        )
+    if spec["from_generated"]:
+        recs = _generated(domain, cfg)
+        return sorted(recs, key=lambda r: _rank(spec["salt"], key_of(r)))[: spec["n"]]
+    _, held = split(candidates(domain, _get(cfg, "data")), domain)
+    return sorted(held, key=lambda r: (_rank(spec["salt"], key_of(r)), r.id))
+
+
+def _source_identity(domain: Any) -> list:
+    """What the held-out split depends on besides the config text: each input file's size/mtime."""
+    files = [_get(s, "path") for s in _get(domain, "sources") or []]
+    files += [_get(d, "path") for d in _get(domain, "decontaminate") or []]
+    out = []
+    for f in files:
+        p = Path(str(f)) if f else None
+        out.append([p.name, p.stat().st_size, int(p.stat().st_mtime)] if p and p.exists() else f)
+    return out
+
+
+def materialise(cfg: Any) -> Path:
+    """Write the held-out split as JSON Lines (``{id, source, prompt, response}``); return its path.
+
+    The file name hashes the domain's pool definition, the held-out block, the bad-row policy and
+    the input files' sizes, so a changed domain gets a new file and old ones are never reused.
+    """
+    from omegaconf import OmegaConf
+
+    from grads.io import write_jsonl
+
+    domain = _get(cfg, "domain")
+    plain = OmegaConf.to_container(domain, resolve=True) if OmegaConf.is_config(domain) else domain
+    ident = {
+        "version": HELDOUT_VERSION,
+        "domain": {k: v for k, v in dict(plain).items() if k not in ("eval_tasks", "hub_datasets")},
+        "on_bad_row": _get(_get(cfg, "data"), "on_bad_row", "error"),
+        # generated domains are defined by their generator parameters (files may not exist yet)
+        "files": []
+        if heldout_config(domain) and _get(_get(domain, "heldout"), "from_generated")
+        else _source_identity(domain),
+    }
+    ident["domain"].pop("pool_limit", None)
+    ident["domain"].pop("pool_seed", None)
+    blob = json.dumps(ident, sort_keys=True, default=str)
+    digest = hashlib.sha1(blob.encode()).hexdigest()[:16]
+    cache = Path(str(_get(_get(cfg, "paths"), "cache_dir", "outputs/cache")))
+    path = cache / "heldout" / f"{_get(domain, 'name', 'domain')}-{digest}.jsonl"
+    if not path.exists():
+        recs = heldout_records(cfg)
+        write_jsonl(
+            path,
+            [
+                {"id": r.id, "source": r.source, "prompt": r.prompt, "response": r.response}
+                for r in recs
+            ],
+        )
+        log.info("held-out split: %d samples -> %s", len(recs), path)
+    return path
