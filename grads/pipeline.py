@@ -89,6 +89,9 @@ def stage_keys(cfg: dict, budget_free: bool = False) -> dict[str, str]:
     """Content-addressed keys of every stage for a resolved config (see module docstring)."""
     trainer = _without(cfg.get("trainer"), _NON_SEMANTIC_TRAINER_KEYS)
     model = _without(cfg["model"], set())
+    # warmup.fraction / warmup.max_samples are in cfg.warmup; features.source=warmup makes the
+    # warm-up also record the features table, so it is part of the key (absent for "pass").
+    source = (cfg.get("features") or {}).get("source") or "pass"
     warmup = _hash(
         "warmup",
         model,
@@ -96,6 +99,7 @@ def stage_keys(cfg: dict, budget_free: bool = False) -> dict[str, str]:
         cfg.get("data"),
         trainer,
         _without(cfg.get("warmup"), _NON_SEMANTIC_TRAINER_KEYS),
+        *([{"features_source": source}] if source != "pass" else []),
     )
     features = _hash("features", warmup, _without(cfg.get("features"), {"batch_size", "procs"}))
     budget = None if budget_free else cfg.get("budget")
@@ -233,6 +237,11 @@ def _features_job(cfg: dict, warmup_dir: str, work: str) -> None:
 def run_features_stage(cfg: dict, work: Path, warmup_dir: Path) -> dict:
     from grads.launch import run_distributed
 
+    if (cfg.get("features") or {}).get("source", "pass") == "warmup":
+        from grads.features import features_from_warmup
+
+        # The warm-up recorded the table; the pass runs only for samples it did not train on.
+        return features_from_warmup(cfg, warmup_dir, work)
     procs = int(cfg["features"].get("procs") or 1)
     run_distributed("grads.pipeline:_features_job", procs, cfg, str(warmup_dir), str(work))
     return read_json(work / "features.json")

@@ -1,0 +1,323 @@
+"""What choosing a GrADS subset costs, next to a full fine-tune, for three variants in one run.
+
+Variants, all on the same real pool, model and trainer (``grads.pipeline.run`` with stages
+``[warmup, features, select]`` in a fresh stage cache, so nothing is reused between them):
+
+* ``a_pass``:     one warm-up epoch over the pool, then the separate features pass (the paper).
+* ``b_subset``:   one warm-up epoch over a seeded 5% of the pool (``warmup.fraction=0.05``, as LESS
+  does), then the pass over the whole pool.
+* ``c_recorded``: one warm-up epoch over the pool that records the features from its own steps
+  (``features.source=warmup``): no separate pass.
+
+Selection cost = the warm-up + features + select stage wall times (model loading and export
+included). Full fine-tune cost = 3 x the 1-epoch training loop of ``a_pass`` (same pool, same
+trainer): conservative, as it leaves out the fine-tune's own model loading and export;
+``--measure-finetune`` runs the real 3-epoch fine-tune instead. Agreement between variants:
+Spearman correlation of the GrADS signal ``s_i`` (log, IQR-standardised, equal weights over the
+selector's columns) and the overlap of the 5% selections.
+
+Throughput: the trainer's fixed ``8 x 128`` DeepSpeed step (``bench_train.deepspeed_step_throughput``,
+same model and mode) is timed before and after the variants; the pipeline warm-ups' tokens/s
+(real tokens / training-loop time, padding and checkpoints included) are reported against the mean.
+The machine's load average is printed with every phase: on a shared machine only the ratios mean
+something. ``--tune`` instead times short warm-ups over micro-batch sizes, length grouping and
+checkpointing, to choose the CPU defaults.
+
+Usage::
+
+    GRADS_MODEL_DIR=/work/models nice -n 10 python scripts/bench_cost.py --domain legal --pool 300
+    GRADS_MODEL_DIR=/work/models nice -n 10 python scripts/bench_cost.py --tune --pool 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+VARIANTS = {
+    "a_pass": ["features.source=pass"],
+    "b_subset": ["features.source=pass", "warmup.fraction=0.05"],
+    "c_recorded": ["features.source=warmup"],
+}
+
+
+def compose(overrides: list[str]) -> dict:
+    """The resolved pipeline config for ``overrides`` (plain dict, absolute paths)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=overrides)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved["paths"] = {k: str(Path(v).resolve()) for k, v in resolved["paths"].items()}
+    return resolved
+
+
+def load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def fixed_step(args, label: str) -> float:
+    from bench_train import deepspeed_step_throughput
+
+    from grads.models import model_config
+
+    r = deepspeed_step_throughput(
+        model_config("smollm2_135m"),
+        args.mode,
+        batch=8,
+        seq=128,
+        steps=args.step_reps,
+        cache_dir=os.environ.get("GRADS_MODEL_DIR"),
+    )
+    print(
+        f"[{label}] fixed 8x128 DeepSpeed step ({args.mode}): {r['tokens_per_s']:.1f} tokens/s "
+        f"(median {r['median_tokens_per_s']:.1f}); load {load()}",
+        flush=True,
+    )
+    return r["tokens_per_s"]
+
+
+def base_overrides(args, out: Path) -> list[str]:
+    return [
+        f"paths.root_dir={ROOT}",  # the data path is relative to it; we chdir into `out`
+        f"domain={args.domain}",
+        f"domain.pool_limit={args.pool}",
+        f"data.max_seq_len={args.max_seq_len}",
+        "model=smollm2_135m",
+        "logger=none",
+        "selector=grads",
+        "budget=p5",
+        "stages=[warmup,features,select]",
+        f"trainer.mode={args.mode}",
+        f"paths.output_dir={out}",
+        f"paths.cache_dir={out / 'cache'}",
+        *args.override,
+    ]
+
+
+def run_variant(name: str, args, out: Path) -> dict:
+    from grads.io import read_json
+    from grads.pipeline import run
+
+    cfg = compose(base_overrides(args, out) + VARIANTS[name])
+    t0 = time.perf_counter()
+    m = run(cfg)
+    wall = time.perf_counter() - t0
+    art = {k: Path(v) for k, v in m["artefacts"].items()}
+    warm = read_json(art["warmup"] / "train_summary.json")
+    feats = read_json(art["features"] / "features.json")
+    res = {
+        "variant": name,
+        "stage_s": {s: c["wall_s"] for s, c in m["cost"].items()},
+        "selection_cost_s": m["selection_cost_s"],
+        "run_s": wall,
+        "warmup_samples": warm["num_samples"],
+        "warmup_loop_s": warm["wall_time_s"],
+        "warmup_tokens": warm["tokens"],
+        "warmup_tokens_per_s": warm["tokens_per_s"],
+        "padding_efficiency": warm.get("padding_efficiency"),
+        "features_computed": feats.get("n_computed", feats.get("n_samples")),
+        "features_tokens_per_s": feats.get("tokens_per_s"),
+        "features_path": str(art["features"] / "features.parquet"),
+        "selection_path": str(art["select"] / "selection.jsonl"),
+        "load_after": load(),
+    }
+    print(f"[{name}] {json.dumps({k: v for k, v in res.items() if 'path' not in k})}", flush=True)
+    return res
+
+
+def signal(path: str, cfg: dict):
+    """GrADS signal s_i per id (the selector's transform and scale, equal column weights)."""
+    import numpy as np
+    import pandas as pd
+    from hydra.utils import instantiate
+
+    from grads.selectors.grads_kde import gradient_signal
+
+    sel = instantiate(cfg["selector"])
+    cols = list(sel.columns)
+    table = pd.read_parquet(path, columns=["id", *cols])
+    ok = np.all([np.isfinite(table[c]) & (table[c] > 0) for c in cols], axis=0)
+    table = table[ok]
+    s, _ = gradient_signal(
+        {c: table[c].to_numpy(np.float64) for c in cols},
+        {c: 1.0 for c in cols},
+        sel.transform,
+        sel.scale,
+    )
+    return pd.Series(s, index=table["id"].to_numpy())
+
+
+def spearman(a, b) -> float:
+    common = a.index.intersection(b.index)
+    ra, rb = a[common].rank(), b[common].rank()
+    return float(ra.corr(rb))
+
+
+def agreement(results: list[dict], cfg: dict) -> list[dict]:
+    from grads.io import read_jsonl
+
+    sig = {r["variant"]: signal(r["features_path"], cfg) for r in results}
+    sel = {r["variant"]: {x["id"] for x in read_jsonl(r["selection_path"])} for r in results}
+    rows = []
+    names = [r["variant"] for r in results]
+    for i, x in enumerate(names):
+        for y in names[i + 1 :]:
+            rows.append(
+                {
+                    "pair": f"{x} vs {y}",
+                    "spearman_signal": spearman(sig[x], sig[y]),
+                    "overlap_p5": len(sel[x] & sel[y]) / max(1, len(sel[x])),
+                    "n_selected": len(sel[x]),
+                }
+            )
+    return rows
+
+
+def measure_finetune(args, out: Path) -> float:
+    """Training-loop seconds of a real 3-epoch fine-tune on the whole pool."""
+    from grads.training import train
+
+    cfg = compose(base_overrides(args, out))
+    summary = train(cfg, "finetune", str(out / "finetune_full"))
+    return float(summary["wall_time_s"])
+
+
+def report(results: list[dict], agree: list[dict], ft_s: float, ft_how: str, step_tps: list[float]):
+    ref = sum(step_tps) / len(step_tps)
+    lines = [
+        "| variant | warm-up samples | warm-up s | features s | select s | selection cost s "
+        "| ÷ full FT (3 ep) | warm-up tok/s | ÷ fixed step | padding eff. |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        st = r["stage_s"]
+        lines.append(
+            f"| {r['variant']} | {r['warmup_samples']} | {st.get('warmup', 0):.0f} "
+            f"| {st.get('features', 0):.0f} | {st.get('select', 0):.1f} "
+            f"| {r['selection_cost_s']:.0f} | **{r['selection_cost_s'] / ft_s:.3f}** "
+            f"| {r['warmup_tokens_per_s']:.0f} | {r['warmup_tokens_per_s'] / ref:.2f} "
+            f"| {r['padding_efficiency']:.3f} |"
+        )
+    lines += [
+        "",
+        f"Full fine-tune cost: {ft_s:.0f} s ({ft_how}). Fixed 8x128 step: "
+        + ", ".join(f"{t:.0f}" for t in step_tps)
+        + f" tokens/s (mean {ref:.0f}).",
+        "",
+        "| pair | Spearman (GrADS signal) | overlap of 5% selections |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {a['pair']} | {a['spearman_signal']:.3f} | {a['overlap_p5']:.2f} "
+        f"(of {a['n_selected']}) |"
+        for a in agree
+    ]
+    return "\n".join(lines)
+
+
+def tune(args, out: Path) -> None:
+    """Short warm-ups over micro-batch size, length grouping and checkpointing (same samples)."""
+    from grads.data import load_pool
+    from grads.models import load_model
+    from grads.training import train
+
+    cfg = compose(base_overrides(args, out))
+    _, tok = load_model(cfg["model"], cache_dir=cfg["paths"]["model_dir"])
+    pool = load_pool(cfg, tok)
+    lens = sorted(len(x) for x in pool["input_ids"])
+    print(
+        f"pool {len(pool)} samples, tokens: median {lens[len(lens) // 2]}, max {lens[-1]}, "
+        f"mean {sum(lens) / len(lens):.0f}; load {load()}",
+        flush=True,
+    )
+    step_tps = [fixed_step(args, "before")]
+    samples = args.tune_samples
+    configs = [(mb, g, 0) for mb in (4, 8, 16) for g in (True, False)] + [(8, True, 2)]
+    rows = []
+    for mb, grouped, save_every in configs:
+        knobs = {
+            "micro_batch_size": mb,
+            "group_by_length": grouped,
+            "save_every": save_every,
+            "clean_checkpoints": True,
+        }
+        c = {**cfg, "trainer": {**cfg["trainer"], **knobs}}
+        c["warmup"] = {**cfg["warmup"], "max_steps": math.ceil(samples / mb)}
+        d = out / f"tune_mb{mb}_{'g' if grouped else 'r'}_s{save_every}"
+        s = train(c, "warmup", str(d), pool=pool)
+        rows.append((mb, grouped, save_every, s["tokens_per_s"], s["padding_efficiency"]))
+        print(
+            f"mb={mb:2d} grouped={grouped!s:5} save_every={save_every}: "
+            f"{s['tokens_per_s']:.1f} tokens/s, padding efficiency {s['padding_efficiency']:.3f}, "
+            f"{s['steps']} steps in {s['wall_time_s']:.1f}s; load {load()}",
+            flush=True,
+        )
+    step_tps.append(fixed_step(args, "after"))
+    ref = sum(step_tps) / len(step_tps)
+    print("\n| micro-batch | grouped | save_every | tokens/s | ÷ fixed step | padding eff. |")
+    print("|---|---|---|---|---|---|")
+    for mb, g, se, tps, eff in rows:
+        print(f"| {mb} | {g} | {se} | {tps:.0f} | {tps / ref:.2f} | {eff:.3f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--domain", default="legal")
+    parser.add_argument("--pool", type=int, default=300, help="domain.pool_limit")
+    parser.add_argument("--max-seq-len", type=int, default=256)
+    parser.add_argument("--mode", choices=["lora", "full"], default="lora")
+    parser.add_argument("--out", default=str(ROOT / "outputs" / "bench_cost"))
+    parser.add_argument("--step-reps", type=int, default=4, help="timed fixed steps per check")
+    parser.add_argument("--measure-finetune", action="store_true")
+    parser.add_argument("--tune", action="store_true", help="choose CPU defaults instead")
+    parser.add_argument("--tune-samples", type=int, default=96)
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    parser.add_argument("override", nargs="*", help="extra Hydra overrides for every variant")
+    args = parser.parse_args()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    out = Path(args.out).resolve() / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    os.chdir(out)  # grads.pipeline.run writes outputs/runs/<time> under the working directory
+    print(f"out {out}; cpus {os.cpu_count()}; load {load()}", flush=True)
+    if args.tune:
+        tune(args, out)
+        return
+    step_tps = [fixed_step(args, "before")]
+    results = [run_variant(v, args, out) for v in args.variants]
+    step_tps.append(fixed_step(args, "after"))
+    if args.measure_finetune:
+        ft_s, ft_how = measure_finetune(args, out), "measured: 3-epoch fine-tune training loop"
+    else:
+        a = next(r for r in results if r["variant"] == "a_pass")
+        ft_s, ft_how = 3 * a["warmup_loop_s"], "3 x the 1-epoch training loop of a_pass"
+    agree = agreement(results, compose(base_overrides(args, out)))
+    table = report(results, agree, ft_s, ft_how, step_tps)
+    print("\n" + table + f"\n\nload average at the end: {load()}")
+    with open(out / "bench_cost.json", "w") as f:
+        json.dump(
+            {
+                "args": vars(args),
+                "results": results,
+                "agreement": agree,
+                "finetune_s": ft_s,
+                "fixed_step_tokens_per_s": step_tps,
+            },
+            f,
+            indent=2,
+        )
+    (out / "bench_cost.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
