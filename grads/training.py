@@ -27,7 +27,8 @@ Output layout of ``out_dir``::
                          padding_efficiency (real / padded tokens), tokens/s, time, grad_norm.
     train_summary.json   written last; its presence marks a completed run. Keys include steps,
                          tokens, wall_time_s (training loop, summed over resumed segments),
-                         run_time_s (this invocation incl. load/export), first_loss, final_loss,
+                         run_time_s (this invocation incl. load/export), loop_cpu_s (process CPU
+                         time of this segment's loop), first_loss, final_loss, padding_efficiency,
                          model_dir / adapter_dir ("model" / "adapter" or null: relative to the
                          run folder, so a pipeline may rename it), resumed_from_step, fingerprint.
     ds_config.json       the filled DeepSpeed config, for provenance.
@@ -99,7 +100,7 @@ class TrainerSettings:
     lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)
     epochs: float = 1.0
     max_steps: int = -1  # > 0 overrides epochs
-    micro_batch_size: int = 4
+    micro_batch_size: int = 8
     grad_accum: int = 1
     lr: float = 2e-4
     warmup_ratio: float = 0.03
@@ -1127,6 +1128,7 @@ def run_train(
             "wall_time_s": elapsed,
             "run_time_s": time.perf_counter() - t_start,
             "tokens_per_s": ran["tokens"] / max(1e-9, ran["seg_time"]),
+            "loop_cpu_s": ran["cpu_s"],  # this segment, this rank's process
             "padding_efficiency": ran["tokens"] / max(1, ran["padded"]),
             "first_loss": ran["first_loss"],
             "final_loss": ran["loss"],
@@ -1229,7 +1231,7 @@ def _train_loop(
 
         pbar = tqdm(total=total, initial=start, desc=use, unit="step", dynamic_ncols=True)
     seg = {"tokens": 0, "padded": 0, "loss": float("nan"), "stopped": False, "done": start}
-    seg_t0 = time.perf_counter()
+    seg_t0, cpu_t0 = time.perf_counter(), time.process_time()
     try:
         for step in range(start, total):
             row = loop.step(step)
@@ -1277,6 +1279,7 @@ def _train_loop(
         if pbar is not None:
             pbar.close()
     seg["seg_time"] = time.perf_counter() - seg_t0
+    seg["cpu_s"] = time.process_time() - cpu_t0  # all threads: a load-robust cost on shared CPUs
     seg["first_loss"] = first_loss
     return seg
 

@@ -9,9 +9,11 @@ Variants, all on the same real pool, model and trainer (``grads.pipeline.run`` w
 * ``c_recorded``: one warm-up epoch over the pool that records the features from its own steps
   (``features.source=warmup``): no separate pass.
 
-Selection cost = the warm-up + features + select stage wall times (model loading and export
-included). Full fine-tune cost = 3 x the 1-epoch training loop of ``a_pass`` (same pool, same
-trainer): conservative, as it leaves out the fine-tune's own model loading and export;
+Selection cost = the warm-up + features + select stages (model loading and export included), as
+wall time and as CPU time (this process and its children, all threads: on a shared machine the
+wall time follows the neighbours' load, CPU time far less). Full fine-tune cost = 3 x the 1-epoch
+training loop of ``a_pass`` (same pool, same trainer): conservative, as it leaves out the
+fine-tune's own model loading and export;
 ``--measure-finetune`` runs the real 3-epoch fine-tune instead. Agreement between variants:
 Spearman correlation of the GrADS signal ``s_i`` (log, IQR-standardised, equal weights over the
 selector's columns) and the overlap of the 5% selections.
@@ -33,13 +35,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Before torch loads libgomp: threads that wait at a barrier sleep instead of spinning. On a
+# shared, oversubscribed CPU the default spin made the same training step 4-10x slower in wall
+# time and inflated its CPU time as much (measured in bench_cost's notes); idle, it costs ~nothing.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(ROOT / "scripts"))
 
 VARIANTS = {
@@ -66,7 +71,7 @@ def load() -> str:
     return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def fixed_step(args, label: str) -> float:
+def fixed_step(args, label: str) -> dict:
     from bench_train import deepspeed_step_throughput
 
     from grads.models import model_config
@@ -81,10 +86,11 @@ def fixed_step(args, label: str) -> float:
     )
     print(
         f"[{label}] fixed 8x128 DeepSpeed step ({args.mode}): {r['tokens_per_s']:.1f} tokens/s "
-        f"(median {r['median_tokens_per_s']:.1f}); load {load()}",
+        f"(median {r['median_tokens_per_s']:.1f}), {r['tokens_per_cpu_s']:.1f} tokens/CPU-s; "
+        f"load {load()}",
         flush=True,
     )
-    return r["tokens_per_s"]
+    return r
 
 
 def base_overrides(args, out: Path) -> list[str]:
@@ -97,7 +103,6 @@ def base_overrides(args, out: Path) -> list[str]:
         "logger=none",
         "selector=grads",
         "budget=p5",
-        "stages=[warmup,features,select]",
         f"trainer.mode={args.mode}",
         f"paths.output_dir={out}",
         f"paths.cache_dir={out / 'cache'}",
@@ -105,13 +110,33 @@ def base_overrides(args, out: Path) -> list[str]:
     ]
 
 
+def cpu_now() -> float:
+    """CPU seconds used so far by this process and its finished children (all threads)."""
+    import resource
+
+    me, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def run_variant(name: str, args, out: Path) -> dict:
+    """The pipeline's warm-up, features and select stages of one variant, one stage per call.
+
+    One stage per ``grads.pipeline.run`` call (the earlier ones are cache hits) so that each
+    stage's CPU time is measured too: on a shared machine wall time follows the neighbours' load.
+    """
     from grads.io import read_json
     from grads.pipeline import run
 
-    cfg = compose(base_overrides(args, out) + VARIANTS[name])
+    cpu, m = {}, None
     t0 = time.perf_counter()
-    m = run(cfg)
+    for stages in (["warmup"], ["warmup", "features"], ["warmup", "features", "select"]):
+        cfg = compose(base_overrides(args, out) + VARIANTS[name] + [f"stages=[{','.join(stages)}]"])
+        c0 = cpu_now()
+        m = run(cfg)
+        cpu[stages[-1]] = cpu_now() - c0
     wall = time.perf_counter() - t0
     art = {k: Path(v) for k, v in m["artefacts"].items()}
     warm = read_json(art["warmup"] / "train_summary.json")
@@ -119,12 +144,16 @@ def run_variant(name: str, args, out: Path) -> dict:
     res = {
         "variant": name,
         "stage_s": {s: c["wall_s"] for s, c in m["cost"].items()},
+        "stage_cpu_s": cpu,
         "selection_cost_s": m["selection_cost_s"],
+        "selection_cpu_s": sum(cpu.values()),
         "run_s": wall,
         "warmup_samples": warm["num_samples"],
         "warmup_loop_s": warm["wall_time_s"],
+        "warmup_loop_cpu_s": warm["loop_cpu_s"],
         "warmup_tokens": warm["tokens"],
         "warmup_tokens_per_s": warm["tokens_per_s"],
+        "warmup_tokens_per_cpu_s": warm["tokens"] / warm["loop_cpu_s"],
         "padding_efficiency": warm.get("padding_efficiency"),
         "features_computed": feats.get("n_computed", feats.get("n_samples")),
         "features_tokens_per_s": feats.get("tokens_per_s"),
@@ -184,36 +213,47 @@ def agreement(results: list[dict], cfg: dict) -> list[dict]:
     return rows
 
 
-def measure_finetune(args, out: Path) -> float:
-    """Training-loop seconds of a real 3-epoch fine-tune on the whole pool."""
+def measure_finetune(args, out: Path) -> dict:
+    """A real 3-epoch fine-tune on the whole pool: its training loop's wall and CPU time."""
     from grads.training import train
 
-    cfg = compose(base_overrides(args, out))
-    summary = train(cfg, "finetune", str(out / "finetune_full"))
-    return float(summary["wall_time_s"])
+    summary = train(compose(base_overrides(args, out)), "finetune", str(out / "finetune_full"))
+    return {
+        "wall_s": float(summary["wall_time_s"]),
+        "cpu_s": float(summary["loop_cpu_s"]),
+        "how": "measured: 3-epoch fine-tune training loop",
+    }
 
 
-def report(results: list[dict], agree: list[dict], ft_s: float, ft_how: str, step_tps: list[float]):
-    ref = sum(step_tps) / len(step_tps)
+def report(results: list[dict], agree: list[dict], ft: dict, steps: list[dict]) -> str:
+    """Markdown: cost per variant (wall and CPU time), throughput, agreement between variants."""
+    ref = sum(r["tokens_per_s"] for r in steps) / len(steps)
+    ref_cpu = sum(r["tokens_per_cpu_s"] for r in steps) / len(steps)
     lines = [
-        "| variant | warm-up samples | warm-up s | features s | select s | selection cost s "
-        "| ÷ full FT (3 ep) | warm-up tok/s | ÷ fixed step | padding eff. |",
+        "| variant | warm-up samples | warm-up / features / select, wall s | selection cost, wall s "
+        "| ÷ full FT (wall) | selection CPU s | ÷ full FT (CPU) | warm-up tok/s (÷ fixed step) "
+        "| warm-up tok/CPU-s (÷ fixed step) | padding eff. |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         st = r["stage_s"]
         lines.append(
-            f"| {r['variant']} | {r['warmup_samples']} | {st.get('warmup', 0):.0f} "
-            f"| {st.get('features', 0):.0f} | {st.get('select', 0):.1f} "
-            f"| {r['selection_cost_s']:.0f} | **{r['selection_cost_s'] / ft_s:.3f}** "
-            f"| {r['warmup_tokens_per_s']:.0f} | {r['warmup_tokens_per_s'] / ref:.2f} "
+            f"| {r['variant']} | {r['warmup_samples']} "
+            f"| {st.get('warmup', 0):.0f} / {st.get('features', 0):.0f} / {st.get('select', 0):.1f} "
+            f"| {r['selection_cost_s']:.0f} | **{r['selection_cost_s'] / ft['wall_s']:.3f}** "
+            f"| {r['selection_cpu_s']:.0f} | **{r['selection_cpu_s'] / ft['cpu_s']:.3f}** "
+            f"| {r['warmup_tokens_per_s']:.0f} ({r['warmup_tokens_per_s'] / ref:.2f}) "
+            f"| {r['warmup_tokens_per_cpu_s']:.0f} ({r['warmup_tokens_per_cpu_s'] / ref_cpu:.2f}) "
             f"| {r['padding_efficiency']:.3f} |"
         )
     lines += [
         "",
-        f"Full fine-tune cost: {ft_s:.0f} s ({ft_how}). Fixed 8x128 step: "
-        + ", ".join(f"{t:.0f}" for t in step_tps)
-        + f" tokens/s (mean {ref:.0f}).",
+        f"Full fine-tune cost: {ft['wall_s']:.0f} s wall, {ft['cpu_s']:.0f} CPU s ({ft['how']}). "
+        "Fixed 8x128 DeepSpeed step: "
+        + ", ".join(f"{r['tokens_per_s']:.0f}" for r in steps)
+        + f" tokens/s (mean {ref:.0f}); "
+        + ", ".join(f"{r['tokens_per_cpu_s']:.0f}" for r in steps)
+        + f" tokens/CPU-s (mean {ref_cpu:.0f}).",
         "",
         "| pair | Spearman (GrADS signal) | overlap of 5% selections |",
         "|---|---|---|",
@@ -227,48 +267,71 @@ def report(results: list[dict], agree: list[dict], ft_s: float, ft_how: str, ste
 
 
 def tune(args, out: Path) -> None:
-    """Short warm-ups over micro-batch size, length grouping and checkpointing (same samples)."""
+    """Choose the CPU trainer defaults: padding efficiency x step throughput, and checkpoint cost.
+
+    Padding efficiency (real / padded tokens) of one epoch's batch plan is exact, computed from the
+    pool's lengths for each micro-batch size, with and without length grouping. The DeepSpeed step's
+    tokens/s is timed on fixed batches of that size at the pool's mean length (interleaved sizes,
+    so load hits all alike), and one LoRA checkpoint save is timed. Real tokens/s of the warm-up
+    is then about step tokens/s x padding efficiency; the main run measures the chosen default.
+    """
     from grads.data import load_pool
     from grads.models import load_model
-    from grads.training import train
+    from grads.training import BatchPlan
 
     cfg = compose(base_overrides(args, out))
     _, tok = load_model(cfg["model"], cache_dir=cfg["paths"]["model_dir"])
     pool = load_pool(cfg, tok)
-    lens = sorted(len(x) for x in pool["input_ids"])
+    lens = [len(x) for x in pool["input_ids"]]
+    mean = round(sum(lens) / len(lens))
     print(
-        f"pool {len(pool)} samples, tokens: median {lens[len(lens) // 2]}, max {lens[-1]}, "
-        f"mean {sum(lens) / len(lens):.0f}; load {load()}",
+        f"pool {len(pool)} samples; tokens: median {sorted(lens)[len(lens) // 2]}, "
+        f"max {max(lens)}, mean {mean}; load {load()}",
         flush=True,
     )
-    step_tps = [fixed_step(args, "before")]
-    samples = args.tune_samples
-    configs = [(mb, g, 0) for mb in (4, 8, 16) for g in (True, False)] + [(8, True, 2)]
-    rows = []
-    for mb, grouped, save_every in configs:
-        knobs = {
-            "micro_batch_size": mb,
-            "group_by_length": grouped,
-            "save_every": save_every,
-            "clean_checkpoints": True,
-        }
-        c = {**cfg, "trainer": {**cfg["trainer"], **knobs}}
-        c["warmup"] = {**cfg["warmup"], "max_steps": math.ceil(samples / mb)}
-        d = out / f"tune_mb{mb}_{'g' if grouped else 'r'}_s{save_every}"
-        s = train(c, "warmup", str(d), pool=pool)
-        rows.append((mb, grouped, save_every, s["tokens_per_s"], s["padding_efficiency"]))
-        print(
-            f"mb={mb:2d} grouped={grouped!s:5} save_every={save_every}: "
-            f"{s['tokens_per_s']:.1f} tokens/s, padding efficiency {s['padding_efficiency']:.3f}, "
-            f"{s['steps']} steps in {s['wall_time_s']:.1f}s; load {load()}",
-            flush=True,
-        )
-    step_tps.append(fixed_step(args, "after"))
-    ref = sum(step_tps) / len(step_tps)
-    print("\n| micro-batch | grouped | save_every | tokens/s | ÷ fixed step | padding eff. |")
+    sizes = (4, 8, 16)
+    eff = {}
+    for mb in sizes:
+        for grouped in (False, True):
+            plan = BatchPlan(len(lens), mb, 1, 1, 0, lengths=lens if grouped else None)
+            batches = plan.epoch_batches(0)
+            eff[mb, grouped] = sum(lens) / sum(plan.padded_tokens(b, lens) for b in batches)
+    from bench_train import deepspeed_step_throughput
+
+    from grads.models import model_config
+
+    tps: dict[int, list[float]] = {mb: [] for mb in sizes}
+    save_s = None
+    for rep in range(args.tune_reps):
+        for mb in sizes:
+            r = deepspeed_step_throughput(
+                model_config("smollm2_135m"),
+                args.mode,
+                batch=mb,
+                seq=mean,
+                steps=2,
+                cache_dir=os.environ.get("GRADS_MODEL_DIR"),
+                save_to=str(out / "ckpt") if (rep == 0 and mb == 8) else None,
+            )
+            tps[mb].append(r["tokens_per_cpu_s"])
+            save_s = r["save_s"] if r["save_s"] is not None else save_s
+            print(
+                f"rep {rep} batch {mb}x{mean}: {r['tokens_per_s']:.1f} tokens/s, "
+                f"{r['tokens_per_cpu_s']:.1f} tokens/CPU-s; load {load()}",
+                flush=True,
+            )
+    print(f"\nLoRA checkpoint save: {save_s:.2f} s")
+    print(
+        "\n| micro-batch | step tokens/CPU-s | padding eff. random | padding eff. grouped "
+        "| est. real tokens/CPU-s random | est. real tokens/CPU-s grouped |"
+    )
     print("|---|---|---|---|---|---|")
-    for mb, g, se, tps, eff in rows:
-        print(f"| {mb} | {g} | {se} | {tps:.0f} | {tps / ref:.2f} | {eff:.3f} |")
+    for mb in sizes:
+        t = sum(tps[mb]) / len(tps[mb])
+        print(
+            f"| {mb} | {t:.0f} | {eff[mb, False]:.3f} | {eff[mb, True]:.3f} "
+            f"| {t * eff[mb, False]:.0f} | {t * eff[mb, True]:.0f} |"
+        )
 
 
 def main() -> None:
@@ -281,7 +344,7 @@ def main() -> None:
     parser.add_argument("--step-reps", type=int, default=4, help="timed fixed steps per check")
     parser.add_argument("--measure-finetune", action="store_true")
     parser.add_argument("--tune", action="store_true", help="choose CPU defaults instead")
-    parser.add_argument("--tune-samples", type=int, default=96)
+    parser.add_argument("--tune-reps", type=int, default=1, help="--tune: rounds over sizes")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
     parser.add_argument("override", nargs="*", help="extra Hydra overrides for every variant")
     args = parser.parse_args()
@@ -293,16 +356,20 @@ def main() -> None:
     if args.tune:
         tune(args, out)
         return
-    step_tps = [fixed_step(args, "before")]
+    steps = [fixed_step(args, "before")]
     results = [run_variant(v, args, out) for v in args.variants]
-    step_tps.append(fixed_step(args, "after"))
+    steps.append(fixed_step(args, "after"))
     if args.measure_finetune:
-        ft_s, ft_how = measure_finetune(args, out), "measured: 3-epoch fine-tune training loop"
+        ft = measure_finetune(args, out)
     else:
         a = next(r for r in results if r["variant"] == "a_pass")
-        ft_s, ft_how = 3 * a["warmup_loop_s"], "3 x the 1-epoch training loop of a_pass"
+        ft = {
+            "wall_s": 3 * a["warmup_loop_s"],
+            "cpu_s": 3 * a["warmup_loop_cpu_s"],
+            "how": "3 x the 1-epoch training loop of a_pass",
+        }
     agree = agreement(results, compose(base_overrides(args, out)))
-    table = report(results, agree, ft_s, ft_how, step_tps)
+    table = report(results, agree, ft, steps)
     print("\n" + table + f"\n\nload average at the end: {load()}")
     with open(out / "bench_cost.json", "w") as f:
         json.dump(
@@ -310,8 +377,8 @@ def main() -> None:
                 "args": vars(args),
                 "results": results,
                 "agreement": agree,
-                "finetune_s": ft_s,
-                "fixed_step_tokens_per_s": step_tps,
+                "finetune": ft,
+                "fixed_step": [{k: v for k, v in r.items() if k != "step_s"} for r in steps],
             },
             f,
             indent=2,

@@ -18,6 +18,11 @@ import os
 import statistics
 import time
 
+# Before torch loads libgomp: threads that wait at a barrier sleep instead of spinning. On a
+# shared, oversubscribed CPU the default spin made the same training step 4-10x slower in wall
+# time and inflated its CPU time as much (measured in bench_cost's notes); idle, it costs ~nothing.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from grads.models import model_config
 
 SMOLLM2 = model_config("smollm2_135m")  # the same node `grads model=smollm2_135m` composes
@@ -47,11 +52,13 @@ def deepspeed_step_throughput(
     warmup_steps: int = 1,
     cache_dir: str | None = None,
     ds_config: str = "ds/cpu.json",
+    save_to: str | None = None,
 ) -> dict:
     """Tokens/s of the trainer's DeepSpeed step alone on fixed ``batch x seq`` random batches.
 
     The same engine, loss and knobs as ``main``'s DeepSpeed loop (no plain loop): the reference
-    that ``scripts/bench_cost.py`` puts beside the pipeline's warm-up throughput.
+    that ``scripts/bench_cost.py`` puts beside the pipeline's warm-up throughput. With
+    ``save_to``, also times one resumable checkpoint (``grads.training.Checkpoints.save``).
     """
     import torch
 
@@ -92,19 +99,29 @@ def deepspeed_step_throughput(
     vocab = min(len(tok), model.get_input_embeddings().weight.shape[0])
     ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(engine.device)
     b = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    times = []
+    times, cpu = [], 0.0
     for i in range(steps + warmup_steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = token_loss_sum(engine, b) / (batch * (seq - 1))
         engine.backward(loss, scale_wrt_gas=False)
         engine.step()
         float(loss.detach())
         if i >= warmup_steps:
             times.append(time.perf_counter() - t0)
+            cpu += time.process_time() - c0
+    save_s = None
+    if save_to is not None:
+        from grads.training import Checkpoints
+
+        t0 = time.perf_counter()
+        Checkpoints(save_to).save(engine, 1, {}, exclude_frozen=mode == "lora", rank=0)
+        save_s = time.perf_counter() - t0
     del engine, model
     return {
+        "save_s": save_s,
         "tokens_per_s": batch * seq * len(times) / sum(times),
         "median_tokens_per_s": batch * seq / statistics.median(times),
+        "tokens_per_cpu_s": batch * seq * len(times) / cpu,  # load-robust on a shared machine
         "step_s": times,
         "batch": batch,
         "seq": seq,
