@@ -19,6 +19,10 @@ Outputs in ``out_dir``: ``features.parquet`` (one row per sample, in pool order)
   (see ``grads.gradients.per_sample_grad_norms``);
 * with ``features.ifd``: ``response_loss`` (``L(a)``) and ``ifd``.
 
+With ``features.source: warmup`` the warm-up writes these rows itself, from its own training steps
+(``grads.gradients.GradNormRecorder``; same maths and schema, no IFD), and ``features_from_warmup``
+takes them over, running this pass only for samples the warm-up did not train on.
+
 A sample with no supervised token has ``n_tokens = 0`` and NaN in every float column; it is counted in
 the summary (``n_no_supervised_tokens``) and logged as a warning. Under ``torch.distributed`` samples are sharded ``rank::world``
 and rank 0 gathers and writes; the table equals a single-process run up to float rounding.
@@ -328,8 +332,9 @@ def features_from_warmup(cfg: dict, warmup_dir: str | Path, out_dir: str | Path)
     ``grads.gradients.GradNormRecorder``). When that covers the pool, the table is taken as is
     (no model is loaded). With ``warmup.fraction < 1`` or ``max_steps`` short of an epoch, the
     remaining samples are scored by the normal pass on the warm-up's final model, on
-    ``features.procs`` processes, and merged: every sample is then scored by a model that had not
-    yet been updated on it, which is what the pass gives the samples the warm-up never saw.
+    ``features.procs`` processes, and merged. With a one-epoch warm-up every sample is then scored
+    by a model not yet updated on it: a recorded sample just before its own step, any other one
+    by the final model, which never saw it.
 
     Returns:
         The summary written to ``out_dir/features.json``.

@@ -8,6 +8,8 @@ Variants, all on the same real pool, model and trainer (``grads.pipeline.run`` w
   does), then the pass over the whole pool.
 * ``c_recorded``: one warm-up epoch over the pool that records the features from its own steps
   (``features.source=warmup``): no separate pass.
+* ``a_pass_seed1``: ``a_pass`` with another warm-up seed: the agreement a variant can be expected
+  to reach with ``a_pass`` at all (the noise floor of the signal).
 
 Selection cost = the warm-up + features + select stages (model loading and export included), as
 wall time and as CPU time (this process and its children, all threads: on a shared machine the
@@ -51,6 +53,8 @@ VARIANTS = {
     "a_pass": ["features.source=pass"],
     "b_subset": ["features.source=pass", "warmup.fraction=0.05"],
     "c_recorded": ["features.source=warmup"],
+    # Noise floor: a_pass again with another warm-up seed (another batch order and LoRA init).
+    "a_pass_seed1": ["features.source=pass", "warmup.seed=1"],
 }
 
 
@@ -194,10 +198,19 @@ def spearman(a, b) -> float:
 
 
 def agreement(results: list[dict], cfg: dict) -> list[dict]:
+    """Spearman of the GrADS signal and overlap of the 5% (pipeline) and 25% selections, per pair."""
+    import pandas as pd
+    from hydra.utils import instantiate
+
     from grads.io import read_jsonl
 
     sig = {r["variant"]: signal(r["features_path"], cfg) for r in results}
     sel = {r["variant"]: {x["id"] for x in read_jsonl(r["selection_path"])} for r in results}
+    selector = instantiate(cfg["selector"])
+    p25 = {
+        r["variant"]: set(selector.select(pd.read_parquet(r["features_path"]), "p25", 0).ids)
+        for r in results
+    }
     rows = []
     names = [r["variant"] for r in results]
     for i, x in enumerate(names):
@@ -208,6 +221,8 @@ def agreement(results: list[dict], cfg: dict) -> list[dict]:
                     "spearman_signal": spearman(sig[x], sig[y]),
                     "overlap_p5": len(sel[x] & sel[y]) / max(1, len(sel[x])),
                     "n_selected": len(sel[x]),
+                    "overlap_p25": len(p25[x] & p25[y]) / max(1, len(p25[x])),
+                    "n_p25": len(p25[x]),
                 }
             )
     return rows
@@ -255,12 +270,12 @@ def report(results: list[dict], agree: list[dict], ft: dict, steps: list[dict]) 
         + ", ".join(f"{r['tokens_per_cpu_s']:.0f}" for r in steps)
         + f" tokens/CPU-s (mean {ref_cpu:.0f}).",
         "",
-        "| pair | Spearman (GrADS signal) | overlap of 5% selections |",
-        "|---|---|---|",
+        "| pair | Spearman (GrADS signal) | overlap of 5% selections | overlap of 25% |",
+        "|---|---|---|---|",
     ]
     lines += [
         f"| {a['pair']} | {a['spearman_signal']:.3f} | {a['overlap_p5']:.2f} "
-        f"(of {a['n_selected']}) |"
+        f"(of {a['n_selected']}) | {a['overlap_p25']:.2f} (of {a['n_p25']}) |"
         for a in agree
     ]
     return "\n".join(lines)
