@@ -349,6 +349,36 @@ def tune(args, out: Path) -> None:
         )
 
 
+def in_child(args, out: Path, job: str) -> dict:
+    """Run one job (``step:<label>`` or a variant) in a fresh process; return its result.
+
+    One process per job keeps memory at one model's worth (the machine is shared; a single
+    process holding every variant's models was OOM-killed) and makes each job's CPU time its own.
+    """
+    import subprocess
+
+    argv = [sys.executable, str(Path(__file__).resolve()), "--worker", job, "--out", str(out)]
+    argv += [f"--domain={args.domain}", f"--pool={args.pool}", f"--max-seq-len={args.max_seq_len}"]
+    argv += [f"--mode={args.mode}", f"--step-reps={args.step_reps}", *args.override]
+    subprocess.run(argv, check=True, cwd=out)
+    with open(out / f"job_{job.replace(':', '_')}.json") as f:
+        return json.load(f)
+
+
+def worker(args) -> None:
+    """Child side of ``in_child``: ``args.out`` is the run folder itself."""
+    out = Path(args.out)
+    os.chdir(out)
+    job = args.worker
+    if job.startswith("step:"):
+        res = fixed_step(args, job.split(":", 1)[1])
+        res = {k: v for k, v in res.items() if k != "step_s"}
+    else:
+        res = run_variant(job, args, out)
+    with open(out / f"job_{job.replace(':', '_')}.json", "w") as f:
+        json.dump(res, f, indent=2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--domain", default="legal")
@@ -361,9 +391,13 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true", help="choose CPU defaults instead")
     parser.add_argument("--tune-reps", type=int, default=1, help="--tune: rounds over sizes")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one job, in a child
     parser.add_argument("override", nargs="*", help="extra Hydra overrides for every variant")
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if args.worker:
+        worker(args)
+        return
     out = Path(args.out).resolve() / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     os.chdir(out)  # grads.pipeline.run writes outputs/runs/<time> under the working directory
@@ -371,9 +405,9 @@ def main() -> None:
     if args.tune:
         tune(args, out)
         return
-    steps = [fixed_step(args, "before")]
-    results = [run_variant(v, args, out) for v in args.variants]
-    steps.append(fixed_step(args, "after"))
+    steps = [in_child(args, out, "step:before")]
+    results = [in_child(args, out, v) for v in args.variants]
+    steps.append(in_child(args, out, "step:after"))
     if args.measure_finetune:
         ft = measure_finetune(args, out)
     else:
@@ -393,7 +427,7 @@ def main() -> None:
                 "results": results,
                 "agreement": agree,
                 "finetune": ft,
-                "fixed_step": [{k: v for k, v in r.items() if k != "step_s"} for r in steps],
+                "fixed_step": steps,
             },
             f,
             indent=2,
