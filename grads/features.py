@@ -19,6 +19,10 @@ Outputs in ``out_dir``: ``features.parquet`` (one row per sample, in pool order)
   (see ``grads.gradients.per_sample_grad_norms``);
 * with ``features.ifd``: ``response_loss`` (``L(a)``) and ``ifd``.
 
+With ``features.source: warmup`` the warm-up writes these rows itself, from its own training steps
+(``grads.gradients.GradNormRecorder``; same maths and schema, no IFD), and ``features_from_warmup``
+takes them over, running this pass only for samples the warm-up did not train on.
+
 A sample with no supervised token has ``n_tokens = 0`` and NaN in every float column; it is counted in
 the summary (``n_no_supervised_tokens``) and logged as a warning. Under ``torch.distributed`` samples are sharded ``rank::world``
 and rank 0 gathers and writes; the table equals a single-process run up to float rounding.
@@ -60,6 +64,99 @@ def _features_cfg(cfg: dict) -> dict:
     if f["ifd"] == "auto":  # the pipeline resolves auto from the selector; a direct call has none
         f["ifd"] = False
     return f
+
+
+SOURCES = ("pass", "warmup")
+
+
+def features_source(cfg: dict) -> str:
+    """``features.source`` (``pass`` | ``warmup``), checked before any model is loaded.
+
+    ``warmup`` records the table during the warm-up (``grads.training._Recording``). IFD needs a
+    forward over each response alone, which a training step does not run, so it requires
+    ``pass``.
+    """
+    f = (cfg or {}).get("features") or {}
+    src = f.get("source") or "pass"
+    if src not in SOURCES:
+        raise ValueError(f"features.source={src!r}: expected one of {SOURCES}")
+    if src == "warmup" and f.get("ifd") is True:
+        raise ValueError(
+            "features.source=warmup records gradient norms during the warm-up and cannot compute "
+            "IFD (a separate forward over each response): use features.source=pass for IFD "
+            "selectors, or features.ifd=false"
+        )
+    return src
+
+
+def feature_columns(tied: bool, stats: bool, ifd: bool) -> list[str]:
+    """Column order of ``features.parquet``."""
+    from grads.gradients import STAT_KEYS
+
+    columns = list(BASE_COLUMNS) + (["tied"] if tied else [])
+    columns += list(STAT_KEYS) if stats else []
+    return columns + (["response_loss", "ifd"] if ifd else [])
+
+
+def _table(rows: list[dict], columns: list[str]):
+    import pyarrow as pa
+
+    return pa.table({c: [row[c] for row in rows] for c in columns})
+
+
+def _nan_report(rows: list[dict]) -> dict:
+    empty = [row["id"] for row in rows if row["n_tokens"] == 0]
+    if empty:
+        log.warning(
+            "%d sample(s) have no supervised token; their features are NaN (e.g. %s)",
+            len(empty),
+            empty[:5],
+        )
+    nan_rows = sum(
+        any(isinstance(v, float) and math.isnan(v) for v in row.values()) for row in rows
+    )
+    return {
+        "n_no_supervised_tokens": len(empty),
+        "no_supervised_ids": empty[:100],
+        "n_nan_rows": nan_rows,
+    }
+
+
+def write_recorded(
+    out_dir: str | Path, rows: list[dict], tied: bool, pool_size: int, extra: dict | None = None
+) -> dict:
+    """Write the warm-up's recorded table (``features.parquet`` / ``features.json``) in ``out_dir``.
+
+    Args:
+        out_dir: the warm-up's folder.
+        rows: one dict per recorded sample, in pool order, with every column of
+            ``feature_columns(tied, stats=True, ifd=False)``.
+        tied: whether the model ties its embedding and LM head.
+        pool_size: samples in the pool (more than ``len(rows)`` with ``warmup.fraction < 1``).
+        extra: further summary fields.
+
+    Returns:
+        The summary written to ``features.json``.
+    """
+    from grads.io import write_json, write_parquet
+
+    columns = feature_columns(tied, stats=True, ifd=False)
+    summary = {
+        "source": "warmup",
+        "n_samples": len(rows),
+        "n_recorded": len(rows),
+        "pool_size": pool_size,
+        **_nan_report(rows),
+        "columns": columns,
+        "tied": tied,
+        "stats": True,
+        "ifd": False,
+        **(extra or {}),
+    }
+    out_dir = Path(out_dir)
+    write_parquet(out_dir / "features.parquet", _table(rows, columns))
+    write_json(out_dir / "features.json", summary)
+    return summary
 
 
 def compute_shard(
@@ -128,7 +225,9 @@ def compute_shard(
     return out, timings
 
 
-def run_features(cfg: dict, model, tokenizer, pool: Any, out_dir: str | Path) -> dict:
+def run_features(
+    cfg: dict, model, tokenizer, pool: Any, out_dir: str | Path, recorded: list[dict] | None = None
+) -> dict:
     """Compute the feature table of ``pool`` and write ``features.parquet`` / ``features.json``.
 
     Args:
@@ -140,15 +239,15 @@ def run_features(cfg: dict, model, tokenizer, pool: Any, out_dir: str | Path) ->
         pool: ``datasets.Dataset`` or list of dicts with ``id``, ``input_ids``, ``labels`` (``-100`` on
             the prompt) and, with ``ifd``, ``response_ids``.
         out_dir: stage output folder (rank 0 writes).
+        recorded: rows already scored (the warm-up's, ``features.source=warmup``); only the other
+            pool samples are computed, and the table holds both, in pool order.
 
     Returns:
         The summary written to ``features.json`` (identical on every rank).
     """
-    import pyarrow as pa
     import torch.distributed as dist
 
     from grads.dist import rank, world_size
-    from grads.gradients import STAT_KEYS
     from grads.io import write_json, write_parquet
     from grads.models import is_tied
 
@@ -160,6 +259,12 @@ def run_features(cfg: dict, model, tokenizer, pool: Any, out_dir: str | Path) ->
     r, world = rank(), world_size()
     distributed = world > 1 and dist.is_available() and dist.is_initialized()
     t0 = time.perf_counter()
+    pool_ids = [
+        str(x)
+        for x in (pool["id"] if hasattr(pool, "column_names") else [row["id"] for row in pool])
+    ]
+    done = {str(row["id"]): row for row in recorded or []}
+    todo = [i for i, sid in enumerate(pool_ids) if sid not in done]
 
     local, timings = compute_shard(
         fcfg,
@@ -167,7 +272,7 @@ def run_features(cfg: dict, model, tokenizer, pool: Any, out_dir: str | Path) ->
         pad_id,
         padding_side,
         pool,
-        list(range(r, len(pool), world)) if distributed else list(range(len(pool))),
+        todo[r::world] if distributed else todo,
         progress=bool(fcfg["progress"]) and r == 0,
     )
     timings["device"] = str(next(model.parameters()).device)
@@ -179,32 +284,20 @@ def run_features(cfg: dict, model, tokenizer, pool: Any, out_dir: str | Path) ->
 
     summary = None
     if r == 0:
-        merged = sorted((item for part, _ in gathered for item in part), key=lambda x: x[0])
-        assert [i for i, _ in merged] == list(range(len(pool))), "lost or duplicated samples"
-        rows = [row for _, row in merged]
+        computed = dict(item for part, _ in gathered for item in part)
+        assert sorted(computed) == todo, "lost or duplicated samples"
+        rows = [computed[i] if i in computed else done[sid] for i, sid in enumerate(pool_ids)]
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        columns = list(BASE_COLUMNS) + (["tied"] if is_tied(base) else [])
-        columns += list(STAT_KEYS) if fcfg["stats"] else []
-        columns += ["response_loss", "ifd"] if fcfg["ifd"] else []
-        table = pa.table({c: [row[c] for row in rows] for c in columns})
-        empty = [row["id"] for row in rows if row["n_tokens"] == 0]
-        nan_rows = sum(
-            any(isinstance(v, float) and math.isnan(v) for v in row.values()) for row in rows
-        )
-        if empty:
-            log.warning(
-                "%d sample(s) have no supervised token; their features are NaN (e.g. %s)",
-                len(empty),
-                empty[:5],
-            )
+        columns = feature_columns(is_tied(base), bool(fcfg["stats"]), bool(fcfg["ifd"]))
         parts = [t for _, t in gathered]
         wall = time.perf_counter() - t0
         tokens = sum(t["tokens"] for t in parts)
         summary = {
+            "source": "warmup" if recorded is not None else "pass",
             "n_samples": len(rows),
-            "n_no_supervised_tokens": len(empty),
-            "no_supervised_ids": empty[:100],
-            "n_nan_rows": nan_rows,
+            "n_recorded": len(rows) - len(todo),
+            "n_computed": len(todo),
+            **_nan_report(rows),
             "columns": columns,
             "tied": is_tied(base),
             "stats": bool(fcfg["stats"]),
@@ -219,17 +312,85 @@ def run_features(cfg: dict, model, tokenizer, pool: Any, out_dir: str | Path) ->
             "feature_time_s": max(t["feature_s"] for t in parts),
             "ifd_time_s": max(t["ifd_s"] for t in parts),
             "tokens_per_s": tokens / wall if wall > 0 else math.nan,
-            "samples_per_s": len(rows) / wall if wall > 0 else math.nan,
+            "samples_per_s": len(todo) / wall if wall > 0 else math.nan,
             "per_rank": parts,
         }
         out_dir = Path(out_dir)
-        write_parquet(out_dir / "features.parquet", table)
+        write_parquet(out_dir / "features.parquet", _table(rows, columns))
         write_json(out_dir / "features.json", summary)
     if distributed:
         box = [summary]
         dist.broadcast_object_list(box, src=0)
         summary = box[0]
     return summary
+
+
+def features_from_warmup(cfg: dict, warmup_dir: str | Path, out_dir: str | Path) -> dict:
+    """The features stage for ``features.source: warmup``.
+
+    The warm-up wrote ``features.parquet`` for every sample it trained on, each scored from its own
+    training step (the model state of that step, before its update; see
+    ``grads.gradients.GradNormRecorder``). When that covers the pool, the table is taken as is
+    (no model is loaded). With ``warmup.fraction < 1`` or ``max_steps`` short of an epoch, the
+    remaining samples are scored by the normal pass on the warm-up's final model, on
+    ``features.procs`` processes, and merged. With a one-epoch warm-up every sample is then scored
+    by a model not yet updated on it: a recorded sample just before its own step, any other one
+    by the final model, which never saw it.
+
+    Returns:
+        The summary written to ``out_dir/features.json``.
+    """
+    from grads.io import read_json, write_json, write_parquet
+
+    features_source(cfg)
+    warmup_dir, out_dir = Path(warmup_dir), Path(out_dir)
+    if not (warmup_dir / "features.json").exists():
+        raise FileNotFoundError(
+            f"{warmup_dir} has no recorded features.json: the warm-up ran without "
+            "features.source=warmup"
+        )
+    info = read_json(warmup_dir / "features.json")
+    if info["n_recorded"] < info["pool_size"]:
+        from grads.launch import run_distributed
+
+        procs = int((cfg.get("features") or {}).get("procs") or 1)
+        run_distributed(
+            "grads.features:_features_rest_job", procs, cfg, str(warmup_dir), str(out_dir)
+        )
+        return read_json(out_dir / "features.json")
+    import pyarrow.parquet as pq
+
+    fcfg = _features_cfg(cfg)
+    columns = feature_columns(bool(info["tied"]), bool(fcfg["stats"]), False)
+    t0 = time.perf_counter()
+    table = pq.read_table(warmup_dir / "features.parquet").select(columns)
+    write_parquet(out_dir / "features.parquet", table)
+    summary = {
+        **{k: v for k, v in info.items() if k not in ("columns", "stats")},
+        "columns": columns,
+        "stats": bool(fcfg["stats"]),
+        "n_computed": 0,
+        "tokens_processed": 0,
+        "wall_time_s": time.perf_counter() - t0,
+        "recorded_from": str(warmup_dir),
+    }
+    write_json(out_dir / "features.json", summary)
+    return summary
+
+
+def _features_rest_job(cfg: dict, warmup_dir: str, out_dir: str) -> None:
+    """Worker: the pass over the samples the warm-up did not record, merged with its rows."""
+    import pyarrow.parquet as pq
+
+    from grads.data import load_pool
+    from grads.training import load_trained
+
+    model, tokenizer = load_trained(
+        cfg["model"], warmup_dir, cache_dir=(cfg.get("paths") or {}).get("model_dir")
+    )
+    pool = load_pool(cfg, tokenizer)
+    recorded = pq.read_table(Path(warmup_dir) / "features.parquet").to_pylist()
+    run_features(cfg, model, tokenizer, pool, out_dir, recorded=recorded)
 
 
 def run_features_from_config(

@@ -146,6 +146,10 @@ class _Head:
         h: ``[N, D]`` float32 hidden states of the supervised positions, grouped by sample.
         y: ``[N]`` target ids. ``scale``: ``[N]`` ``1/n_i`` of each token's sample.
         w, b: LM-head weight ``[V, D]`` (float32) and optional bias.
+        logits: optional ``(z, sb, st)``: the ``[B, T, V]`` logits of a forward that already ran
+            and the batch/time index of each supervised token. Logits are then read from ``z``
+            (bias included) instead of recomputed from ``h`` and ``w``, and ``dL/dh`` is not formed
+            (a training step's own backward supplies the input gradient).
     """
 
     def __init__(
@@ -153,23 +157,32 @@ class _Head:
         h: Tensor,
         y: Tensor,
         scale: Tensor,
-        w: Tensor,
+        w: Tensor | None,
         b: Tensor | None,
         chunk_bytes: int,
         method: str,
+        logits: tuple[Tensor, Tensor, Tensor] | None = None,
     ):
         self.h, self.y, self.scale, self.w, self.b = h, y, scale, w, b
-        n_tok, _ = h.shape
-        self.V, self.D = w.shape
+        self.src = logits
+        n_tok, self.D = h.shape
+        # Under ZeRO-3 the LM-head weight is a partitioned stub outside forward: take V from z.
+        self.V = logits[0].shape[-1] if logits is not None else w.shape[0]
         self.chunk_bytes = chunk_bytes
         self.method = method
         self.lse = torch.empty(n_tok, dtype=torch.float32, device=h.device)
         self.ce = torch.empty_like(self.lse)
         self.g_sq = torch.empty_like(self.lse)  # ||G_t||^2
-        self.dh = torch.empty_like(h)  # dL/dh_t = G_t W, to backpropagate into the network
+        # dL/dh_t = G_t W, to backpropagate into the network (not needed with given logits)
+        self.dh = torch.empty_like(h) if logits is None else None
 
-    def logits(self, h: Tensor, lo: int = 0, hi: int | None = None) -> Tensor:
+    def logits(self, s: int, e: int, lo: int = 0, hi: int | None = None) -> Tensor:
+        """A fresh float32 ``[e - s, hi - lo]`` block of logits (tokens ``[s, e)``, vocab slice)."""
+        if self.src is not None:
+            z, sb, st = self.src
+            return z[sb[s:e], st[s:e], lo:hi].float()  # advanced indexing copies
         w = self.w[lo:hi]
+        h = self.h[s:e]
         return torch.addmm(self.b[lo:hi], h, w.T) if self.b is not None else h @ w.T
 
     def use_ghost(self, n: int) -> bool:
@@ -183,7 +196,7 @@ class _Head:
     def group(self, s: int, e: int, spans: list[tuple[int, int]]) -> list[float]:
         """Samples whose tokens ``[s, e)`` fit one ``[tokens, V]`` buffer: everything in one pass."""
         h, y, scale = self.h[s:e], self.y[s:e], self.scale[s:e]
-        z = self.logits(h)
+        z = self.logits(s, e)
         z_y = z.gather(1, y[:, None]).squeeze(1)
         # logits -> G in place, one exp pass: the [tokens, V] buffer is the only big allocation.
         z_max = z.amax(dim=1)
@@ -193,7 +206,8 @@ class _Head:
         self.lse[s:e], self.ce[s:e] = lse, lse - z_y
         g = z.mul_((scale / denom)[:, None])  # softmax / n_i
         g[torch.arange(e - s, device=z.device), y] -= scale
-        torch.mm(g, self.w, out=self.dh[s:e])
+        if self.dh is not None:
+            torch.mm(g, self.w, out=self.dh[s:e])
         out = []
         for a, b in spans:  # absolute token offsets of each sample
             ga, ha = g[a - s : b - s], h[a - s : b - s]
@@ -214,7 +228,7 @@ class _Head:
         h, y, n = self.h[a:b], self.y[a:b], b - a
         for s in range(0, n, tok_step):
             e = min(n, s + tok_step)
-            z = self.logits(h[s:e])
+            z = self.logits(a + s, a + e)
             lse = torch.logsumexp(z, dim=1)
             self.lse[a + s : a + e] = lse
             self.ce[a + s : a + e] = lse - z.gather(1, y[s:e, None]).squeeze(1)
@@ -222,29 +236,36 @@ class _Head:
         lse, scale = self.lse[a:b], self.scale[a:b]
         ghost = self.use_ghost(n)
         gram = torch.zeros(n, n, device=h.device) if ghost else None
-        dh = torch.zeros_like(h)
+        dh = torch.zeros_like(h) if self.dh is not None else None
         g_sq = torch.zeros(n, device=h.device)
         acc, step = 0.0, self.vocab_step(n)
         for v in range(0, self.V, step):
-            g = self.logits(h, v, v + step).sub_(lse[:, None]).exp_()
+            g = self.logits(a, b, v, v + step).sub_(lse[:, None]).exp_()
             hit = (y >= v) & (y < v + step)
             g[hit.nonzero().squeeze(1), y[hit] - v] -= 1.0
             g.mul_(scale[:, None])
             g_sq += g.square().sum(1)
-            dh.addmm_(g, self.w[v : v + step])
+            if dh is not None:
+                dh.addmm_(g, self.w[v : v + step])
             if ghost:
                 gram.addmm_(g, g.T)
             else:
                 acc += float((g.T @ h).square().sum())
-        self.dh[a:b], self.g_sq[a:b] = dh, g_sq
+        self.g_sq[a:b] = g_sq
+        if dh is not None:
+            self.dh[a:b] = dh
         return float((gram * (h @ h.T)).sum()) if ghost else acc
 
     def columns(self, a: int, b: int, ids: Tensor) -> Tensor:
         """``G[:, ids]`` for the tokens ``[a, b)`` of one sample, recomputed from the saved lse."""
-        h, y = self.h[a:b], self.y[a:b]
-        z = h @ self.w[ids].T
-        if self.b is not None:
-            z += self.b[ids]
+        y = self.y[a:b]
+        if self.src is not None:
+            zs, sb, st = self.src
+            z = zs[sb[a:b, None], st[a:b, None], ids[None, :]].float()
+        else:
+            z = self.h[a:b] @ self.w[ids].T
+            if self.b is not None:
+                z += self.b[ids]
         g = z.sub_(self.lse[a:b, None]).exp_() - (y[:, None] == ids[None, :]).float()
         return g.mul_(self.scale[a:b, None])
 
@@ -308,20 +329,10 @@ def per_sample_grad_norms(
     if method not in ("auto", "ghost", "direct"):
         raise ValueError(f"method={method!r}")
     backbone, emb, head, _ = _parts(model)
-    tied = head.weight is emb.weight
     device = emb.weight.device
     ids = input_ids.to(device)
     mask = attention_mask.to(device)
-    labels = labels.to(device)
-    B, T = ids.shape
-    V = emb.weight.shape[0]
-
-    sup = _supervised(mask, labels)
-    sb, st = sup.nonzero(as_tuple=True)  # row-major: tokens grouped by sample
-    y = labels[:, 1:][sb, st]
-    n = sup.sum(1)
-    offsets = [0, *torch.cumsum(n, 0).tolist()]
-    scale = (1.0 / n.clamp(min=1).double()).float()[sb]
+    tg = _Targets(mask, labels.to(device))
 
     with _frozen(model):
         x = emb.weight[ids].detach().requires_grad_(True)
@@ -336,21 +347,62 @@ def per_sample_grad_norms(
         with torch.no_grad():
             w = head.weight.detach().float()
             bias = head.bias.detach().float() if head.bias is not None else None
-            h = hidden.detach()[sb, st].float()
-            hd = _Head(h, y, scale, w, bias, chunk_bytes, method)
-            head_sq = torch.zeros(B, dtype=torch.float64)
-            _run_head(hd, offsets, head_sq)
+            h = hidden.detach()[tg.sb, tg.st].float()
+            hd = _Head(h, tg.y, tg.scale, w, bias, chunk_bytes, method)
+            head_sq = torch.zeros(len(tg.n), dtype=torch.float64)
+            _run_head(hd, tg.offsets, head_sq)
 
         # Embedding use: one backward w.r.t. inputs_embeds only (params are frozen).
-        if len(y):
+        if len(tg.y):
             grad_out = torch.zeros_like(hidden)
-            grad_out[sb, st] = hd.dh.to(hidden.dtype)
+            grad_out[tg.sb, tg.st] = hd.dh.to(hidden.dtype)
             (dx,) = torch.autograd.grad(hidden, x, grad_outputs=grad_out)
             del grad_out
         else:
             dx = torch.zeros_like(x)
         del hidden  # frees the autograd graph's activations before the bookkeeping below
 
+    return _finish(hd, head_sq, dx, None, ids, mask, tg, emb, head.weight is emb.weight, stats)
+
+
+class _Targets:
+    """Supervised tokens of a padded batch, grouped by sample (row-major order).
+
+    Attributes: ``sb``/``st`` batch and time index of each scored position, ``y`` its target,
+    ``n`` ``[B]`` supervised-token counts, ``offsets`` sample boundaries into the token axis and
+    ``scale`` ``[N]`` the ``1/n_i`` of each token's sample.
+    """
+
+    def __init__(self, mask: Tensor, labels: Tensor):
+        sup = _supervised(mask, labels)
+        self.sb, self.st = sup.nonzero(as_tuple=True)
+        self.y = labels[:, 1:][self.sb, self.st]
+        self.n = sup.sum(1)
+        self.offsets = [0, *torch.cumsum(self.n, 0).tolist()]
+        self.scale = (1.0 / self.n.clamp(min=1).double()).float()[self.sb]
+
+
+def _finish(
+    hd: _Head,
+    head_sq: Tensor,
+    dx: Tensor,
+    row_scale: Tensor | None,
+    ids: Tensor,
+    mask: Tensor,
+    tg: _Targets,
+    emb: nn.Embedding,
+    tied: bool,
+    stats: bool,
+) -> dict[str, Tensor]:
+    """Embedding norms, the tied cross term (eq. 3) and the per-token statistics of one batch.
+
+    ``dx`` is the gradient of the loss with respect to the looked-up embeddings ``[B, T, D]``;
+    ``row_scale`` (``[B]``, optional) turns sample ``i``'s rows into those of its mean loss
+    ``L_i`` (a training step's ``dx`` is that of a summed, rescaled loss).
+    """
+    B = len(tg.n)
+    V = hd.V
+    device = dx.device
     with torch.no_grad():
         # nn.Embedding never sends gradient to its padding_idx row; mirror that exactly.
         valid = mask.bool()
@@ -358,6 +410,8 @@ def per_sample_grad_norms(
             valid &= ids != emb.padding_idx
         vb, vt = valid.nonzero(as_tuple=True)
         rows = dx[vb, vt].float()
+        if row_scale is not None:
+            rows.mul_(row_scale.to(device=device, dtype=rows.dtype)[vb, None])
         keys, inv = torch.unique(vb * V + ids[vb, vt], return_inverse=True)
         agg = torch.zeros(len(keys), rows.shape[1], device=device).index_add_(0, inv, rows)
         owner = keys // V
@@ -366,9 +420,9 @@ def per_sample_grad_norms(
 
         out: dict[str, Tensor] = {
             "loss": torch.zeros(B, dtype=torch.float64)
-            .index_add_(0, sb.cpu(), (hd.ce * scale).double().cpu())
+            .index_add_(0, tg.sb.cpu(), (hd.ce * tg.scale).double().cpu())
             .float(),
-            "n_tokens": n.cpu().long(),
+            "n_tokens": tg.n.cpu().long(),
             "embed": embed_sq.sqrt().float().cpu(),
             "lm_head": head_sq.sqrt().float(),
         }
@@ -376,18 +430,18 @@ def per_sample_grad_norms(
             cross = torch.zeros(B, dtype=torch.float64)
             starts = torch.searchsorted(owner, torch.arange(B + 1, device=device)).tolist()
             for i in range(B):
-                a, b, ua, ub = offsets[i], offsets[i + 1], starts[i], starts[i + 1]
+                a, b, ua, ub = tg.offsets[i], tg.offsets[i + 1], starts[i], starts[i + 1]
                 if b > a and ub > ua:
                     g_cols = hd.columns(a, b, keys[ua:ub] % V)  # [n_i, k_i]
-                    cross[i] = float((g_cols * (h[a:b] @ agg[ua:ub].T)).sum())
+                    cross[i] = float((g_cols * (hd.h[a:b] @ agg[ua:ub].T)).sum())
             total = embed_sq.cpu() + head_sq + 2 * cross
             out["tied"] = total.clamp(min=0).sqrt().float()
         if stats:
-            head_tok = hd.g_sq.sqrt() * h.norm(dim=1)
-            out.update(zip(STAT_KEYS[3:], _segment_stats(head_tok, sb, B)))
+            head_tok = hd.g_sq.sqrt() * hd.h.norm(dim=1)
+            out.update(zip(STAT_KEYS[3:], _segment_stats(head_tok, tg.sb, B)))
             out.update(zip(STAT_KEYS[:3], _segment_stats(rows.norm(dim=1), vb, B)))
 
-        empty = (n == 0).cpu()
+        empty = (tg.n == 0).cpu()
         for key, val in out.items():
             if key != "n_tokens":
                 val[empty] = math.nan
@@ -417,6 +471,128 @@ def _run_head(hd: _Head, offsets: list[int], head_sq: Tensor) -> None:
             flush()
         group.append(i)
     flush()
+
+
+class GradNormRecorder:
+    """The outputs of ``per_sample_grad_norms``, read off a training step's own forward and backward.
+
+    A training micro-batch's loss is ``c * sum_t CE_t`` (``grads.training``: ``c`` = world size /
+    supervised tokens of the global batch). Samples do not interact, so after its backward the
+    gradient at sample ``i``'s looked-up embeddings is ``c n_i dL_i/dx``, and eq. (1)'s LM-head
+    pieces need only the forward's final hidden states and logits. Hooks on the input embedding
+    and the LM head capture those three tensors; the norms then go through the same ``_Head`` and
+    ``_finish`` code as the separate pass (ghost/direct LM-head norm, token aggregation of the
+    embedding rows, tied cross term, per-token statistics). No logit is recomputed, no weight
+    gradient is read, and nothing is formed per sample beyond what the pass forms.
+
+    What differs from the pass is only the model the step runs: its parameters at that step (before
+    the update) and train mode (dropout, if any). With learning rate 0 and dropout 0 the numbers
+    equal the pass's up to float rounding (tested).
+
+    Usage, once per recorded micro-batch, between ``backward`` and the optimizer step::
+
+        rec = GradNormRecorder(model)
+        rec.arm()
+        (c * token_loss_sum(model, batch)).backward()
+        norms = rec.collect(batch, c)
+        ...
+        rec.close()
+
+    Args:
+        model: the trained module (plain or peft-wrapped; ``_parts`` rules apply).
+        stats: also return the ``STAT_KEYS`` per-token statistics.
+        chunk_bytes, method: as in ``per_sample_grad_norms``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        stats: bool = True,
+        chunk_bytes: int = 1 << 26,
+        method: str = "auto",
+    ):
+        if method not in ("auto", "ghost", "direct"):
+            raise ValueError(f"method={method!r}")
+        _, self.emb, self.head, _ = _parts(model)
+        self.tied = self.head.weight is self.emb.weight
+        self.stats, self.chunk_bytes, self.method = stats, chunk_bytes, method
+        self._armed = False
+        self._dx: Tensor | None = None
+        self._h: Tensor | None = None
+        self._z: Tensor | None = None
+        self._handles = [
+            self.emb.register_forward_hook(self._on_embed),
+            self.head.register_forward_hook(self._on_head),
+        ]
+
+    def _on_embed(self, module: nn.Module, args: Any, out: Tensor) -> Tensor | None:
+        if not self._armed:
+            return None
+        if not out.requires_grad:
+            # Frozen embedding (LoRA): a leaf that asks for its gradient. The parameter gradients
+            # do not change; the backward just continues to the first layer's input.
+            out = out.detach().requires_grad_(True)
+        out.register_hook(self._on_grad)
+        return out
+
+    def _on_grad(self, grad: Tensor) -> None:
+        self._dx = grad.detach()
+
+    def _on_head(self, module: nn.Module, args: Any, out: Tensor) -> None:
+        if self._armed:
+            self._h, self._z = args[0].detach(), out.detach()
+
+    def arm(self) -> None:
+        """Capture the next forward (and its backward)."""
+        self._armed, self._dx, self._h, self._z = True, None, None, None
+
+    def collect(self, batch: dict[str, Tensor], loss_scale: float) -> dict[str, Tensor]:
+        """Per-sample norms of the armed micro-batch; call after its backward, before the update.
+
+        Args:
+            batch: the ``input_ids``/``attention_mask``/``labels`` the step ran on.
+            loss_scale: ``c`` in ``loss = c * sum_t CE_t`` (what the backward started from).
+
+        Returns:
+            The dict ``per_sample_grad_norms`` returns for this batch.
+        """
+        if self._dx is None or self._z is None:
+            raise RuntimeError("collect() needs arm(), then a forward and a backward")
+        device = self._z.device
+        ids = batch["input_ids"].to(device)
+        mask = batch["attention_mask"].to(device)
+        tg = _Targets(mask, batch["labels"].to(device))
+        if self._z.shape[:2] != ids.shape or self._dx.shape[:2] != ids.shape:
+            raise RuntimeError(
+                f"captured tensors {tuple(self._z.shape)} do not match the batch {tuple(ids.shape)}"
+            )
+        with torch.no_grad():
+            h = self._h[tg.sb, tg.st].float()
+            hd = _Head(
+                h,
+                tg.y,
+                tg.scale,
+                None,
+                None,
+                self.chunk_bytes,
+                self.method,
+                (self._z, tg.sb, tg.st),
+            )
+            head_sq = torch.zeros(len(tg.n), dtype=torch.float64)
+            _run_head(hd, tg.offsets, head_sq)
+            row_scale = 1.0 / (float(loss_scale) * tg.n.clamp(min=1).double())
+            out = _finish(
+                hd, head_sq, self._dx, row_scale, ids, mask, tg, self.emb, self.tied, self.stats
+            )
+        self._armed, self._dx, self._h, self._z = False, None, None, None
+        return out
+
+    def close(self) -> None:
+        """Remove the hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
 
 def per_sample_loss(

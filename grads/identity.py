@@ -660,6 +660,8 @@ SPECS: dict[str, StageSpec] = {
             "pool": pool_identity,
             "data": lambda cfg, fp: data_identity(cfg),
             "trainer": lambda cfg, fp: train_identity(cfg, "warmup"),
+            # features.source=warmup makes the warm-up also record the features table
+            "features_source": lambda cfg, fp: (cfg.get("features") or {}).get("source", "pass"),
         },
         (*_COMMON, "trainer.mode", "warmup.epochs", "warmup.max_steps", "warmup.seed"),
     ),

@@ -115,6 +115,11 @@ def _features_job(cfg: dict, warmup_dir: str, work: str) -> None:
 def run_features_stage(cfg: dict, work: Path, warmup_dir: Path) -> dict:
     from grads.launch import run_distributed
 
+    if (cfg.get("features") or {}).get("source", "pass") == "warmup":
+        from grads.features import features_from_warmup
+
+        # The warm-up recorded the table; the pass runs only for samples it did not train on.
+        return features_from_warmup(cfg, warmup_dir, work)
     procs = int(cfg["features"].get("procs") or 1)
     run_distributed("grads.pipeline:_features_job", procs, cfg, str(warmup_dir), str(work))
     info = read_json(work / "features.json")

@@ -23,13 +23,23 @@ Output layout of ``out_dir``::
     adapter/             PEFT LoRA adapter + tokenizer (``mode: lora`` only).
     checkpoints/         resumable state: ``step_XXXXXXXX/`` folders and a ``latest`` pointer
                          (deleted at the end unless ``trainer.clean_checkpoints: false``).
-    train_log.jsonl      one row per optimizer step: step, epoch, loss, lr, tokens, tokens/s, time.
+    train_log.jsonl      one row per optimizer step: step, epoch, loss, lr, tokens, padded_tokens,
+                         padding_efficiency (real / padded tokens), tokens/s, time, grad_norm.
     train_summary.json   written last; its presence marks a completed run. Keys include steps,
                          tokens, wall_time_s (training loop, summed over resumed segments),
-                         run_time_s (this invocation incl. load/export), first_loss, final_loss,
+                         run_time_s (this invocation incl. load/export), loop_cpu_s (process CPU
+                         time of this segment's loop), first_loss, final_loss, padding_efficiency,
                          model_dir / adapter_dir ("model" / "adapter" or null: relative to the
                          run folder, so a pipeline may rename it), resumed_from_step, fingerprint.
     ds_config.json       the filled DeepSpeed config, for provenance.
+    warmup_ids.json      warm-up on a subset (``warmup.fraction`` / ``warmup.max_samples``): the
+                         seeded subset's ids and knobs (see ``warmup_subset``).
+    features.parquet     warm-up with ``features.source: warmup``: the features table recorded from
+    features.json        the warm-up's own steps (``_Recording``), same schema as the features stage.
+
+Batches: with ``group_by_length`` (default) each global batch holds samples of similar length
+(``length_grouped_batches``), in shuffled order, so micro-batches pad little; the plan depends on
+the seed and the global batch only, so resume and the 1-vs-N-process equivalence are unchanged.
 
 The features stage should load ``out_dir/model`` (``train_summary.json["model_dir"]``, relative to
 ``out_dir``) with ``load_model(cfg.model, path=out_dir / "model")``: a plain Hugging Face model with
@@ -58,6 +68,7 @@ log = logging.getLogger(__name__)
 
 MODEL_DIR, ADAPTER_DIR, CKPT_DIR = "model", "adapter", "checkpoints"
 LOG_NAME, SUMMARY_NAME, DS_CONFIG_NAME = "train_log.jsonl", "train_summary.json", "ds_config.json"
+WARMUP_IDS_NAME = "warmup_ids.json"
 USES = ("warmup", "finetune")
 
 
@@ -110,6 +121,11 @@ class TrainerSettings:
     log_every: int  # steps between log_fn calls; train_log.jsonl gets every step
     gradient_checkpointing: bool
     stop_after_steps: int | None  # debug: return after this step, as if killed
+    group_by_length: bool  # batches of similar length (less padding), batch order shuffled
+    length_group_size: int  # global batches per window sorted by length (HF's megabatch)
+    # Warm-up only (set under `warmup:` in conf/config.yaml); the fine-tune trains on its whole list.
+    fraction: float = 1.0  # train on this seeded random fraction of the pool
+    max_samples: int | None = None  # and on at most this many samples
 
     @classmethod
     def from_cfg(cls, cfg: dict, use: str) -> TrainerSettings:
@@ -139,6 +155,11 @@ class TrainerSettings:
         if use == "warmup":
             # The features stage reads Embedding / LM-head gradients of a full model.
             s.save_merged = True
+        elif s.fraction != 1.0 or s.max_samples is not None:
+            raise ValueError(
+                "fraction / max_samples subsample the warm-up's pool only (warmup.fraction, "
+                "warmup.max_samples); the fine-tune trains on the selected ids"
+            )
         s.betas = tuple(float(b) for b in s.betas)
         s.validate()
         return s
@@ -163,6 +184,12 @@ class TrainerSettings:
             raise ValueError(
                 "save_every >= 0, keep_checkpoints >= 1 and log_every >= 1 are required"
             )
+        if self.length_group_size < 1:
+            raise ValueError(f"length_group_size={self.length_group_size} must be >= 1")
+        if not 0.0 < float(self.fraction) <= 1.0:
+            raise ValueError(f"warmup.fraction={self.fraction} must be in (0, 1]")
+        if self.max_samples is not None and int(self.max_samples) < 1:
+            raise ValueError(f"warmup.max_samples={self.max_samples} must be >= 1 or null")
 
     def resolved_dtype(self) -> str:
         """``float32`` or ``bf16``; ``auto`` is bf16 on CUDA and float32 elsewhere."""
@@ -311,16 +338,40 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
     return np.random.default_rng([int(seed), int(epoch)]).permutation(n).tolist()
 
 
+def length_grouped_batches(
+    perm: Sequence[int], lengths: Sequence[int], global_batch: int, window: int, rng_seed: list[int]
+) -> list[list[int]]:
+    """Global batches of similar length from one epoch's permutation (HF's ``group_by_length``).
+
+    The permutation is cut into windows of ``window`` global batches; each window is sorted by
+    length (longest first; the sort is stable, so ties keep the random order) and cut into
+    batches; then the order of all batches is shuffled with ``rng_seed``. Every sample appears
+    once; only the last window's last batch can be partial. Deterministic in its arguments.
+    """
+    import numpy as np
+
+    size = max(1, int(window)) * global_batch
+    batches: list[list[int]] = []
+    for s in range(0, len(perm), size):
+        chunk = sorted(perm[s : s + size], key=lambda i: -lengths[i])
+        batches += [chunk[k : k + global_batch] for k in range(0, len(chunk), global_batch)]
+    order = np.random.default_rng(rng_seed).permutation(len(batches))
+    return [batches[j] for j in order]
+
+
 @dataclasses.dataclass
 class BatchPlan:
     """Deterministic assignment of samples to optimizer steps, micro-steps and ranks.
 
-    Step ``t`` takes the ``t % steps_per_epoch``-th slice of ``global_batch`` samples from the epoch
-    permutation; slot ``j = micro * world_size + rank`` of that slice is a contiguous chunk of
-    ``micro_batch_size`` samples. The set of samples per step depends only on the seed and the
-    global batch, so any (procs, micro_batch_size, grad_accum) split with the same product trains
-    on the same batches. The last step of an epoch may be partial (no sample is dropped); slots
-    left empty run a dummy forward with zero loss so collectives stay aligned across ranks.
+    Each epoch's samples are cut into global batches of ``global_batch``: consecutive slices of
+    the epoch permutation, or, given ``lengths``, ``length_grouped_batches`` of it (batches of
+    similar length in shuffled order, so less padding). Step ``t`` takes batch ``t %
+    steps_per_epoch`` of epoch ``t // steps_per_epoch``; slot ``j = micro * world_size + rank`` of
+    that batch is a contiguous chunk of ``micro_batch_size`` samples. The batches depend only on
+    the seed, the lengths and the global batch, so any (procs, micro_batch_size, grad_accum) split
+    with the same product trains on the same batches. One batch per epoch may be partial (no
+    sample is dropped); slots left empty run a dummy forward with zero loss so collectives stay
+    aligned across ranks.
     """
 
     n: int
@@ -328,7 +379,9 @@ class BatchPlan:
     grad_accum: int
     world_size: int
     seed: int
-    _perms: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    lengths: Sequence[int] | None = None
+    length_group_size: int = 50
+    _batches: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
     def global_batch(self) -> int:
@@ -343,13 +396,24 @@ class BatchPlan:
             return int(max_steps)
         return max(1, math.ceil(epochs * self.steps_per_epoch))
 
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """All global batches of ``epoch``, in step order."""
+        if epoch not in self._batches:
+            self._batches.clear()  # one epoch at a time: the order is recomputed cheaply on demand
+            perm = epoch_permutation(self.n, self.seed, epoch)
+            gb = self.global_batch
+            if self.lengths is None:
+                self._batches[epoch] = [perm[k : k + gb] for k in range(0, self.n, gb)]
+            else:
+                self._batches[epoch] = length_grouped_batches(
+                    perm, self.lengths, gb, self.length_group_size, [int(self.seed), epoch, 1]
+                )
+        return self._batches[epoch]
+
     def step_batch(self, step: int) -> list[int]:
         """Positions (into the selected rows) of the global batch of optimizer step ``step``."""
         epoch, k = divmod(step, self.steps_per_epoch)
-        if epoch not in self._perms:
-            self._perms.clear()  # one epoch at a time: the order is recomputed cheaply on demand
-            self._perms[epoch] = epoch_permutation(self.n, self.seed, epoch)
-        return self._perms[epoch][k * self.global_batch : (k + 1) * self.global_batch]
+        return self.epoch_batches(epoch)[k]
 
     def micro_batches(self, batch: Sequence[int], rank: int) -> list[list[int]]:
         mb, w = self.micro_batch_size, self.world_size
@@ -357,6 +421,20 @@ class BatchPlan:
             list(batch[(m * w + rank) * mb : (m * w + rank + 1) * mb])
             for m in range(self.grad_accum)
         ]
+
+    def padded_tokens(self, batch: Sequence[int], n_tok: Sequence[int]) -> int:
+        """Tokens the global batch's micro-batches occupy once padded to their longest member."""
+        mb = self.micro_batch_size
+        slots = (batch[j : j + mb] for j in range(0, len(batch), mb))
+        return sum(len(c) * max(n_tok[i] for i in c) for c in slots)
+
+    def last_visits(self, total_steps: int) -> dict[int, int]:
+        """Position -> the last step (< ``total_steps``) whose batch contains it."""
+        last: dict[int, int] = {}
+        for step in range(total_steps):
+            for i in self.step_batch(step):
+                last[i] = step
+        return last
 
 
 def _collate_fn() -> Callable:
@@ -510,8 +588,16 @@ class Checkpoints:
         return path
 
     def save(
-        self, engine, step: int, meta: dict, exclude_frozen: bool, rank: int, keep: int = 1
+        self,
+        engine,
+        step: int,
+        meta: dict,
+        exclude_frozen: bool,
+        rank: int,
+        keep: int = 1,
+        extra: dict | None = None,
     ) -> Path:
+        """Write ``step_N`` (a collective); ``extra`` (rank 0's, picklable) goes to ``extra.pt``."""
         import torch
 
         from grads.dist import barrier
@@ -533,6 +619,8 @@ class Checkpoints:
         torch.save(_rng_state(), tmp / f"rng_rank{rank:04d}.pt")
         barrier()
         if rank == 0:
+            if extra is not None:
+                torch.save(extra, tmp / "extra.pt")
             write_json(tmp / "meta.json", {**meta, "step": step})
             if final.exists():  # a completed-but-unpublished copy from a killed run
                 shutil.rmtree(final)
@@ -548,6 +636,14 @@ class Checkpoints:
         for p in done[:-keep]:
             if p.name != current:
                 shutil.rmtree(p, ignore_errors=True)
+
+    @staticmethod
+    def extra(path: Path) -> dict:
+        """The ``extra`` dict saved with checkpoint ``path`` (empty if none)."""
+        import torch
+
+        f = Path(path) / "extra.pt"
+        return torch.load(f, weights_only=False) if f.exists() else {}
 
     def load(self, engine, path: Path, exclude_frozen: bool, rank: int) -> dict:
         """Restore engine state and this rank's RNG; returns ``meta.json``."""
@@ -685,6 +781,121 @@ def build_engine(model, s: TrainerSettings, ds_config: dict, total_steps: int, w
 # --------------------------------------------------------------------------------------------------
 # Data selection
 # --------------------------------------------------------------------------------------------------
+def _pool_ids(pool) -> list[str]:
+    all_ids = pool["id"] if hasattr(pool, "column_names") else [r["id"] for r in pool]
+    return [str(x) for x in all_ids]
+
+
+def warmup_subset(
+    pool_ids: Sequence[str], fraction: float, max_samples: int | None, seed: int
+) -> list[str] | None:
+    """The warm-up's seeded random subset of the pool (``warmup.fraction`` / ``max_samples``).
+
+    Keeps ``k = min(ceil(fraction * n), max_samples)`` ids (at least one): the first ``k`` of a
+    permutation drawn from ``(seed, 15)``, returned in pool order, so the subset is a function of
+    the pool, the knobs and the seed only. ``None`` when ``k`` covers the whole pool (LESS warms
+    up on 5% of its pool; the GrADS paper on all of it).
+    """
+    import numpy as np
+
+    n = len(pool_ids)
+    k = max(1, math.ceil(float(fraction) * n))
+    if max_samples is not None:
+        k = min(k, int(max_samples))
+    if k >= n:
+        return None
+    keep = np.sort(np.random.default_rng([int(seed), 15]).permutation(n)[:k])
+    return [pool_ids[i] for i in keep.tolist()]
+
+
+def _write_subset(out: Path, s: TrainerSettings, row_ids: list[str], n_pool: int) -> dict:
+    """Record the warm-up's subset (``warmup_ids.json``); return its summary entry."""
+    from grads.io import write_json
+
+    info = {
+        "fraction": float(s.fraction),
+        "max_samples": s.max_samples,
+        "seed": s.seed,
+        "n_pool": n_pool,
+        "n": len(row_ids),
+        "ids_file": WARMUP_IDS_NAME,
+    }
+    write_json(out / WARMUP_IDS_NAME, {**info, "ids": list(row_ids)})
+    return info
+
+
+def _features_source(cfg: dict) -> str:
+    from grads.features import features_source
+
+    return features_source(cfg)
+
+
+class _Recording:
+    """``features.source: warmup``: the warm-up writes the features table itself.
+
+    Each trained sample's gradient norms are read at its *last* visit (so with one epoch, its only
+    one), from that micro-batch's own forward and backward (``grads.gradients.GradNormRecorder``),
+    before the optimizer step. Rows survive a restart in the checkpoints' ``extra.pt`` and are
+    gathered on rank 0, which writes ``features.parquet`` / ``features.json`` next to the model.
+    """
+
+    def __init__(self, module, cfg: dict, plan: BatchPlan, total: int, row_ids: list[str]):
+        from grads.gradients import GradNormRecorder
+
+        chunk = int(((cfg.get("features") or {}).get("chunk_bytes")) or (1 << 26))
+        # Statistics always: they are cheap here, and the cached warm-up serves either setting.
+        self.rec = GradNormRecorder(module, stats=True, chunk_bytes=chunk)
+        self.last = plan.last_visits(total)
+        self.row_ids = row_ids
+        self.rows: dict[str, dict] = {}
+        self.time_s = 0.0
+
+    def wanted(self, micro: Sequence[int], step: int) -> list[int]:
+        """Slots of ``micro`` whose sample is visited for the last time at ``step``."""
+        return [k for k, i in enumerate(micro) if self.last.get(i) == step]
+
+    def arm(self) -> None:
+        self.rec.arm()
+
+    def collect(self, batch: dict, scale: float, micro: Sequence[int], want: list[int]) -> None:
+        t0 = time.perf_counter()
+        cols = {k: v.tolist() for k, v in self.rec.collect(batch, scale).items()}
+        for k in want:
+            sid = self.row_ids[micro[k]]
+            self.rows[sid] = {"id": sid, **{c: v[k] for c, v in cols.items()}}
+        self.time_s += time.perf_counter() - t0
+
+    def gather(self) -> dict[str, dict] | None:
+        """Every rank's rows, on rank 0 (``None`` on the others). A collective."""
+        import torch.distributed as tdist
+
+        if not (tdist.is_initialized() and tdist.get_world_size() > 1):
+            return dict(self.rows)
+        parts = [None] * tdist.get_world_size() if tdist.get_rank() == 0 else None
+        tdist.gather_object(self.rows, parts, dst=0)
+        if parts is None:
+            return None
+        return {k: v for part in parts for k, v in part.items()}
+
+    def write(self, out: Path, recorded: dict[str, dict], pool_ids: list[str]) -> dict:
+        """Rank 0: the table in pool order (recorded ids only); returns ``features.json``."""
+        from grads.features import write_recorded
+
+        rows = [recorded[i] for i in pool_ids if i in recorded]
+        return write_recorded(
+            out,
+            rows,
+            tied=self.rec.tied,
+            pool_size=len(pool_ids),
+            extra={
+                "record_time_s_rank0": self.time_s,
+            },
+        )
+
+    def close(self) -> None:
+        self.rec.close()
+
+
 def _select_rows(pool, ids: Sequence[str] | None) -> list[int]:
     """Row positions of ``ids`` in ``pool`` (all rows when ``ids`` is None), in pool order."""
     all_ids = pool["id"] if hasattr(pool, "column_names") else [r["id"] for r in pool]
@@ -744,11 +955,13 @@ def run_train(
 
     Args:
         cfg: fully resolved config (dict or DictConfig) with ``model``, ``trainer``, ``warmup``,
-            ``finetune``, ``paths``, ``seed`` (and ``data`` when ``pool`` is None).
+            ``finetune``, ``paths``, ``seed`` (and ``data`` when ``pool`` is None). For the
+            warm-up, ``features.source: warmup`` also records the features table (see
+            ``_Recording``) and ``warmup.fraction`` / ``warmup.max_samples`` subsample the pool.
         use: ``warmup`` (whole pool, exports a merged full model) or ``finetune``.
         out_dir: output folder (see the module docstring for its layout). Rerunning the same
             command resumes from ``checkpoints/latest``; a completed run returns its summary.
-        ids: sample ids to train on (``None``: the whole pool).
+        ids: sample ids to train on (``None``: the whole pool, or the warm-up's subset of it).
         pool: rows with ``id``, ``input_ids``, ``labels`` (list of dicts or ``datasets.Dataset``);
             ``None`` loads ``grads.data.load_pool(cfg, tokenizer)``.
         log_fn: ``log_fn(row, step)`` called on rank 0 every ``log_every`` steps (e.g. W&B), or a
@@ -760,11 +973,12 @@ def run_train(
     import torch
 
     from grads import dist
-    from grads.io import append_jsonl, read_json, read_jsonl, write_json, write_jsonl
+    from grads.io import read_json, read_jsonl, write_json, write_jsonl
     from grads.models import load_model
 
     cfg = _plain(cfg)
     s = TrainerSettings.from_cfg(cfg, use)
+    record = use == "warmup" and _features_source(cfg) == "warmup"  # validates before loading
     out = Path(out_dir)
     _import_deepspeed()
     from grads.ds_ops import ensure_comm_op
@@ -793,12 +1007,24 @@ def run_train(
         from grads.data import load_pool
 
         pool = load_pool(cfg, tokenizer)
+    subset = None
+    if use == "warmup" and ids is None:
+        subset = warmup_subset(_pool_ids(pool), s.fraction, s.max_samples, s.seed)
+        ids = subset
     rows = _select_rows(pool, ids)
     if not rows:
         raise ValueError("no samples to train on")
     row_ids, n_tok, n_sup = _row_stats(pool, rows)
 
-    plan = BatchPlan(len(rows), s.micro_batch_size, s.grad_accum, world, s.seed)
+    plan = BatchPlan(
+        len(rows),
+        s.micro_batch_size,
+        s.grad_accum,
+        world,
+        s.seed,
+        lengths=n_tok if s.group_by_length else None,
+        length_group_size=s.length_group_size,
+    )
     total = plan.total_steps(s.epochs, s.max_steps)
     fingerprint = _fingerprint(s, use, dict(cfg["model"]), sorted(row_ids), plan.global_batch)
 
@@ -816,9 +1042,9 @@ def run_train(
     template = load_ds_template(s.ds_config)
     ds_config = fill_ds_config(template, s, world, on_cuda)
     engine = build_engine(model, s, ds_config, total, world)
-    device = engine.device
     zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
     lora = s.mode == "lora"
+    recording = _Recording(engine.module, cfg, plan, total, row_ids) if record else None
 
     # Resume.
     ckpts = Checkpoints(out / CKPT_DIR)
@@ -838,6 +1064,8 @@ def run_train(
             )
         start, resumed_from = int(meta["step"]), int(meta["step"])
         elapsed_before, tokens_before = float(meta["elapsed_s"]), int(meta["tokens"])
+        if recording is not None and rank == 0:
+            recording.rows.update(ckpts.extra(latest).get("recorded") or {})
         log.info("resuming %s from %s (step %d/%d)", use, latest.name, start, total)
     else:
         dist.seed_everything(s.seed + rank)
@@ -849,93 +1077,24 @@ def run_train(
         first_loss = kept[0]["loss"] if kept else None
     dist.barrier()
 
-    collate = _collate_fn()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    dummy = {"input_ids": [pad_id], "labels": [IGNORE_INDEX]}
-    engine.train()
-
-    pbar = None
-    if rank == 0:
-        from tqdm import tqdm
-
-        pbar = tqdm(total=total, initial=start, desc=use, unit="step", dynamic_ncols=True)
-    tokens_seen, seg_t0 = tokens_before, time.perf_counter()
-    loss_value, stopped = float("nan"), False
-    try:
-        for step in range(start, total):
-            t0 = time.perf_counter()
-            batch = plan.step_batch(step)
-            n_sup_global = sum(n_sup[i] for i in batch)
-            n_tok_global = sum(n_tok[i] for i in batch)
-            # DeepSpeed averages gradients over ranks: multiply by the world size so the update is
-            # sum(token losses) / supervised tokens of the global batch.
-            scale = world / max(1, n_sup_global)
-            lr = engine.get_lr()[0]
-            local_sum = torch.zeros((), dtype=torch.float32, device=device)
-            for micro in plan.micro_batches(batch, rank):
-                samples = [pool[rows[i]] for i in micro] or [dummy]
-                b = {k: v.to(device) for k, v in collate(samples, pad_id).items()}
-                loss_sum = token_loss_sum(engine, b)
-                if not micro:
-                    loss_sum = loss_sum * 0.0
-                engine.backward(loss_sum * scale, scale_wrt_gas=False)
-                engine.step()
-                local_sum += loss_sum.detach()  # a tensor: no device sync per micro-batch
-            loss_value = _all_reduce_sum(float(local_sum)) / max(1, n_sup_global)
-            first_loss = loss_value if first_loss is None else first_loss
-            dt = time.perf_counter() - t0
-            tokens_seen += n_tok_global
-            done = step + 1
-            row = {
-                "step": done,
-                "epoch": step // plan.steps_per_epoch,
-                "loss": loss_value,
-                "lr": lr,
-                "tokens": n_tok_global,
-                "supervised_tokens": n_sup_global,
-                "tokens_per_s": n_tok_global / dt,
-                "step_time_s": dt,
-                "grad_norm": _grad_norm(engine),
-            }
-            if rank == 0:
-                append_jsonl(out / LOG_NAME, row)
-                pbar.update(1)
-                pbar.set_postfix(
-                    loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}"
-                )
-                if log_fn is not None and (done % s.log_every == 0 or done == total):
-                    log_fn({f"{use}/{k}": v for k, v in row.items() if k != "step"}, done)
-            if s.save_every and done % s.save_every == 0 and done < total:
-                meta = {
-                    "fingerprint": fingerprint,
-                    "seed": s.seed,
-                    "world_size": world,
-                    "global_batch": plan.global_batch,
-                    "total_steps": total,
-                    "elapsed_s": elapsed_before + time.perf_counter() - seg_t0,
-                    "tokens": tokens_seen,
-                }
-                ckpts.save(
-                    engine, done, meta, exclude_frozen=lora, rank=rank, keep=s.keep_checkpoints
-                )
-            if s.stop_after_steps is not None and done >= s.stop_after_steps and done < total:
-                stopped = True
-                break
-    finally:
-        if pbar is not None:
-            pbar.close()
-
-    seg_time = time.perf_counter() - seg_t0
-    elapsed = elapsed_before + seg_time
-    if stopped:
+    loop = _Loop(engine, s, plan, pool, rows, n_tok, n_sup, tokenizer, recording)
+    resume = {"start": start, "elapsed_s": elapsed_before, "tokens": tokens_before}
+    ran = _train_loop(loop, use, out, ckpts, fingerprint, total, log_fn, resume, first_loss)
+    elapsed = elapsed_before + ran["seg_time"]
+    tokens_seen = tokens_before + ran["tokens"]
+    if ran["stopped"]:
         return {
             "use": use,
             "stopped": True,
-            "steps": done,
+            "steps": ran["done"],
             "total_steps": total,
-            "final_loss": loss_value,
+            "final_loss": ran["loss"],
         }
 
+    recorded = recording.gather() if recording is not None else None
+    if recorded is not None and len(recorded) == len(pool) and lora:
+        # Every pool sample is scored already: no features pass will load a merged model.
+        s.save_merged = False
     # Export: gather the full state dict (collective under ZeRO-3), then rank 0 writes.
     state = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None
     summary = None
@@ -955,25 +1114,166 @@ def run_train(
             "world_size": world,
             "zero_stage": zero_stage,
             "dtype": s.resolved_dtype(),
-            "device": str(device),
+            "device": str(engine.device),
             "tokens": tokens_seen,
             "supervised_tokens_per_epoch": sum(n_sup),
             "wall_time_s": elapsed,
             "run_time_s": time.perf_counter() - t_start,
-            "tokens_per_s": (tokens_seen - tokens_before) / max(1e-9, seg_time),
-            "first_loss": first_loss,
-            "final_loss": loss_value,
+            "tokens_per_s": ran["tokens"] / max(1e-9, ran["seg_time"]),
+            "loop_cpu_s": ran["cpu_s"],  # this segment, this rank's process
+            "padding_efficiency": ran["tokens"] / max(1, ran["padded"]),
+            "first_loss": ran["first_loss"],
+            "final_loss": ran["loss"],
             "resumed_from_step": resumed_from,
             "seed": s.seed,
             **paths,
         }
+        if subset is not None:
+            summary["subset"] = _write_subset(out, s, row_ids, len(pool))
+        if recorded is not None:
+            summary["features"] = recording.write(out, recorded, _pool_ids(pool))
         write_json(out / SUMMARY_NAME, summary)
         if s.clean_checkpoints:
             shutil.rmtree(out / CKPT_DIR, ignore_errors=True)
     dist.barrier()
+    if recording is not None:
+        recording.close()
     if summary is None:
         summary = read_json(out / SUMMARY_NAME)
     return summary
+
+
+class _Loop:
+    """What one optimizer step needs: the engine, the plan, the data and the optional recorder."""
+
+    def __init__(self, engine, s, plan, pool, rows, n_tok, n_sup, tokenizer, recording):
+        from grads import dist
+
+        self.engine, self.s, self.plan, self.pool, self.rows = engine, s, plan, pool, rows
+        self.n_tok, self.n_sup, self.recording = n_tok, n_sup, recording
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.collate = _collate_fn()
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.dummy = {"input_ids": [self.pad_id], "labels": [IGNORE_INDEX]}
+
+    def step(self, step: int) -> dict:
+        """Run optimizer step ``step`` (0-based) on this rank; return its training-log row."""
+        import torch
+
+        engine, plan, rec = self.engine, self.plan, self.recording
+        t0 = time.perf_counter()
+        batch = plan.step_batch(step)
+        n_sup_global = sum(self.n_sup[i] for i in batch)
+        n_tok_global = sum(self.n_tok[i] for i in batch)
+        padded = plan.padded_tokens(batch, self.n_tok)
+        # DeepSpeed averages gradients over ranks: multiply by the world size so the update is
+        # sum(token losses) / supervised tokens of the global batch.
+        scale = self.world / max(1, n_sup_global)
+        lr = engine.get_lr()[0]
+        local_sum = torch.zeros((), dtype=torch.float32, device=engine.device)
+        for micro in plan.micro_batches(batch, self.rank):
+            samples = [self.pool[self.rows[i]] for i in micro] or [self.dummy]
+            b = {k: v.to(engine.device) for k, v in self.collate(samples, self.pad_id).items()}
+            want = rec.wanted(micro, step) if rec is not None else []
+            if want:
+                rec.arm()
+            loss_sum = token_loss_sum(engine, b)
+            if not micro:
+                loss_sum = loss_sum * 0.0
+            engine.backward(loss_sum * scale, scale_wrt_gas=False)
+            if want:  # before engine.step(): the norms belong to the weights of the forward
+                rec.collect(b, scale, micro, want)
+            engine.step()
+            local_sum += loss_sum.detach()  # a tensor: no device sync per micro-batch
+        loss = _all_reduce_sum(float(local_sum)) / max(1, n_sup_global)
+        dt = time.perf_counter() - t0
+        return {
+            "step": step + 1,
+            "epoch": step // plan.steps_per_epoch,
+            "loss": loss,
+            "lr": lr,
+            "tokens": n_tok_global,
+            "padded_tokens": padded,
+            "padding_efficiency": n_tok_global / max(1, padded),
+            "supervised_tokens": n_sup_global,
+            "tokens_per_s": n_tok_global / dt,
+            "step_time_s": dt,
+            "grad_norm": _grad_norm(engine),
+        }
+
+
+def _train_loop(
+    loop: _Loop,
+    use: str,
+    out: Path,
+    ckpts: Checkpoints,
+    fingerprint: str,
+    total: int,
+    log_fn: Callable | None,
+    resume: dict,
+    first_loss: float | None,
+) -> dict:
+    """Steps ``resume["start"]..total-1`` with logging and checkpoints; returns segment totals."""
+    from grads.io import append_jsonl
+
+    s, rank, start = loop.s, loop.rank, int(resume["start"])
+    pbar = None
+    if rank == 0:
+        from tqdm import tqdm
+
+        pbar = tqdm(total=total, initial=start, desc=use, unit="step", dynamic_ncols=True)
+    seg = {"tokens": 0, "padded": 0, "loss": float("nan"), "stopped": False, "done": start}
+    seg_t0, cpu_t0 = time.perf_counter(), time.process_time()
+    try:
+        for step in range(start, total):
+            row = loop.step(step)
+            done = seg["done"] = step + 1
+            seg["loss"] = row["loss"]
+            seg["tokens"] += row["tokens"]
+            seg["padded"] += row["padded_tokens"]
+            first_loss = row["loss"] if first_loss is None else first_loss
+            if rank == 0:
+                append_jsonl(out / LOG_NAME, row)
+                pbar.update(1)
+                pbar.set_postfix(
+                    loss=f"{row['loss']:.4f}",
+                    lr=f"{row['lr']:.2e}",
+                    tok_s=f"{row['tokens_per_s']:.0f}",
+                    pad=f"{row['padding_efficiency']:.2f}",
+                )
+                if log_fn is not None and (done % s.log_every == 0 or done == total):
+                    log_fn({f"{use}/{k}": v for k, v in row.items() if k != "step"}, done)
+            if s.save_every and done % s.save_every == 0 and done < total:
+                meta = {
+                    "fingerprint": fingerprint,
+                    "seed": s.seed,
+                    "world_size": loop.world,
+                    "global_batch": loop.plan.global_batch,
+                    "total_steps": total,
+                    "elapsed_s": resume["elapsed_s"] + time.perf_counter() - seg_t0,
+                    "tokens": resume["tokens"] + seg["tokens"],
+                }
+                rec = loop.recording
+                extra = {"recorded": rec.gather()} if rec is not None else None
+                ckpts.save(
+                    loop.engine,
+                    done,
+                    meta,
+                    exclude_frozen=s.mode == "lora",
+                    rank=rank,
+                    keep=s.keep_checkpoints,
+                    extra=extra,
+                )
+            if s.stop_after_steps is not None and done >= s.stop_after_steps and done < total:
+                seg["stopped"] = True
+                break
+    finally:
+        if pbar is not None:
+            pbar.close()
+    seg["seg_time"] = time.perf_counter() - seg_t0
+    seg["cpu_s"] = time.process_time() - cpu_t0  # all threads: a load-robust cost on shared CPUs
+    seg["first_loss"] = first_loss
+    return seg
 
 
 def _grad_norm(engine) -> float | None:

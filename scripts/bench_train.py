@@ -18,6 +18,11 @@ import os
 import statistics
 import time
 
+# Before torch loads libgomp: threads that wait at a barrier sleep instead of spinning. On a
+# shared, oversubscribed CPU the default spin made the same training step 4-10x slower in wall
+# time and inflated its CPU time as much (measured in bench_cost's notes); idle, it costs ~nothing.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from grads.models import model_config
 
 SMOLLM2 = model_config("smollm2_135m")  # the same node `grads model=smollm2_135m` composes
@@ -36,6 +41,92 @@ TINY = {
         "down_proj",
     ],
 }
+
+
+def deepspeed_step_throughput(
+    model_cfg: dict,
+    mode: str,
+    batch: int = 8,
+    seq: int = 128,
+    steps: int = 4,
+    warmup_steps: int = 1,
+    cache_dir: str | None = None,
+    ds_config: str = "ds/cpu.json",
+    save_to: str | None = None,
+) -> dict:
+    """Tokens/s of the trainer's DeepSpeed step alone on fixed ``batch x seq`` random batches.
+
+    The same engine, loss and knobs as ``main``'s DeepSpeed loop (no plain loop): the reference
+    that ``scripts/bench_cost.py`` puts beside the pipeline's warm-up throughput. With
+    ``save_to``, also times one resumable checkpoint (``grads.training.Checkpoints.save``).
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from grads.models import load_model
+    from grads.training import (
+        TrainerSettings,
+        _ensure_dist,
+        build_engine,
+        fill_ds_config,
+        load_ds_template,
+        prepare_model,
+        token_loss_sum,
+    )
+
+    _ensure_dist()
+    cfg = {
+        "model": model_cfg,
+        "seed": 0,
+        "trainer": {
+            "mode": mode,
+            "ds_config": ds_config,
+            "micro_batch_size": batch,
+            "lr": 1e-4 if mode == "lora" else 1e-5,
+            "weight_decay": 0.01,
+            "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
+        },
+        "finetune": {"max_steps": steps + warmup_steps},
+    }
+    s = TrainerSettings.from_cfg(cfg, "finetune")
+    torch.manual_seed(0)
+    model, tok = load_model(model_cfg, cache_dir=cache_dir)
+    model = prepare_model(model, s)
+    ds = fill_ds_config(load_ds_template(s.ds_config), s, 1, torch.cuda.is_available())
+    engine = build_engine(model, s, ds, s.max_steps, world_size=1)
+    gen = torch.Generator().manual_seed(0)
+    vocab = min(len(tok), model.get_input_embeddings().weight.shape[0])
+    ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(engine.device)
+    b = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    times, cpu = [], 0.0
+    for i in range(steps + warmup_steps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        loss = token_loss_sum(engine, b) / (batch * (seq - 1))
+        engine.backward(loss, scale_wrt_gas=False)
+        engine.step()
+        float(loss.detach())
+        if i >= warmup_steps:
+            times.append(time.perf_counter() - t0)
+            cpu += time.process_time() - c0
+    save_s = None
+    if save_to is not None:
+        from grads.training import Checkpoints
+
+        t0 = time.perf_counter()
+        Checkpoints(save_to).save(engine, 1, {}, exclude_frozen=mode == "lora", rank=0)
+        save_s = time.perf_counter() - t0
+    del engine, model
+    return {
+        "save_s": save_s,
+        "tokens_per_s": batch * seq * len(times) / sum(times),
+        "median_tokens_per_s": batch * seq / statistics.median(times),
+        "tokens_per_cpu_s": batch * seq * len(times) / cpu,  # load-robust on a shared machine
+        "step_s": times,
+        "batch": batch,
+        "seq": seq,
+        "mode": mode,
+    }
 
 
 def main() -> None:

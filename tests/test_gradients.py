@@ -242,3 +242,65 @@ def test_smollm2_matches_naive_reference():
     got = per_sample_grad_norms(model, *pad(samples, tok.pad_token_id, "left"))
     assert_unchanged(model, snap)
     check(got, naive_reference(model, samples), tied=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# GradNormRecorder: the same norms read off a training step (issue 15)
+# --------------------------------------------------------------------------------------------------
+def _recorded(model, batch, c: float, **kw) -> dict:
+    from grads.gradients import GradNormRecorder
+    from grads.training import token_loss_sum
+
+    rec = GradNormRecorder(model, **kw)
+    rec.arm()
+    b = dict(zip(("input_ids", "attention_mask", "labels"), batch))
+    (c * token_loss_sum(model, b)).backward()
+    got = rec.collect(b, c)
+    rec.close()
+    return got
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("lora", [False, True])
+def test_recorder_equals_pass(tied, lora):
+    """Train-mode forward + backward of a scaled summed loss gives the pass's numbers (rtol 1e-5)."""
+    model, tok = build_tiny(tied=tied)
+    if lora:
+        peft = pytest.importorskip("peft")
+        model = peft.get_peft_model(
+            model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+        )
+    else:
+        model.requires_grad_(True)
+    model.train()
+    samples = make_samples(tok, seed=5)
+    batch = pad(samples, tok.pad_token_id, "right")
+    want = per_sample_grad_norms(model, *batch, stats=True)
+    # An arbitrary loss scale and method: the recorder must undo the trainer's normalisation.
+    got = _recorded(model, batch, 0.37, stats=True, chunk_bytes=4 * 259 * 3)
+    assert got.keys() == want.keys() and ("tied" in got) == tied
+    assert torch.equal(got["n_tokens"], want["n_tokens"])
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+    # The hooks are gone: a later forward is untouched (no leaf made, nothing captured).
+    out = model(input_ids=batch[0][:1])
+    assert out.logits.shape[0] == 1
+
+
+def test_recorder_needs_a_backward(tiny):
+    from grads.gradients import GradNormRecorder
+
+    model, tok = tiny[True]
+    rec = GradNormRecorder(model)
+    rec.arm()
+    with pytest.raises(RuntimeError, match="backward"):
+        rec.collect(
+            dict(
+                zip(
+                    ("input_ids", "attention_mask", "labels"),
+                    pad(make_samples(tok), tok.pad_token_id, "right"),
+                )
+            ),
+            1.0,
+        )
+    rec.close()

@@ -407,3 +407,191 @@ def test_smollm2_smoke(tmp_path):
     summary = run_train(cfg, "finetune", tmp_path, pool=rows)
     assert summary["steps"] == 3 and summary["final_loss"] < summary["first_loss"]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Cheaper selection (issue 15): length grouping, warm-up subsets, features recorded by the warm-up
+# --------------------------------------------------------------------------------------------------
+def test_length_grouped_plan_is_split_invariant_and_pads_less():
+    import random as _random
+
+    rnd = _random.Random(0)
+    lengths = [rnd.choice([5, 8, 40, 90, 200]) + rnd.randrange(4) for _ in range(37)]
+    kw = {"n": 37, "seed": 3, "lengths": lengths, "length_group_size": 3}
+    one = BatchPlan(micro_batch_size=4, grad_accum=1, world_size=1, **kw)
+    two = BatchPlan(micro_batch_size=2, grad_accum=1, world_size=2, **kw)
+    acc = BatchPlan(micro_batch_size=1, grad_accum=2, world_size=2, **kw)
+    again = BatchPlan(micro_batch_size=4, grad_accum=1, world_size=1, **kw)
+    plain = BatchPlan(37, 4, 1, 1, 3)
+    assert one.steps_per_epoch == 10
+    for step in range(20):
+        batch = one.step_batch(step)
+        assert batch == two.step_batch(step) == acc.step_batch(step) == again.step_batch(step)
+        for plan in (two, acc):
+            parts = [i for r in range(2) for m in plan.micro_batches(batch, r) for i in m]
+            assert sorted(parts) == sorted(batch)
+    for epoch in (0, 1):
+        batches = one.epoch_batches(epoch)
+        assert sorted(i for b in batches for i in b) == list(range(37))  # each sample once
+        assert sum(len(b) < 4 for b in batches) == 1  # one partial batch, anywhere in the epoch
+    assert one.epoch_batches(0) != one.epoch_batches(1)  # reshuffled every epoch
+
+    def efficiency(plan):
+        batches = [plan.step_batch(t) for t in range(10)]
+        real = sum(lengths[i] for b in batches for i in b)
+        return real / sum(plan.padded_tokens(b, lengths) for b in batches)
+
+    whole = BatchPlan(
+        micro_batch_size=4, grad_accum=1, world_size=1, **(kw | {"length_group_size": 50})
+    )
+    assert efficiency(whole) > 0.85 and efficiency(one) > 0.7 > 0.6 > efficiency(plain)
+    assert one.padded_tokens([0, 1], [3, 7]) == 14 and two.padded_tokens([0, 1, 2], [3, 7, 1]) == 15
+
+
+def test_warmup_subset_is_seeded_and_recorded(tmp_path):
+    from grads.training import warmup_subset
+
+    ids = [f"x{i}" for i in range(100)]
+    a = warmup_subset(ids, 0.05, None, seed=0)
+    assert len(a) == 5 and a == warmup_subset(ids, 0.05, None, seed=0)
+    assert a == sorted(a, key=ids.index) and a != warmup_subset(ids, 0.05, None, seed=1)
+    assert len(warmup_subset(ids, 1.0, 7, 0)) == 7 and warmup_subset(ids, 1.0, None, 0) is None
+    assert warmup_subset(ids, 0.5, 1000, 0) == warmup_subset(ids, 0.5, None, 0)
+    with pytest.raises(ValueError, match="fraction"):
+        TrainerSettings.from_cfg(make_cfg() | {"warmup": {"fraction": 0.0}}, "warmup")
+    with pytest.raises(ValueError, match="warm-up's pool only"):
+        TrainerSettings.from_cfg(make_cfg() | {"finetune": {"fraction": 0.5}}, "finetune")
+
+    pool = make_pool(16)
+    cfg = make_cfg() | {"warmup": {"epochs": 1, "fraction": 0.25}}
+    summary = run_train(cfg, "warmup", tmp_path, pool=pool)
+    chosen = read_json(tmp_path / "warmup_ids.json")
+    assert summary["num_samples"] == chosen["n"] == 4 and summary["subset"]["n_pool"] == 16
+    assert chosen["ids"] == warmup_subset([r["id"] for r in pool], 0.25, None, 0)
+    rows = read_jsonl(tmp_path / "train_log.jsonl")
+    assert 0 < rows[0]["padding_efficiency"] <= 1 and rows[0]["padded_tokens"] >= rows[0]["tokens"]
+    assert 0 < summary["padding_efficiency"] <= 1 and summary["loop_cpu_s"] > 0
+
+
+def _record_cfg(mode: str, tied: bool, procs: int, grad_accum: int) -> dict:
+    cfg = make_cfg(
+        mode=mode,
+        lr=0.0,
+        procs=procs,
+        micro_batch_size=4 // (procs * grad_accum),
+        grad_accum=grad_accum,
+    )
+    cfg["model"]["tied"] = tied
+    cfg["warmup"] = {"epochs": 1}
+    cfg["features"] = {"source": "warmup", "batch_size": 3, "progress": False, "ifd": False}
+    return cfg
+
+
+def _assert_tables_match(got: list[dict], want: list[dict]) -> None:
+    assert [r["id"] for r in got] == [r["id"] for r in want]
+    for a, b in zip(got, want, strict=True):
+        assert a.keys() == b.keys()
+        for c in a:
+            if c in ("id", "n_tokens"):
+                assert a[c] == b[c], (a["id"], c)
+            elif c.endswith("_std"):  # a std of near-equal values is only absolutely close
+                assert a[c] == pytest.approx(b[c], rel=1e-5, abs=1e-6), (a["id"], c)
+            else:
+                assert a[c] == pytest.approx(b[c], rel=1e-5), (a["id"], c)
+
+
+@pytest.mark.parametrize(
+    "mode,tied,procs,grad_accum",
+    [
+        ("lora", True, 1, 1),
+        ("lora", False, 1, 2),
+        ("full", True, 1, 2),
+        ("full", False, 1, 1),
+        ("lora", False, 2, 1),
+        ("full", True, 2, 2),
+    ],
+)
+def test_warmup_records_the_features_of_the_pass(tmp_path, mode, tied, procs, grad_accum):
+    """lr 0, dropout 0: the norms recorded during the warm-up equal the separate pass's (rtol 1e-5)."""
+    import pyarrow.parquet as pq
+
+    from grads.features import features_from_warmup, run_features
+
+    pool = make_pool(14)  # partial last batch; with 2 processes one empty slot
+    cfg = _record_cfg(mode, tied, procs, grad_accum)
+    summary = train(cfg, "warmup", tmp_path / "warm", pool=pool)
+    assert summary["world_size"] == procs and summary["global_batch"] == 4
+    assert summary["features"]["n_recorded"] == summary["features"]["pool_size"] == 14
+    # The LoRA warm-up skips its merged export: no features pass will need it.
+    assert (summary["model_dir"] is None) == (mode == "lora")
+    recorded = pq.read_table(tmp_path / "warm" / "features.parquet").to_pylist()
+
+    model, tok = load_trained(cfg["model"], tmp_path / "warm")
+    pass_cfg = {**cfg, "features": {**cfg["features"], "source": "pass"}}
+    run_features(pass_cfg, model, tok, pool, tmp_path / "pass")
+    want = pq.read_table(tmp_path / "pass" / "features.parquet").to_pylist()
+    _assert_tables_match(recorded, want)
+
+    # The features stage takes the recorded table as is (and honours features.stats=false).
+    cfg["features"]["stats"] = False
+    stage = features_from_warmup(cfg, tmp_path / "warm", tmp_path / "stage")
+    assert stage["n_computed"] == 0 and stage["source"] == "warmup"
+    got = pq.read_table(tmp_path / "stage" / "features.parquet")
+    assert got.column_names == ["id", "loss", "n_tokens", "embed", "lm_head"] + (
+        ["tied"] if tied else []
+    )
+
+
+def test_recorded_warmup_subset_then_pass_for_the_rest(tmp_path):
+    """warmup.fraction < 1 with source=warmup: the pass scores only the samples not trained on."""
+    import pyarrow.parquet as pq
+
+    from grads.features import run_features
+
+    pool = make_pool(16)
+    cfg = _record_cfg("lora", True, 1, 1)
+    cfg["warmup"]["fraction"] = 0.5
+    summary = run_train(cfg, "warmup", tmp_path / "warm", pool=pool)
+    info = read_json(tmp_path / "warm" / "features.json")
+    assert info["n_recorded"] == 8 and info["pool_size"] == 16
+    assert summary["model_dir"] == "model"  # the rest needs the merged model
+    recorded = pq.read_table(tmp_path / "warm" / "features.parquet").to_pylist()
+    assert [r["id"] for r in recorded] == read_json(tmp_path / "warm" / "warmup_ids.json")["ids"]
+    model, tok = load_trained(cfg["model"], tmp_path / "warm")
+    merged = run_features(cfg, model, tok, pool, tmp_path / "merged", recorded=recorded)
+    assert merged["n_recorded"] == 8 and merged["n_computed"] == 8
+    pass_cfg = {**cfg, "features": {**cfg["features"], "source": "pass"}}
+    run_features(pass_cfg, model, tok, pool, tmp_path / "pass")
+    _assert_tables_match(
+        pq.read_table(tmp_path / "merged" / "features.parquet").to_pylist(),
+        pq.read_table(tmp_path / "pass" / "features.parquet").to_pylist(),
+    )
+
+
+def test_recording_survives_a_restart(tmp_path):
+    """Rows recorded before the checkpoint come back from it: the table equals an unbroken run's."""
+    import pyarrow.parquet as pq
+
+    pool = make_pool(12)
+    cfg = _record_cfg("full", True, 1, 1)
+    cfg["trainer"].update(lr=3e-3, save_every=1)
+    cfg["warmup"] = {"epochs": 2}  # 3 steps/epoch: each sample recorded at its epoch-1 visit
+    run_train(cfg, "warmup", tmp_path / "ref", pool=pool)
+    stopped = {**cfg, "trainer": {**cfg["trainer"], "stop_after_steps": 5}}
+    assert run_train(stopped, "warmup", tmp_path / "cut", pool=pool)["stopped"]
+    resumed = run_train(cfg, "warmup", tmp_path / "cut", pool=pool)
+    assert resumed["resumed_from_step"] == 5
+    _assert_tables_match(
+        pq.read_table(tmp_path / "cut" / "features.parquet").to_pylist(),
+        pq.read_table(tmp_path / "ref" / "features.parquet").to_pylist(),
+    )
+
+
+def test_recording_rejects_ifd():
+    with pytest.raises(ValueError, match="IFD"):
+        run_train(
+            _record_cfg("lora", True, 1, 1) | {"features": {"source": "warmup", "ifd": True}},
+            "warmup",
+            "/nonexistent",
+            pool=make_pool(4),
+        )
