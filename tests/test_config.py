@@ -196,9 +196,7 @@ def test_every_point_of_every_experiment_grid_validates(name):
         "paper_lora_vs_full": 12,
         "hpo_finetune": 64,
         "hpo_pareto": 64,
-    }.get(
-        name, 1
-    )
+    }.get(name, 1)
 
 
 def test_all_problems_are_reported_at_once():
