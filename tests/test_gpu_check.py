@@ -57,18 +57,20 @@ def test_compute_device_is_the_local_ranks_gpu(fake_cuda, monkeypatch):
     assert compute_device() == torch.device("cpu")
 
 
-def test_features_job_moves_the_model_to_the_gpu(fake_cuda, monkeypatch):
+def test_features_job_moves_the_model_to_the_gpu(fake_cuda, monkeypatch, tmp_path):
     import grads.data
     import grads.features
     from grads import pipeline
 
     model, seen = FakeModel(), {}
     monkeypatch.setattr(pipeline, "_load_trained", lambda cfg, path: (model, "tokenizer"))
-    monkeypatch.setattr(grads.data, "load_pool", lambda cfg, tok: ["row"])
+    monkeypatch.setattr(
+        grads.data, "load_pool", lambda cfg, tok, return_stats=False: (["row"], {"read": 1})
+    )
     monkeypatch.setattr(
         grads.features, "run_features", lambda cfg, m, tok, pool, work: seen.update(at=m.device)
     )
-    pipeline._features_job({}, "warmup_dir", "work")
+    pipeline._features_job({}, "warmup_dir", str(tmp_path))
     assert seen["at"] == torch.device("cuda", 0)
 
 

@@ -167,10 +167,10 @@ def test_sweep_with_a_missing_objective_metric_fails_clearly(sweep):
     res = _sweep(
         sweep,
         "hydra.sweeper.n_trials=1",
-        "objective.metric=domain_loss",
+        "objective.metric=no_such_metric",
         "objective.direction=minimize",
         "objective.required=auto",  # detects that the Optuna sweeper is waiting for the value
         f"hydra.sweep.dir={sweep / 'sweep_missing'}",
     )
     assert res.returncode != 0
-    assert "objective.metric ['domain_loss'] not in this run's metrics" in res.stderr
+    assert "objective.metric ['no_such_metric'] not in this run's metrics" in res.stderr

@@ -144,8 +144,11 @@ def part_lists(cfg: Any) -> dict[str, list[str]]:
     domain, general = task_lists(cfg)
     parts = {"domain": domain, "general": general}
     seen = set(domain) | set(general)
+    # A domain without a held-out split (e.g. a custom pool, whose every sample is for selection)
+    # has no held-out loss to measure.
+    skip = set(HELDOUT_TASKS) if not (as_dict(cfg).get("domain") or {}).get("heldout") else set()
     for part, key in LOSS_PARTS.items():
-        names = [t for t in dict.fromkeys(ev[key] or []) if t not in seen]
+        names = [t for t in dict.fromkeys(ev[key] or []) if t not in seen | skip]
         seen |= set(names)
         parts[part] = names
     kl = ev["kl_task"]
