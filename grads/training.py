@@ -100,7 +100,7 @@ class TrainerSettings:
     lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)
     epochs: float = 1.0
     max_steps: int = -1  # > 0 overrides epochs
-    micro_batch_size: int = 4
+    micro_batch_size: int = 8
     grad_accum: int = 1
     lr: float = 2e-4
     warmup_ratio: float = 0.03
