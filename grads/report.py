@@ -78,6 +78,8 @@ def collect(sweep_dir: str | Path, keep_items: bool = False) -> tuple[list[dict]
         for task, res in (m.get("tasks") or {}).items():
             if isinstance(res, dict) and "acc" in res:
                 row[f"task/{task}"] = res["acc"]
+                if res.get("acc_norm") is not None:  # answer-text tasks (HellaSwag, ARC, ...)
+                    row[f"task/{task}/acc_norm"] = res["acc_norm"]
         row["job"] = str(job.relative_to(sweep_dir))
         if keep_items:
             row["items"] = m.get("items") or {}
