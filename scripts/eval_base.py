@@ -43,6 +43,59 @@ def _compose(suite: str, domain: str, overrides: list[str]) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
+def _evaluate_parts(cfg: dict, general_parts, general: bool, load_base) -> tuple[dict, dict]:
+    """Base results of the general parts (``general=True``) or of the domain's own parts."""
+    from grads.evaluation import prepare, summarise
+    from grads.evaluation.harness import part_lists
+    from grads.evaluation.metrics import item_summary
+    from grads.evaluation.runner import base_results
+
+    parts = {p: ns for p, ns in part_lists(cfg).items() if ns and ((p in general_parts) == general)}
+    plan = prepare(cfg, [n for ns in parts.values() for n in ns])
+    scores, _, items, info = base_results(cfg, plan, parts, load_base)
+    summ = summarise(
+        scores, parts.get("domain", []), parts.get("general", []), cfg["eval"]["metric"]
+    )
+    entry = {
+        "tasks": parts,
+        **summ,
+        **item_summary(items),
+        "wall_s": float(max((i["wall_s"] or 0.0) for i in info.values())),
+        "cache": {p: i["cache"] for p, i in info.items()},
+    }
+    return entry, scores
+
+
+def _print_report(report: dict, rows: list[tuple]) -> None:
+    width = max(len(r[1]) for r in rows) + 2
+    print(
+        f"\nBase model {report['model']}, eval suite '{report['suite']}' (acc ± stderr; n = items)"
+    )
+    print(f"{'group':<10}{'task':<{width}}{'n':>6}  {'acc':<16}{'acc_norm':<16}")
+    for group, name, s in rows:
+        print(
+            f"{group:<10}{name:<{width}}{s['n']:>6}  {_fmt(s.get('acc'), s.get('acc_stderr')):<16}"
+            f"{_fmt(s.get('acc_norm'), s.get('acc_norm_stderr')):<16}"
+        )
+    print()
+    g = report["general"]
+    for d, r in report["domains"].items():
+        print(
+            f"{d:<10} domain_acc {_fmt(r['domain_acc'], r['domain_acc_stderr']):<16} "
+            f"domain_loss {_fmt(r.get('domain_loss'), r.get('domain_loss_stderr')):<16} "
+            f"domain_bpb {_fmt(r.get('domain_bpb'), r.get('domain_bpb_stderr')):<16}\n"
+            f"{'':<10} wall {r['wall_s']:7.1f} s  + general {g['wall_s']:7.1f} s = "
+            f"{r['wall_with_general_s']:7.1f} s  ({r['cache']})"
+        )
+    print(
+        f"{'general':<10} general_acc {_fmt(g['general_acc'], g['general_acc_stderr']):<15} "
+        f"acc_norm {_fmt(g.get('general_acc_norm'), None):<8} "
+        f"ref_nll {_fmt(g.get('ref_nll'), g.get('ref_nll_stderr')):<16} "
+        f"text_bpb {_fmt(g.get('text_bpb'), g.get('text_bpb_stderr')):<16}\n"
+        f"{'':<10} wall {g['wall_s']:7.1f} s  ({g['cache']})"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -66,10 +119,6 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO))
     import tempfile
 
-    from grads.evaluation import prepare, summarise
-    from grads.evaluation.harness import part_lists
-    from grads.evaluation.metrics import item_summary
-    from grads.evaluation.runner import base_results
     from grads.models import load_model
 
     overrides = list(args.override)
@@ -87,64 +136,22 @@ def main(argv: list[str] | None = None) -> int:
             loaded["load_s"] = round(time.perf_counter() - t0, 1)
         return loaded["m"]
 
-    rows, report = [], {"suite": args.suite, "model": model_name, "domains": {}, "tasks": {}}
+    report = {"suite": args.suite, "model": model_name, "domains": {}, "tasks": {}}
     # general parts (accuracy, reference answers, plain text) are shared by the domains
-    g_parts = {p: ns for p, ns in part_lists(first).items() if p in GENERAL_PARTS and ns}
-    general = g_parts.get("general", [])
-    g_scores, g_sub, g_items, g_info = base_results(
-        first, prepare(first, [n for ns in g_parts.values() for n in ns]), g_parts, load_base
-    )
-    g_sum = summarise(g_scores, [], general, first["eval"]["metric"]) | item_summary(g_items)
-    g_wall = float(max((i["wall_s"] or 0.0) for i in g_info.values()))
-    report["general"] = {
-        "tasks": g_parts,
-        **g_sum,
-        "wall_s": g_wall,
-        "cache": {p: i["cache"] for p, i in g_info.items()},
-    }
+    report["general"], g_scores = _evaluate_parts(first, GENERAL_PARTS, True, load_base)
     report["tasks"] |= g_scores
+    rows = []
     for d, cfg in cfgs.items():
-        d_parts = {p: ns for p, ns in part_lists(cfg).items() if p not in GENERAL_PARTS and ns}
-        domain = d_parts.get("domain", [])
-        plan = prepare(cfg, [n for ns in d_parts.values() for n in ns])
-        scores, sub, items, info = base_results(cfg, plan, d_parts, load_base)
-        summ = summarise(scores, domain, [], cfg["eval"]["metric"]) | item_summary(items)
-        wall = float(max((i["wall_s"] or 0.0) for i in info.values()))
-        report["domains"][d] = {
-            "tasks": d_parts,
-            **summ,
-            "wall_s": wall,
-            "wall_with_general_s": round(wall + g_wall, 1),
-            "cache": {p: i["cache"] for p, i in info.items()},
-        }
+        report["domains"][d], scores = _evaluate_parts(cfg, GENERAL_PARTS, False, load_base)
+        report["domains"][d]["wall_with_general_s"] = round(
+            report["domains"][d]["wall_s"] + report["general"]["wall_s"], 1
+        )
         report["tasks"] |= scores
-        rows += [(d, name, scores[name]) for name in domain]
-    rows += [("general", name, g_scores[name]) for name in general]
-
-    width = max(len(r[1]) for r in rows) + 2
-    print(f"\nBase model {model_name}, eval suite '{args.suite}' (acc ± stderr; n = items)")
-    print(f"{'group':<10}{'task':<{width}}{'n':>6}  {'acc':<16}{'acc_norm':<16}")
-    for group, name, s in rows:
-        print(
-            f"{group:<10}{name:<{width}}{s['n']:>6}  {_fmt(s.get('acc'), s.get('acc_stderr')):<16}"
-            f"{_fmt(s.get('acc_norm'), s.get('acc_norm_stderr')):<16}"
-        )
-    print()
-    for d, r in report["domains"].items():
-        print(
-            f"{d:<10} domain_acc {_fmt(r['domain_acc'], r['domain_acc_stderr']):<16} "
-            f"domain_loss {_fmt(r.get('domain_loss'), r.get('domain_loss_stderr')):<16} "
-            f"domain_bpb {_fmt(r.get('domain_bpb'), r.get('domain_bpb_stderr')):<16}\n"
-            f"{'':<10} wall {r['wall_s']:7.1f} s  + general {g_wall:7.1f} s = "
-            f"{r['wall_with_general_s']:7.1f} s  ({r['cache']})"
-        )
-    print(
-        f"{'general':<10} general_acc {_fmt(g_sum['general_acc'], g_sum['general_acc_stderr']):<15} "
-        f"acc_norm {_fmt(g_sum.get('general_acc_norm'), None):<8} "
-        f"ref_nll {_fmt(g_sum.get('ref_nll'), g_sum.get('ref_nll_stderr')):<16} "
-        f"text_bpb {_fmt(g_sum.get('text_bpb'), g_sum.get('text_bpb_stderr')):<16}\n"
-        f"{'':<10} wall {g_wall:7.1f} s  ({report['general']['cache']})"
-    )
+        rows += [
+            (d, name, scores[name]) for name in report["domains"][d]["tasks"].get("domain", [])
+        ]
+    rows += [("general", n, g_scores[n]) for n in report["general"]["tasks"].get("general", [])]
+    _print_report(report, rows)
     if "load_s" in loaded:
         print(f"model load {loaded['load_s']} s")
     report["load_s"] = loaded.get("load_s")

@@ -16,7 +16,8 @@ against this cache folder fails on its missing columns instead of using it.
 
 Usage (nice'd, in the background; each stage is cached, so a rerun resumes):
     nohup nice -n 10 python scripts/noise_floor.py run --domain medical > noise.log 2>&1 &
-    python scripts/noise_floor.py analyse outputs/noise_floor/medical --out results/noise_floor
+    python scripts/noise_floor.py analyse outputs/noise_floor/medical/runs --out results/noise_floor_medical
+    python scripts/noise_floor.py analyse --from-csv results/noise_floor_medical/results.csv
 """
 
 from __future__ import annotations
@@ -136,9 +137,20 @@ def cmd_run(args) -> int:
 
 
 def cmd_analyse(args) -> int:
-    from grads.report import collect, noise_floor_report
+    from grads.report import _read_items, collect, noise_floor_report
 
     rows, missing = [], []
+    if args.from_csv:  # the collector's CSV + <stem>_items.json.gz (scripts/make_tables.py)
+        import pandas as pd
+
+        csv = Path(args.from_csv)
+        items = {
+            str(r["job"]): r["items"]
+            for r in _read_items(csv.with_name(f"{csv.stem}_items.json.gz")) or []
+        }
+        rows = [
+            {**r, "items": items.get(str(r["job"]))} for r in pd.read_csv(csv).to_dict("records")
+        ]
     for d in args.runs:
         r, m = collect(d, keep_items=True)
         rows += r
@@ -165,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", default=None, help="default outputs/noise_floor/<domain>")
     r.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides")
     a = sub.add_parser("analyse", help="noise-floor table from the runs' metrics.json")
-    a.add_argument("runs", nargs="+", help="run folders (searched recursively)")
+    a.add_argument("runs", nargs="*", help="run folders (searched recursively)")
+    a.add_argument("--from-csv", help="a collected results.csv (with its _items.json.gz) instead")
     a.add_argument("--k", type=int, default=3, help="seeds per method in the comparison (MDD)")
     a.add_argument("--out", default=None)
     args = ap.parse_args(argv)
