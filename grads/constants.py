@@ -58,3 +58,8 @@ if not OmegaConf.has_resolver("grads.repo_root"):
     # ${grads.repo_root:} in conf/paths/default.yaml: defaults that do not depend on where grads
     # is started from (the data beside the checkout, one output/cache folder for every run).
     OmegaConf.register_new_resolver("grads.repo_root", lambda: str(REPO_ROOT))
+
+if not OmegaConf.has_resolver("grads.join"):
+    # ${grads.join:${selector.layers}} -> "embed+lm_head": readable method names for sweeps over a
+    # list-valued knob (conf/experiment/paper_ablation.yaml names each rule x source combination).
+    OmegaConf.register_new_resolver("grads.join", lambda items, sep="+": sep.join(map(str, items)))

@@ -476,6 +476,28 @@ def _read_items(path: Path) -> list[dict] | None:
         return json.load(fh)
 
 
+def read_csvs(paths: list[Path]):
+    """Collected CSVs (and their ``<stem>_items.json.gz``) as one frame and one item list.
+
+    One CSV is read as is. Several (e.g. one per domain) are concatenated; their job names are
+    prefixed with the CSV's stem so that runs of different sweeps never share a key.
+    """
+    import pandas as pd
+
+    frames, items, any_items = [], [], False
+    for path in paths:
+        df = pd.read_csv(path)
+        its = _read_items(path.with_name(f"{path.stem}_items.json.gz"))
+        if len(paths) > 1:
+            df["job"] = [f"{path.stem}/{j}" for j in df["job"]]
+            its = [{**it, "job": f"{path.stem}/{it['job']}"} for it in its or []]
+        any_items |= its is not None
+        frames.append(df)
+        items += its or []
+    df = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+    return df, (items if any_items else None)
+
+
 def _markdown(wide) -> str:
     cols = [f"{b} {m}" for b, m in wide.columns]
     lines = ["| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
@@ -492,7 +514,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "sweep_dir", nargs="*", help="sweep/run folders to collect (searched recursively)"
     )
-    ap.add_argument("--from-csv", help="rebuild tables and plots from a collected CSV instead")
+    ap.add_argument(
+        "--from-csv",
+        nargs="+",
+        help="rebuild tables and plots from collected CSVs instead (several: merged, e.g. one per domain)",
+    )
     ap.add_argument("--out", default=None, help="output folder (default: <sweep_dir>/report)")
     ap.add_argument("--title", default="results")
     ap.add_argument("--reference", default="random", help="method the paired tables compare to")
@@ -502,11 +528,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.from_csv:
-        df = pd.read_csv(args.from_csv)
-        out = Path(args.out or Path(args.from_csv).parent)
-        items = _read_items(
-            Path(args.from_csv).with_name(f"{Path(args.from_csv).stem}_items.json.gz")
-        )
+        df, items = read_csvs([Path(p) for p in args.from_csv])
+        out = Path(args.out or Path(args.from_csv[0]).parent)
     else:
         if not args.sweep_dir:
             ap.error("give a sweep folder or --from-csv")

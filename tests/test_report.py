@@ -200,3 +200,26 @@ def test_noise_floor_report_picks_headlines(tmp_path):
     assert table["metrics"]["domain_loss"]["improvement"] == pytest.approx(0.3, abs=0.02)
     assert table["headline"]["forgetting"] == "general_kl"
     assert "**(headline)**" in text and "| domain_acc |" in text
+
+
+def test_per_domain_csvs_merge_with_their_paired_items(tmp_path, capsys):
+    """Two sweeps with the same job names (one per domain) merge without mixing their items."""
+    for domain in ("medical", "legal"):
+        sweep = tmp_path / domain
+        _paired_sweep(sweep)  # jobs "0".."5" in both
+        for m_file in sweep.rglob("metrics.json"):
+            m = json.loads(m_file.read_text())
+            m["domain"] = domain
+            m_file.write_text(json.dumps(m))
+        main([str(sweep), "--out", str(tmp_path / "csv"), "--title", domain])
+    capsys.readouterr()
+    csvs = [str(tmp_path / "csv" / f"{d}.csv") for d in ("medical", "legal")]
+    main(["--from-csv", *csvs, "--out", str(tmp_path / "all"), "--title", "tables"])
+    md = (tmp_path / "all" / "tables.md").read_text()
+    # both domains have their own table and paired table, each with a significant bpb win for grads
+    for domain in ("medical", "legal"):
+        assert f"## {domain}\n" in md and f"## {domain}: paired difference vs random" in md
+    assert md.count("▲") >= 2
+    again = tmp_path / "again"
+    main(["--from-csv", *csvs, "--out", str(again), "--title", "tables"])
+    assert (again / "tables.md").read_text() == md

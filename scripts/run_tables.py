@@ -1,0 +1,149 @@
+"""Run the real-domain tables (RESULTS.md, "Real-domain tables") for one domain, phase by phase.
+
+Phases, in the order the compute is spent (each is one ``grads -m`` sweep; the warm-up and features
+of the domain are computed once, by the first job, and shared by every later job through the cache):
+
+* ``main_p5``   Table 1 at 5 %, seed 0: every selector of ``experiment=paper_main`` (``full`` included).
+* ``seeds_p5``  seeds 1 and 2 at 5 % for ``random``, ``grads`` and the two strongest baselines.
+* ``main_p50``  Table 1 at 50 %, seed 0: ``random``, ``grads`` and the strongest baseline.
+* ``ablation``  Table 2: ``experiment=paper_ablation`` (GrADS rule x gradient source) at 5 %, seed 0.
+
+"Strongest baseline" = lowest held-out domain bits per byte (the headline domain metric, RESULTS.md
+"Noise floor") at 5 %, seed 0, among the non-GrADS selectors (loss_high, gradnorm, ifd, length, less,
+rds); the choice is written to ``<results>/plan.json`` before it is used.
+
+After every phase the domain's runs are collected into ``results/tables/<domain>/`` (CSV, per-item
+results for the paired CIs, tables, plots) and the selected ids of every run are copied to
+``results/tables/<domain>/selections/`` (one small JSONL per method, budget and seed). Re-running
+a phase after an interruption recomputes only what the stage cache lacks.
+
+    python scripts/run_tables.py financial                       # every phase
+    python scripts/run_tables.py financial --phases main_p5      # one phase
+    python scripts/run_tables.py financial --dry-run             # print the commands
+    python scripts/run_tables.py financial --collect-only        # re-collect what has finished
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from grads.constants import REPO_ROOT
+from grads.io import write_json
+
+BASELINES = ["loss_high", "gradnorm", "ifd", "length", "less", "rds"]
+# random and grads first (the comparison that matters arrives early), full (3 epochs of the pool) last
+MAIN_SELECTORS = ["random", "grads", "grads_paper", "grads_cover", *BASELINES, "full"]
+PHASES = ["main_p5", "seeds_p5", "main_p50", "ablation"]
+HEADLINE = "domain_bpb"  # lower is better
+
+
+def phase_overrides(phase: str, plan: dict) -> list[str]:
+    """The ``grads -m`` overrides of one phase (``plan``: the strongest baselines, when needed)."""
+    if phase == "main_p5":
+        return [
+            "experiment=paper_main",
+            "budget=p5",
+            "seed=0",
+            f"selector={','.join(MAIN_SELECTORS)}",
+        ]
+    if phase == "seeds_p5":
+        sels = ["random", "grads", *plan["strongest"][:2]]
+        return ["experiment=paper_main", "budget=p5", "seed=1,2", f"selector={','.join(sels)}"]
+    if phase == "main_p50":
+        sels = ["random", "grads", plan["strongest"][0]]
+        return ["experiment=paper_main", "budget=p50", "seed=0", f"selector={','.join(sels)}"]
+    if phase == "ablation":
+        return ["experiment=paper_ablation"]
+    raise ValueError(f"unknown phase {phase!r}; choose from {PHASES}")
+
+
+def strongest_baselines(runs_dir: Path) -> dict:
+    """Rank the baselines of ``main_p5`` by the headline domain metric (needs every one finished)."""
+    from grads.report import collect
+
+    rows, _ = collect(runs_dir / "main_p5")
+    scores = {
+        r["selector"]: r[HEADLINE]
+        for r in rows
+        if r["selector"] in BASELINES and r.get(HEADLINE) is not None
+    }
+    missing = sorted(set(BASELINES) - set(scores))
+    if missing:
+        raise SystemExit(
+            f"main_p5 has no {HEADLINE} for {missing} under {runs_dir / 'main_p5'}: "
+            "run (or finish) that phase first"
+        )
+    ranked = sorted(scores, key=scores.get)
+    return {"metric": HEADLINE, "scores": scores, "strongest": ranked}
+
+
+def collect_domain(domain: str, runs_dir: Path, results_dir: Path) -> None:
+    """Tables + per-item results + selected ids of every finished run of the domain."""
+    from grads.report import main as report_main
+
+    if not any(runs_dir.rglob("metrics.json")):
+        print(f"nothing to collect under {runs_dir}")
+        return
+    report_main([str(runs_dir), "--out", str(results_dir), "--title", domain])
+    sel_dir = results_dir / "selections"
+    sel_dir.mkdir(parents=True, exist_ok=True)
+    for mfile in sorted(runs_dir.rglob("metrics.json")):
+        m = json.loads(mfile.read_text())
+        src = Path(m.get("artefacts", {}).get("select", "")) / "selection.jsonl"
+        if src.is_file():
+            name = f"{m['selector']}_{m['budget']}_seed{m['seed']}.jsonl"
+            shutil.copyfile(src, sel_dir / name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("domain", choices=["medical", "legal", "financial"])
+    ap.add_argument("--phases", nargs="+", default=PHASES, choices=PHASES)
+    ap.add_argument("--runs-dir", default=None, help="default: <repo>/outputs/tables/<domain>")
+    ap.add_argument("--results-dir", default=None, help="default: <repo>/results/tables/<domain>")
+    ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    ap.add_argument("--collect-only", action="store_true")
+    ap.add_argument("overrides", nargs="*", help="extra overrides for every phase (key=value)")
+    args = ap.parse_args(argv)
+    runs_dir = Path(args.runs_dir or REPO_ROOT / "outputs" / "tables" / args.domain).resolve()
+    results_dir = Path(args.results_dir or REPO_ROOT / "results" / "tables" / args.domain).resolve()
+    if args.collect_only:
+        collect_domain(args.domain, runs_dir, results_dir)
+        return
+    plan_file = results_dir / "plan.json"
+    for phase in args.phases:
+        plan = {}
+        if phase in ("seeds_p5", "main_p50"):
+            if args.dry_run and not (runs_dir / "main_p5").exists():
+                plan = {"strongest": ["<best baseline>", "<second baseline>"]}
+            else:
+                plan = strongest_baselines(runs_dir)
+                write_json(plan_file, plan)
+                print(f"strongest baselines by {HEADLINE}: {plan['strongest'][:2]}")
+        cmd = [
+            sys.executable,
+            "-m",
+            "grads.cli",
+            "-m",
+            *phase_overrides(phase, plan),
+            f"domain={args.domain}",
+            f"hydra.sweep.dir={runs_dir / phase}",
+            *args.overrides,
+        ]
+        print(f"== {phase}: {' '.join(cmd[2:])}", flush=True)
+        if args.dry_run:
+            continue
+        t0 = time.time()
+        subprocess.run(cmd, check=True)
+        print(f"== {phase} done in {(time.time() - t0) / 60:.1f} min", flush=True)
+        collect_domain(args.domain, runs_dir, results_dir)
+
+
+if __name__ == "__main__":
+    main()
