@@ -216,6 +216,40 @@ def paired_tables(
     return tables
 
 
+ABLATION_PREFIX = "grads."  # conf/experiment/paper_ablation.yaml names runs grads.<rule>.<source>
+
+
+def ablation_tables(paired: dict[str, object], metric_label: str) -> dict[str, object]:
+    """Table 2 layout: per domain and budget, rows = GrADS rules, columns = gradient sources.
+
+    Args:
+        paired: :func:`paired_tables` output (rows = methods, columns = (budget, metric label)).
+        metric_label: which paired column fills the grid (e.g. ``ITEM_METRICS["domain_bpb"].label``).
+
+    Returns:
+        ``{"<domain> <budget>": grid}`` for every domain/budget with ``grads.<rule>.<source>`` rows.
+    """
+    import pandas as pd
+
+    out = {}
+    for domain, wide in paired.items():
+        names = [s for s in wide.index if str(s).startswith(ABLATION_PREFIX) and s.count(".") == 2]
+        for budget in sorted({b for b, _ in wide.columns}, key=lambda b: _BUDGET_ORDER.get(b, 999)):
+            if not names or (budget, metric_label) not in wide.columns:
+                continue
+            cells: dict[str, dict[str, str]] = {}
+            for name in names:
+                _, rule, source = name.split(".")
+                cells.setdefault(rule, {})[source] = wide.loc[name, (budget, metric_label)]
+            grid = pd.DataFrame.from_dict(cells, orient="index").fillna("–")
+            sources = [c for c in ("embed", "lm_head", "embed+lm_head") if c in grid.columns]
+            grid = grid[sources + sorted(c for c in grid.columns if c not in sources)]
+            grid = grid.sort_index()
+            grid.columns = pd.MultiIndex.from_tuples([(metric_label, c) for c in grid.columns])
+            out[f"{domain} {budget}"] = grid
+    return out
+
+
 def _latex(wide) -> str:
     """LaTeX of a table whose cells may carry ▲ / ▼ (amssymb triangles) and ``_`` in names."""
 
@@ -432,18 +466,8 @@ def render(
         tex += [f"% {domain}\n", _latex(wide), "\n"]
     if items:
         written["items"] = _write_items(out_dir / f"{title}_items.json.gz", items)
-        by_job = {str(r["job"]): r["items"] for r in items}  # a CSV may read "0" back as 0
-        rows = [{**r, "items": by_job.get(str(r.get("job")))} for r in df.to_dict("records")]
-        for domain, wide in paired_tables(rows, reference, metrics).items():
-            md += [
-                f"\n## {domain}: paired difference vs {reference}\n",
-                "Mean paired difference (method − reference) over the same items and seeds, "
-                "[95 % bootstrap CI over items and seeds]; accuracies in points; "
-                "▲ significant win, ▼ significant loss (CI excludes 0).\n\n",
-                _markdown(wide),
-                "\n",
-            ]
-            tex += [f"% {domain}: paired difference vs {reference}\n", _latex(wide), "\n"]
+        p_md, p_tex = _paired_sections(df, items, reference, metrics)
+        md, tex = md + p_md, tex + p_tex
     costs = cost_table(df)
     md += ["\n## cost (seconds)\n\n", costs.to_markdown(index=False), "\n"]
     write_text(out_dir / f"{title}.md", "".join(md))
@@ -452,6 +476,37 @@ def render(
     for p in plots(df, out_dir):
         written[p.stem] = p
     return written
+
+
+def _paired_sections(df, items: list[dict], reference: str, metrics: list[str] | None):
+    """Markdown and LaTeX of the paired tables and, when the runs include it, the ablation grid."""
+    by_job = {str(r["job"]): r["items"] for r in items}  # a CSV may read "0" back as 0
+    rows = [{**r, "items": by_job.get(str(r.get("job")))} for r in df.to_dict("records")]
+    paired = paired_tables(rows, reference, metrics)
+    md, tex = [], []
+    for domain, wide in paired.items():
+        md += [
+            f"\n## {domain}: paired difference vs {reference}\n",
+            "Mean paired difference (method − reference) over the same items and seeds, "
+            "[95 % bootstrap CI over items and seeds]; accuracies in points; "
+            "▲ significant win, ▼ significant loss (CI excludes 0).\n\n",
+            _markdown(wide),
+            "\n",
+        ]
+        tex += [f"% {domain}: paired difference vs {reference}\n", _latex(wide), "\n"]
+    # Table 2 (the headline domain and forgetting metrics): rule x gradient source grids
+    for metric in [m for m in (metrics or PAIRED_METRICS) if m in ITEM_METRICS][:2]:
+        label = ITEM_METRICS[metric].label
+        for where, grid in ablation_tables(paired, label).items():
+            md += [
+                f"\n## {where}: ablation, {label} vs {reference} (rule x gradient source)\n",
+                "Rows: the `grads` selection rule; columns: the gradient norms in the signal "
+                "(input embedding, LM head, both). Cells as in the paired table.\n\n",
+                _markdown(grid),
+                "\n",
+            ]
+            tex += [f"% {where}: ablation, {label}\n", _latex(grid), "\n"]
+    return md, tex
 
 
 def _write_items(path: Path, items: list[dict]) -> Path:
@@ -521,6 +576,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--out", default=None, help="output folder (default: <sweep_dir>/report)")
     ap.add_argument("--title", default="results")
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="only these selectors (e.g. Table 1 without the ablation's grads.<rule>.<source> runs)",
+    )
     ap.add_argument("--reference", default="random", help="method the paired tables compare to")
     ap.add_argument(
         "--paired-metrics", nargs="+", default=None, help=f"default: {' '.join(PAIRED_METRICS)}"
@@ -547,6 +608,13 @@ def main(argv: list[str] | None = None) -> None:
             r.pop("items", None)
         df = pd.DataFrame(rows)
         out = Path(args.out or Path(args.sweep_dir[0]) / "report")
+    if args.methods:
+        unknown = sorted(set(args.methods) - set(df["selector"]))
+        if unknown:
+            raise SystemExit(
+                f"--methods: no runs of {unknown}; the runs have {sorted(set(df['selector']))}"
+            )
+        df = df[df["selector"].isin(args.methods)].reset_index(drop=True)
     written = render(df, out, args.title, items, args.reference, args.paired_metrics)
     print(Path(written["md"]).read_text())
     print("written:", ", ".join(str(p) for p in written.values()))

@@ -223,3 +223,35 @@ def test_per_domain_csvs_merge_with_their_paired_items(tmp_path, capsys):
     again = tmp_path / "again"
     main(["--from-csv", *csvs, "--out", str(again), "--title", "tables"])
     assert (again / "tables.md").read_text() == md
+
+
+def test_ablation_grid_and_methods_filter(tmp_path, capsys):
+    """grads.<rule>.<source> runs become a rule x source grid; --methods keeps Table 1 to its rows."""
+    sweep = tmp_path / "sweep"
+    _paired_sweep(sweep)
+    base = json.loads((sweep / "3" / "metrics.json").read_text())  # grads, seed 0
+    for i, (rule, source) in enumerate(
+        [("density", "embed"), ("density", "lm_head"), ("magnitude", "embed+lm_head")]
+    ):
+        job = sweep / f"abl{i}"
+        job.mkdir()
+        (job / "config_resolved.yaml").write_text("seed: 0\n")
+        (job / "metrics.json").write_text(
+            json.dumps({**base, "selector": f"grads.{rule}.{source}"})
+        )
+    main([str(sweep), "--out", str(tmp_path / "rep")])
+    md = (tmp_path / "rep" / "results.md").read_text()
+    grid = md.split("ablation, Domain bpb vs random")[1].split("\n## ")[0]
+    header = next(line for line in grid.splitlines() if line.startswith("| method"))
+    assert header.index("embed |") < header.index("lm_head") < header.index("embed+lm_head")
+    density = next(line for line in grid.splitlines() if line.startswith("| density |"))
+    cells = [c.strip() for c in density.split("|")[2:-1]]
+    assert cells[0].endswith("▲") and cells[1].endswith("▲") and cells[2] == "–"
+    assert "| magnitude |" in grid
+    capsys.readouterr()
+    csv = str(tmp_path / "rep" / "results.csv")
+    main(["--from-csv", csv, "--out", str(tmp_path / "t1"), "--methods", "random", "grads"])
+    t1 = (tmp_path / "t1" / "results.md").read_text()
+    assert "grads.density" not in t1 and "ablation" not in t1 and "| grads |" in t1
+    with pytest.raises(SystemExit, match="no runs of"):
+        main(["--from-csv", csv, "--out", str(tmp_path / "t2"), "--methods", "nope"])
