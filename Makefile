@@ -15,6 +15,8 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export WANDB_SILENT ?= true
+# OpenMP threads sleep at barriers (grads/__init__.py sets the same for every grads process).
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup demo test test-all smoke ci lint format bench clean-cache gpu-bundle
 
