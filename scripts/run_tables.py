@@ -7,6 +7,10 @@ of the domain are computed once, by the first job, and shared by every later job
 * ``seeds_p5``  seeds 1 and 2 at 5 % for ``random``, ``grads`` and the two strongest baselines.
 * ``main_p50``  Table 1 at 50 %, seed 0: ``random``, ``grads`` and the strongest baseline.
 * ``ablation``  Table 2: ``experiment=paper_ablation`` (GrADS rule x gradient source) at 5 %, seed 0.
+* ``cheap``     the cheaper selection variants (RESULTS.md, "Cost of selection") end to end at 5 %,
+                seed 0: ``grads_w5`` = GrADS on a warm-up of 5 % of the pool (``warmup.fraction=0.05``)
+                + the features pass; ``grads_rec`` = the norms recorded during the full warm-up
+                (``features.source=warmup``). Their rows say whether the cheap subsets train alike.
 
 "Strongest baseline" = lowest held-out domain bits per byte (the headline domain metric, RESULTS.md
 "Noise floor") at 5 %, seed 0, among the non-GrADS selectors (loss_high, gradnorm, ifd, length, less,
@@ -39,7 +43,14 @@ from grads.io import write_json
 BASELINES = ["loss_high", "gradnorm", "ifd", "length", "less", "rds"]
 # random and grads first (the comparison that matters arrives early), full (3 epochs of the pool) last
 MAIN_SELECTORS = ["random", "grads", "grads_paper", "grads_cover", *BASELINES, "full"]
-PHASES = ["main_p5", "seeds_p5", "main_p50", "ablation"]
+PHASES = ["main_p5", "seeds_p5", "main_p50", "ablation", "cheap"]
+# selector name -> what differs from the paper's selection (a separate sweep each). Their features
+# are GrADS's alone (no IFD / LESS / RDS+ passes), so their selection cost is what a user pays.
+_GRADS_ONLY = ["features.ifd=false", "features.representations=[]"]
+CHEAP = {
+    "grads_w5": ["warmup.fraction=0.05", *_GRADS_ONLY],
+    "grads_rec": ["features.source=warmup", *_GRADS_ONLY],
+}
 HEADLINE = "domain_bpb"  # lower is better
 
 
@@ -60,6 +71,15 @@ def phase_overrides(phase: str, plan: dict) -> list[str]:
         return ["experiment=paper_main", "budget=p50", "seed=0", f"selector={','.join(sels)}"]
     if phase == "ablation":
         return ["experiment=paper_ablation"]
+    if phase in CHEAP:
+        return [
+            "experiment=paper_main",
+            "budget=p5",
+            "seed=0",
+            "selector=grads",
+            f"selector.name={phase}",
+            *CHEAP[phase],
+        ]
     raise ValueError(f"unknown phase {phase!r}; choose from {PHASES}")
 
 
@@ -117,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
         collect_domain(args.domain, runs_dir, results_dir)
         return
     plan_file = results_dir / "plan.json"
-    for phase in args.phases:
+    phases = [p for ph in args.phases for p in (CHEAP if ph == "cheap" else [ph])]
+    for phase in phases:
         plan = {}
         if phase in ("seeds_p5", "main_p50"):
             if args.dry_run and not (runs_dir / "main_p5").exists():
