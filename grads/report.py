@@ -75,6 +75,7 @@ def collect(sweep_dir: str | Path, keep_items: bool = False) -> tuple[list[dict]
         row["finetune_s"] = cost.get("finetune", {}).get("wall_s")
         row["select_s"] = cost.get("select", {}).get("wall_s")
         row["finetune_tokens"] = cost.get("finetune", {}).get("tokens")
+        row |= _stage_costs(m)
         for task, res in (m.get("tasks") or {}).items():
             if isinstance(res, dict) and "acc" in res:
                 row[f"task/{task}"] = res["acc"]
@@ -85,6 +86,26 @@ def collect(sweep_dir: str | Path, keep_items: bool = False) -> tuple[list[dict]
             row["items"] = m.get("items") or {}
         rows.append(row)
     return rows, missing
+
+
+STAGES = ("warmup", "features", "select", "finetune", "evaluate")
+
+
+def _stage_costs(m: dict) -> dict:
+    """Wall seconds of every stage as first computed, whether this job computed it, and the split
+    of the features stage into the gradient-norm pass and the IFD pass (the rest of that stage is
+    the baselines' representation passes), read from the cached stage's ``stage.json``."""
+    cost, out = m.get("cost") or {}, {}
+    for stage in STAGES:
+        if stage in cost:
+            out[f"{stage}_s"] = cost[stage].get("wall_s")
+            out[f"{stage}_cached"] = bool(cost[stage].get("cached"))
+    info = Path((m.get("artefacts") or {}).get("features", "")) / "stage.json"
+    if info.is_file():
+        st = json.loads(info.read_text())
+        out["features_gradnorm_s"] = st.get("feature_time_s")
+        out["features_ifd_s"] = st.get("ifd_time_s")
+    return out
 
 
 def _mean_std(values: list[float]) -> tuple[float, float, int]:
@@ -355,6 +376,45 @@ def cost_table(df):
     return pd.DataFrame(rows)
 
 
+def cost_model(df):
+    """Minutes per stage and domain, from the jobs that computed the stage (not cache hits).
+
+    Columns: the warm-up epoch, the gradient-norm pass, the IFD pass and the baselines' passes
+    (the rest of the features stage), a fine-tune per budget (``full`` = the whole pool), one
+    evaluation, and the GrADS selection cost (warm-up + gradient-norm pass) over the full fine-tune.
+    Empty when the runs predate the per-stage columns.
+    """
+    import pandas as pd
+
+    if "warmup_cached" not in df.columns:
+        return pd.DataFrame()
+
+    def minutes(frame, col) -> float | None:
+        computed = frame[frame[col.replace("_s", "_cached")] == False][col].dropna()  # noqa: E712
+        return round(float(computed.mean()) / 60, 1) if len(computed) else None
+
+    rows = []
+    for domain, d in df.groupby("domain"):
+        feats = d[d["features_cached"] == False]  # noqa: E712
+        row = {"domain": domain, "warm-up": minutes(d, "warmup_s")}
+        if len(feats) and "features_gradnorm_s" in d:
+            f = feats.iloc[0]
+            grad, ifd = f["features_gradnorm_s"], f["features_ifd_s"]
+            row["grad-norm pass"] = round(grad / 60, 1)
+            row["IFD pass"] = round(ifd / 60, 1)
+            row["baseline passes"] = round((f["features_s"] - grad - ifd) / 60, 1)
+        tuned = d[d["selector"] != "full"]
+        for budget in sorted(tuned["budget"].unique(), key=lambda b: _BUDGET_ORDER.get(b, 999)):
+            row[f"fine-tune {budget}"] = minutes(tuned[tuned["budget"] == budget], "finetune_s")
+        row["fine-tune full"] = minutes(d[d["selector"] == "full"], "finetune_s")
+        row["evaluation"] = minutes(d, "evaluate_s")
+        if row.get("fine-tune full") and row.get("warm-up") and "grad-norm pass" in row:
+            sel = row["warm-up"] + row["grad-norm pass"]
+            row["GrADS selection / full FT"] = round(sel / row["fine-tune full"], 2)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def plots(df, out_dir: Path) -> list[Path]:
     """Domain gain vs forgetting per method, and domain accuracy vs budget."""
     import matplotlib
@@ -470,6 +530,13 @@ def render(
         md, tex = md + p_md, tex + p_tex
     costs = cost_table(df)
     md += ["\n## cost (seconds)\n\n", costs.to_markdown(index=False), "\n"]
+    model = cost_model(df)
+    if len(model):
+        md += [
+            "\n## cost model (minutes per stage, jobs that computed it)\n\n",
+            model.to_markdown(index=False),
+            "\n",
+        ]
     write_text(out_dir / f"{title}.md", "".join(md))
     write_text(out_dir / f"{title}.tex", "".join(tex))
     written["md"], written["tex"] = out_dir / f"{title}.md", out_dir / f"{title}.tex"

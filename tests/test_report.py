@@ -255,3 +255,39 @@ def test_ablation_grid_and_methods_filter(tmp_path, capsys):
     assert "grads.density" not in t1 and "ablation" not in t1 and "| grads |" in t1
     with pytest.raises(SystemExit, match="no runs of"):
         main(["--from-csv", csv, "--out", str(tmp_path / "t2"), "--methods", "nope"])
+
+
+def test_cost_model_counts_only_jobs_that_computed_a_stage():
+    from grads.report import cost_model
+
+    def row(sel, budget, ft, cached_up=True, ft_cached=False):
+        return {
+            "domain": "legal",
+            "selector": sel,
+            "budget": budget,
+            "warmup_s": 600.0,
+            "warmup_cached": cached_up,
+            "features_s": 420.0,
+            "features_cached": cached_up,
+            "features_gradnorm_s": 240.0,
+            "features_ifd_s": 60.0,
+            "finetune_s": ft,
+            "finetune_cached": ft_cached,
+            "evaluate_s": 120.0,
+            "evaluate_cached": False,
+        }
+
+    df = pd.DataFrame(
+        [
+            row("random", "p5", 60.0, cached_up=False),
+            row("grads", "p5", 120.0),
+            row("grads", "p5", 999.0, ft_cached=True),  # a cache hit: its seconds are not new
+            row("grads", "p50", 600.0),
+            row("full", "p5", 1800.0),
+        ]
+    )
+    m = cost_model(df).iloc[0]
+    assert m["warm-up"] == 10.0 and m["grad-norm pass"] == 4.0 and m["IFD pass"] == 1.0
+    assert m["baseline passes"] == 2.0
+    assert m["fine-tune p5"] == 1.5 and m["fine-tune p50"] == 10.0 and m["fine-tune full"] == 30.0
+    assert m["GrADS selection / full FT"] == round(14.0 / 30.0, 2)
