@@ -1,0 +1,59 @@
+"""scripts/run_tables.py: the phases of the real-domain tables and how the strongest baselines are
+chosen (the commands are composed and checked, nothing is trained)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from tests.conftest import REPO
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("run_tables", REPO / "scripts" / "run_tables.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["run_tables"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _metrics(root, i, selector, bpb):
+    job = root / "main_p5" / str(i)
+    job.mkdir(parents=True)
+    (job / "config_resolved.yaml").write_text("seed: 0\n")
+    m = {"domain": "legal", "selector": selector, "budget": "p5", "seed": 0, "domain_bpb": bpb}
+    (job / "metrics.json").write_text(json.dumps(m))
+
+
+def test_strongest_baselines_rank_by_heldout_bpb_and_feed_the_later_phases(tmp_path):
+    rt = _script()
+    bpb = {"loss_high": 0.70, "gradnorm": 0.66, "ifd": 0.64, "length": 0.69, "less": 0.65}
+    for i, (sel, v) in enumerate(bpb.items()):
+        _metrics(tmp_path, i, sel, v)
+    with pytest.raises(SystemExit, match="rds"):  # one baseline missing: no guess
+        rt.strongest_baselines(tmp_path)
+    _metrics(tmp_path, 9, "rds", 0.67)
+    plan = rt.strongest_baselines(tmp_path)
+    assert plan["strongest"][:2] == ["ifd", "less"]
+    seeds = rt.phase_overrides("seeds_p5", plan)
+    assert "selector=random,grads,ifd,less" in seeds and "seed=1,2" in seeds
+    assert "selector=random,grads,ifd" in rt.phase_overrides("main_p50", plan)
+
+
+def test_every_phase_is_a_valid_sweep_of_every_selector(tmp_path):
+    rt = _script()
+    plan = {"strongest": ["ifd", "less"]}
+    parser = OverridesParser.create()
+    for phase in ["main_p5", "seeds_p5", "main_p50", "ablation", *rt.CHEAP]:
+        overrides = parser.parse_overrides(rt.phase_overrides(phase, plan))
+        jobs = BasicSweeper.split_arguments(overrides, max_batch_size=None)[0]
+        assert jobs, phase
+        for sel in {o.split("=", 1)[1] for job in jobs for o in job if o.startswith("selector=")}:
+            assert (REPO / "conf" / "selector" / f"{sel}.yaml").is_file(), (phase, sel)
+    main_p5 = parser.parse_overrides(rt.phase_overrides("main_p5", plan))
+    assert len(BasicSweeper.split_arguments(main_p5, None)[0]) == len(rt.MAIN_SELECTORS) == 11
