@@ -47,6 +47,21 @@ UNION_GROUPS = ("domain", "eval", "model", "paths", "trainer")
 TRAIN_USES = ("warmup", "finetune")
 
 
+def as_dict(cfg: Any) -> dict:
+    """A plain resolved dict from a dict or an OmegaConf config (workers never see interpolations)."""
+    if isinstance(cfg, dict):
+        return cfg
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
+    """``cfg[key]`` of a dict, a ``DictConfig`` or an object; ``default`` when absent or null."""
+    if cfg is None:
+        return default
+    value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+    return default if value is None else value
+
+
 class ConfigError(ValueError):
     """One or more config problems; the message lists each as ``key: problem (allowed ...)``."""
 

@@ -572,7 +572,8 @@ def base_eval_identity(cfg: Mapping, plan: Any, names: list[str], version: int) 
 
     No absolute path: the data root and generated files enter through their content.
     """
-    from grads.evaluation.harness import as_dict, eval_settings
+    from grads.config import as_dict
+    from grads.evaluation.harness import eval_settings
 
     cfg = as_dict(cfg)
     ev = eval_settings(cfg)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from grads.config import as_dict
 from grads.evaluation.tasks import TASKS_DIR
 
 log = logging.getLogger(__name__)
@@ -72,15 +73,6 @@ class TaskConfigError(ValueError):
 # --------------------------------------------------------------------------------------------------
 # Config helpers
 # --------------------------------------------------------------------------------------------------
-def as_dict(cfg: Any) -> dict:
-    """A plain dict from a dict or an OmegaConf config (resolved)."""
-    if isinstance(cfg, dict):
-        return cfg
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-
-
 def eval_settings(cfg: Any) -> dict:
     """``cfg["eval"]`` merged over :data:`EVAL_DEFAULTS`, with its values checked.
 
