@@ -613,7 +613,7 @@ def _budget(cfg: Mapping, fp: Fingerprints) -> Any:
     from hydra.utils import get_class
 
     target = (cfg.get("selector") or {}).get("_target_")
-    free = bool(target and getattr(get_class(target), "budget_free", False))
+    free = bool(target and get_class(target).budget_free)  # declared by the Selector protocol
     return None if free else cfg.get("budget")
 
 
