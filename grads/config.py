@@ -45,6 +45,8 @@ PRIMARY_NODES = ("data", "features", "warmup", "finetune")
 # Group nodes whose keys are the union over their option files (+ what the code declares).
 UNION_GROUPS = ("domain", "eval", "model", "paths", "trainer")
 TRAIN_USES = ("warmup", "finetune")
+# Groups whose options write into another node (`# @package <node>`): one axis per group, one node.
+PACKAGED_INTO = {"trainer": ("tuning",)}
 
 
 def as_dict(cfg: Any) -> dict:
@@ -217,7 +219,8 @@ def allowed_keys(node: str) -> set[str]:
     primary = _primary(conf)
     if node == "":
         # experiment and local files are `@package _global_`: no key of their own at the top level.
-        groups = set(_primary_groups(conf)) - {"experiment", "local"}
+        packaged = {g for gs in PACKAGED_INTO.values() for g in gs}
+        groups = set(_primary_groups(conf)) - {"experiment", "local"} - packaged
         return {k for k in primary if k not in ("defaults", "hydra")} | groups
     keys = (set(_group_keys(conf, node)) | _code_keys(node)) if node in UNION_GROUPS else set()
     if isinstance(primary.get(node), dict):
@@ -237,10 +240,18 @@ def defaults(node: str) -> dict:
     primary = _primary(conf)
     if isinstance(primary.get(node), dict):
         return dict(primary[node])
-    for entry in primary.get("defaults") or []:
-        if isinstance(entry, dict) and next(iter(entry)) == node:
-            return _option(conf, node, str(entry[node]))
-    raise KeyError(f"no defaults for config node {node!r}")
+    choices = {
+        next(iter(e)): e[next(iter(e))]
+        for e in primary.get("defaults") or []
+        if isinstance(e, dict)
+    }
+    if node not in choices:
+        raise KeyError(f"no defaults for config node {node!r}")
+    out = _option(conf, node, str(choices[node]))
+    # Groups packaged into this node (`# @package trainer` in conf/tuning/*.yaml) add their knobs.
+    for group in PACKAGED_INTO.get(node, ()):
+        out.update(_option(conf, group, str(choices[group])))
+    return out
 
 
 @functools.cache

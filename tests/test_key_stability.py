@@ -46,22 +46,34 @@ CASES: dict[str, list[str]] = {
         "selector.rule=density_x_magnitude",
         "selector.layers=[embed,lm_head]",
     ],
+    # pinned with the former trainer=cpu_full; the tuning group reaches the identical config
     "lora_vs_full_cpu_full": [
         "experiment=paper_lora_vs_full",
         "domain=medical",
-        "trainer=cpu_full",
+        "tuning=full",
+        "trainer.name=cpu_full",
         "selector=random",
     ],
     "lora_vs_full_cpu": ["experiment=paper_lora_vs_full", "domain=medical", "selector=grads"],
     "default": [],
     "zero2": ["trainer=zero2"],
     "zero3": ["trainer=zero3"],
-    "zero3_full": ["trainer=zero3", "trainer.mode=full", "trainer.lr=1e-5"],
+    "zero3_full": ["trainer=zero3", "tuning=full", "trainer.lr=1e-5"],
     "zero3_offload": ["trainer=zero3_offload"],
     "mode_full": ["trainer.mode=full"],
-    "cpu_full": ["trainer=cpu_full"],
+    "cpu_full": ["tuning=full", "trainer.name=cpu_full"],
     "smoke_eval_none": ["experiment=smoke", "eval=none"],
     "smoke_eval_standard": ["experiment=smoke", "eval=standard"],
+}
+
+
+# Other spellings of a pinned case: the same resolved config, so the same keys.
+ALIASES: dict[str, tuple[str, list[str]]] = {
+    "zero3_mode_full": ("zero3_full", ["trainer=zero3", "trainer.mode=full", "trainer.lr=1e-5"]),
+    "main_tuning_lora": (
+        "main_fin_grads_p5",
+        [*PAPER, "domain=financial", "selector=grads", "budget=p5", "tuning=lora"],
+    ),
 }
 
 
@@ -80,7 +92,8 @@ def compute_keys(cache_dir: str) -> dict[str, dict[str, str]]:
     torch.cuda.is_available, torch.cuda.device_count = (lambda: False), (lambda: 0)
     try:
         out: dict[str, dict[str, str]] = {}
-        for name, overrides in CASES.items():
+        cases = {**CASES, **{a: ov for a, (_, ov) in ALIASES.items()}}
+        for name, overrides in cases.items():
             cfg = validate_config(compose([*overrides, f"paths.cache_dir={cache_dir}"]))
             resolved = OmegaConf.to_container(cfg, resolve=True)
             out[name] = {s: i.key for s, i in job_identities(resolved, STAGES).items()}
@@ -107,6 +120,17 @@ def test_stage_keys_are_unchanged(keys, case):
     )
 
 
+@pytest.mark.parametrize("alias", sorted(ALIASES))
+def test_other_spellings_give_the_pinned_keys(keys, alias):
+    assert keys[alias] == keys[ALIASES[alias][0]]
+
+
+def test_lora_vs_full_differ_only_in_tuning(keys):
+    """``tuning`` is its own axis: full tuning changes the warm-up's and fine-tune's keys."""
+    full, lora = keys["lora_vs_full_cpu_full"], keys["lora_vs_full_cpu"]
+    assert full["warmup"] != lora["warmup"] and full["finetune"] != lora["finetune"]
+
+
 def test_fixture_covers_every_case():
     assert sorted(json.loads(FIXTURE.read_text())) == sorted(CASES)
 
@@ -117,5 +141,6 @@ if __name__ == "__main__":
     if "--write" not in sys.argv:
         sys.exit("usage: python -m tests.test_key_stability --write")
     with tempfile.TemporaryDirectory() as tmp:
-        FIXTURE.write_text(json.dumps(compute_keys(tmp), indent=1, sort_keys=True) + "\n")
+        pinned = {k: v for k, v in compute_keys(tmp).items() if k in CASES}
+        FIXTURE.write_text(json.dumps(pinned, indent=1, sort_keys=True) + "\n")
     print(f"wrote {FIXTURE}")
