@@ -38,8 +38,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from grads.constants import PATH_ENV, conf_dir
+from grads.identity import STAGES
 
-STAGES = ("warmup", "features", "select", "finetune", "evaluate")
 # Nodes of conf/config.yaml whose knobs are checked against its keys and default types.
 PRIMARY_NODES = ("data", "features", "warmup", "finetune")
 # Group nodes whose keys are the union over their option files (+ what the code declares).
