@@ -38,13 +38,30 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from grads.constants import PATH_ENV, conf_dir
+from grads.identity import STAGES
 
-STAGES = ("warmup", "features", "select", "finetune", "evaluate")
 # Nodes of conf/config.yaml whose knobs are checked against its keys and default types.
 PRIMARY_NODES = ("data", "features", "warmup", "finetune")
 # Group nodes whose keys are the union over their option files (+ what the code declares).
 UNION_GROUPS = ("domain", "eval", "model", "paths", "trainer")
 TRAIN_USES = ("warmup", "finetune")
+# Groups whose options write into another node (`# @package <node>`): one axis per group, one node.
+PACKAGED_INTO = {"trainer": ("tuning",)}
+
+
+def as_dict(cfg: Any) -> dict:
+    """A plain resolved dict from a dict or an OmegaConf config (workers never see interpolations)."""
+    if isinstance(cfg, dict):
+        return cfg
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
+    """``cfg[key]`` of a dict, a ``DictConfig`` or an object; ``default`` when absent or null."""
+    if cfg is None:
+        return default
+    value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+    return default if value is None else value
 
 
 class ConfigError(ValueError):
@@ -202,7 +219,8 @@ def allowed_keys(node: str) -> set[str]:
     primary = _primary(conf)
     if node == "":
         # experiment and local files are `@package _global_`: no key of their own at the top level.
-        groups = set(_primary_groups(conf)) - {"experiment", "local"}
+        packaged = {g for gs in PACKAGED_INTO.values() for g in gs}
+        groups = set(_primary_groups(conf)) - {"experiment", "local"} - packaged
         return {k for k in primary if k not in ("defaults", "hydra")} | groups
     keys = (set(_group_keys(conf, node)) | _code_keys(node)) if node in UNION_GROUPS else set()
     if isinstance(primary.get(node), dict):
@@ -222,10 +240,18 @@ def defaults(node: str) -> dict:
     primary = _primary(conf)
     if isinstance(primary.get(node), dict):
         return dict(primary[node])
-    for entry in primary.get("defaults") or []:
-        if isinstance(entry, dict) and next(iter(entry)) == node:
-            return _option(conf, node, str(entry[node]))
-    raise KeyError(f"no defaults for config node {node!r}")
+    choices = {
+        next(iter(e)): e[next(iter(e))]
+        for e in primary.get("defaults") or []
+        if isinstance(e, dict)
+    }
+    if node not in choices:
+        raise KeyError(f"no defaults for config node {node!r}")
+    out = _option(conf, node, str(choices[node]))
+    # Groups packaged into this node (`# @package trainer` in conf/tuning/*.yaml) add their knobs.
+    for group in PACKAGED_INTO.get(node, ()):
+        out.update(_option(conf, group, str(choices[group])))
+    return out
 
 
 @functools.cache

@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from grads.data import READERS, BadRecordError, Record, _get, _infer_reader, sample_id
+from grads.config import cfg_get
+from grads.data import READERS, BadRecordError, Record, _infer_reader, sample_id
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +142,9 @@ def _read_saved(path: Path, split: str | None) -> tuple[str, Iterator[tuple[int,
 
 def iter_rows(source: Any) -> Iterator[tuple[str, int, dict]]:
     """Every row of a custom pool as ``(file, row_number, row)``; rows are 1-based per file."""
-    for path, fmt in pool_files(_get(source, "path"), _get(source, "format", "auto")):
+    for path, fmt in pool_files(cfg_get(source, "path"), cfg_get(source, "format", "auto")):
         if fmt == "datasets":
-            where, rows = _read_saved(path, _get(source, "split"))
+            where, rows = _read_saved(path, cfg_get(source, "split"))
         else:
             where, rows = str(path), READERS[fmt](path)
         for row_no, row in rows:
@@ -222,13 +223,13 @@ def resolve_spec(source: Any, first_row: dict, file: str) -> PoolSpec:
         ValueError: an unknown mode, a half-given template pair, or ``auto`` with no known layout
             (the message names the fields the file has).
     """
-    mode = str(_get(source, "mode", "auto"))
+    mode = str(cfg_get(source, "mode", "auto"))
     if mode not in MODES:
         raise ValueError(f"domain.mode={mode!r}: expected one of {list(MODES)}")
-    prompt = _as_template(_get(source, "prompt"), "prompt")
-    response = _as_template(_get(source, "response"), "response")
-    optional = {str(f) for f in (_get(source, "optional_fields") or [])}
-    chat_field = _get(source, "messages_field")
+    prompt = _as_template(cfg_get(source, "prompt"), "prompt")
+    response = _as_template(cfg_get(source, "response"), "response")
+    optional = {str(f) for f in (cfg_get(source, "optional_fields") or [])}
+    chat_field = cfg_get(source, "messages_field")
     if (prompt is None) != (response is None):
         raise ValueError("set both domain.prompt and domain.response (or neither, for auto/chat)")
     if prompt is not None and mode != "chat":
@@ -397,7 +398,7 @@ def records_from_custom(
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"data.on_bad_row={on_bad_row!r}: expected 'error' or 'skip'")
     counts = counts if counts is not None else Counter()
-    name = str(_get(source, "name", "custom"))
+    name = str(cfg_get(source, "name", "custom"))
     out = []
     for _, rec in iter_records(source, system):
         if isinstance(rec, BadRecordError):
@@ -421,11 +422,11 @@ def selected_rows(source: Any, ids: list[str], system: str | None = None) -> dic
 
 def describe(source: Any) -> dict:
     """What the pool looks like: files, first row's fields and the resolved mode (for logs/export)."""
-    files = pool_files(_get(source, "path"), _get(source, "format", "auto"))
+    files = pool_files(cfg_get(source, "path"), cfg_get(source, "format", "auto"))
     first = next(iter_rows(source), None)
     spec = resolve_spec(source, first[2], first[0]) if first else None
     return {
-        "path": str(_get(source, "path")),
+        "path": str(cfg_get(source, "path")),
         "files": [str(f) for f, _ in files],
         "format": files[0][1],
         "fields": sorted(first[2]) if first else [],

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from grads.config import cfg_get
 from grads.constants import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -118,16 +119,6 @@ class BadRecordError(ValueError):
         where = str(file) + (f", row {row}" if row is not None else "")
         where += f", field '{field_name}'" if field_name else ""
         super().__init__(f"{where}: {problem}")
-
-
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    if cfg is None:
-        return default
-    try:
-        value = cfg.get(key, default)
-    except AttributeError:
-        value = getattr(cfg, key, default)
-    return default if value is None and default is not None else value
 
 
 def _utf8_problem(text: str) -> str:
@@ -352,7 +343,9 @@ def _read_hub(source: Any) -> Iterator[tuple[int, dict]]:
     from datasets import load_dataset
 
     ds = load_dataset(
-        _get(source, "hub_id"), _get(source, "hub_config"), split=_get(source, "split", "train")
+        cfg_get(source, "hub_id"),
+        cfg_get(source, "hub_config"),
+        split=cfg_get(source, "split", "train"),
     )
     for i, row in enumerate(ds, start=1):
         yield i, dict(row)
@@ -366,21 +359,21 @@ def read_source(source: Any) -> tuple[str, Iterator[tuple[int, dict | BadRecordE
     Raises:
         FileNotFoundError: the file does not exist (the message names the source and path).
     """
-    if _get(source, "hub_id") and not _get(source, "path"):
-        return str(_get(source, "hub_id")), _read_hub(source)
-    path = Path(str(_get(source, "path")))
+    if cfg_get(source, "hub_id") and not cfg_get(source, "path"):
+        return str(cfg_get(source, "hub_id")), _read_hub(source)
+    path = Path(str(cfg_get(source, "path")))
     if not path.exists():
         raise FileNotFoundError(
-            f"data source '{_get(source, 'name', path.stem)}': file not found: {path} "
+            f"data source '{cfg_get(source, 'name', path.stem)}': file not found: {path} "
             "(set paths.data_dir or GRADS_DATA_DIR)"
         )
-    reader = _get(source, "reader") or _infer_reader(path)
+    reader = cfg_get(source, "reader") or _infer_reader(path)
     if reader not in READERS:
         raise ValueError(
-            f"data source '{_get(source, 'name')}': unknown reader {reader!r}; "
+            f"data source '{cfg_get(source, 'name')}': unknown reader {reader!r}; "
             f"expected one of {sorted(READERS)}"
         )
-    kwargs = dict(_get(source, "reader_kwargs") or {})
+    kwargs = dict(cfg_get(source, "reader_kwargs") or {})
     return str(path), READERS[reader](path, **kwargs)
 
 
@@ -434,10 +427,10 @@ def _label_map(value: Any, spec: Any) -> Any:
     """Map a raw value through a config ``map`` (dict) or threshold spec for numeric scores."""
     if spec is None:
         return value
-    if _get(spec, "thresholds") is not None:
-        lo, hi = _get(spec, "thresholds")
+    if cfg_get(spec, "thresholds") is not None:
+        lo, hi = cfg_get(spec, "thresholds")
         x = float(value)
-        return _get(spec, "labels")[0 if x < lo else 2 if x > hi else 1]
+        return cfg_get(spec, "labels")[0 if x < lo else 2 if x > hi else 1]
     return dict(spec).get(str(value), value)
 
 
@@ -459,8 +452,8 @@ def _row_values(row: dict, source: Any, required: list[str], file: str, row_no: 
     Raises:
         BadRecordError: a field is missing, not a string/number, empty, not UTF-8 or unmappable.
     """
-    maps = dict(_get(source, "map") or {})
-    list_mode = _get(source, "list_mode")
+    maps = dict(cfg_get(source, "map") or {})
+    list_mode = cfg_get(source, "list_mode")
     values = {}
     for f in required:
         if f not in row:
@@ -493,12 +486,12 @@ def _row_values(row: dict, source: Any, required: list[str], file: str, row_no: 
 
 def _required_fields(source: Any) -> list[str]:
     """Fields named in the ``prompt``/``response`` templates, plus ``fields`` and ``key_field``."""
-    key_field = _get(source, "key_field")
+    key_field = cfg_get(source, "key_field")
     return list(
         dict.fromkeys(
-            _template_fields(str(_get(source, "prompt")))
-            + _template_fields(str(_get(source, "response")))
-            + list(_get(source, "fields") or [])
+            _template_fields(str(cfg_get(source, "prompt")))
+            + _template_fields(str(cfg_get(source, "response")))
+            + list(cfg_get(source, "fields") or [])
             + ([key_field] if key_field else [])
         )
     )
@@ -526,9 +519,9 @@ def records_from_source(
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"data.on_bad_row={on_bad_row!r}: expected 'error' or 'skip'")
     counts = counts if counts is not None else Counter()
-    name = str(_get(source, "name", "source"))
-    prompt_t, response_t = str(_get(source, "prompt")), str(_get(source, "response"))
-    key_field = _get(source, "key_field")
+    name = str(cfg_get(source, "name", "source"))
+    prompt_t, response_t = str(cfg_get(source, "prompt")), str(cfg_get(source, "response"))
+    key_field = cfg_get(source, "key_field")
     required = _required_fields(source)
     file, rows = read_source(source)
     out: list[Record] = []
@@ -537,7 +530,7 @@ def records_from_source(
         try:
             if isinstance(row, BadRecordError):
                 raise row
-            if not _filter_ok(row, _get(source, "filter")):
+            if not _filter_ok(row, cfg_get(source, "filter")):
                 counts[f"{name}:filtered"] += 1
                 continue
             values = _row_values(row, source, required, file, row_no)
@@ -577,13 +570,13 @@ def records_from_source(
 def _eval_texts(spec: Any) -> set[str]:
     """Normalised texts of an evaluation file, for decontaminating a train pool against it."""
     file, rows = read_source(spec)
-    field_name, pattern = _get(spec, "field"), _get(spec, "extract")
+    field_name, pattern = cfg_get(spec, "field"), cfg_get(spec, "extract")
     regex = re.compile(pattern, re.S) if pattern else None
     texts = set()
     for row_no, row in rows:
         if isinstance(row, BadRecordError):  # an evaluation file must be read whole: never skip
             raise row
-        if not _filter_ok(row, _get(spec, "filter")):
+        if not _filter_ok(row, cfg_get(spec, "filter")):
             continue
         value = row.get(field_name)
         if value is None:
@@ -608,14 +601,14 @@ def decontaminate(records: list[Record], domain: Any, counts: Counter) -> list[R
     evaluation item's text. A ``heldout`` spec
     ``{heldout: {source, frac}}`` drops the hash-based held-out split (see :func:`is_heldout`).
     """
-    specs = list(_get(domain, "decontaminate") or [])
+    specs = list(cfg_get(domain, "decontaminate") or [])
     if not specs:
         return records
     eval_texts: set[str] = set()
     heldout: dict[str, float] = {}
     for spec in specs:
-        if _get(spec, "heldout_source"):
-            heldout[str(_get(spec, "heldout_source"))] = float(_get(spec, "frac", 0.1))
+        if cfg_get(spec, "heldout_source"):
+            heldout[str(cfg_get(spec, "heldout_source"))] = float(cfg_get(spec, "frac", 0.1))
         else:
             eval_texts |= _eval_texts(spec)
     keep = []
@@ -649,7 +642,7 @@ def _require_records(records: list, domain: Any, step: str, counts: Counter) -> 
     """An empty pool is an error that says which step emptied it, with the counts so far."""
     if not records:
         raise ValueError(
-            f"domain '{_get(domain, 'name')}': the train pool is empty after {step} "
+            f"domain '{cfg_get(domain, 'name')}': the train pool is empty after {step} "
             f"(counts: {dict(sorted(counts.items()))})"
         )
 
@@ -667,18 +660,18 @@ def load_records(domain: Any, data_cfg: Any = None) -> tuple[list[Record], dict]
     data = _data_settings(data_cfg)
     counts: Counter = Counter()
     records: list[Record] = []
-    for source in _get(domain, "sources") or []:
-        if _get(source, "enabled", True) is False:
+    for source in cfg_get(domain, "sources") or []:
+        if cfg_get(source, "enabled", True) is False:
             continue
         build = records_from_source
-        if _get(source, "builder"):  # a source with its own reader, e.g. the custom domain's
+        if cfg_get(source, "builder"):  # a source with its own reader, e.g. the custom domain's
             from hydra.utils import get_method
 
-            build = get_method(str(_get(source, "builder")))
+            build = get_method(str(cfg_get(source, "builder")))
         recs = build(
             source, on_bad_row=data["on_bad_row"], system=data["system_prompt"], counts=counts
         )
-        counts[f"{_get(source, 'name')}:read"] += len(recs)
+        counts[f"{cfg_get(source, 'name')}:read"] += len(recs)
         records += recs
     _require_records(records, domain, "reading and filtering its sources", counts)
     records = decontaminate(records, domain, counts)
@@ -695,12 +688,12 @@ def load_records(domain: Any, data_cfg: Any = None) -> tuple[list[Record], dict]
     from grads.heldout import exclude_heldout  # the held-out split never enters any pool
 
     records = exclude_heldout(records, domain, counts)
-    limit = _get(domain, "pool_limit")
+    limit = cfg_get(domain, "pool_limit")
     if limit is not None and (isinstance(limit, bool) or int(limit) < 1):
         raise ValueError(f"domain.pool_limit={limit!r}: expected an integer >= 1 or null")
     if limit is not None and int(limit) < len(records):
         # Deterministic subsample: order by a hash of (id, pool_seed), independent of file order.
-        seed = str(_get(domain, "pool_seed", 0))
+        seed = str(cfg_get(domain, "pool_seed", 0))
         records = sorted(records, key=lambda r: hashlib.sha1((r.id + seed).encode()).digest())
         records = records[: int(limit)]
         counts["pool_limited_to"] = int(limit)
@@ -810,8 +803,8 @@ def load_pool(cfg: Any, tokenizer, return_stats: bool = False):
     """
     from datasets import Dataset
 
-    domain, data_cfg = _get(cfg, "domain"), _get(cfg, "data")
-    if _get(domain, "generator"):
+    domain, data_cfg = cfg_get(cfg, "domain"), cfg_get(cfg, "data")
+    if cfg_get(domain, "generator"):
         materialise_generated(domain, cfg)
     records, stats = load_records(domain, data_cfg)
     samples, tok_stats = tokenize_records(records, tokenizer, data_cfg)
@@ -827,8 +820,8 @@ def materialise_generated(domain: Any, cfg: Any) -> None:
     """Write a generated domain's files (e.g. ``synthetic``) if its sources are missing."""
     from grads import synthetic
 
-    gen = _get(domain, "generator")
-    out_dir = Path(str(_get(gen, "out_dir")))
+    gen = cfg_get(domain, "generator")
+    out_dir = Path(str(cfg_get(gen, "out_dir")))
     synthetic.materialise(out_dir, **{k: v for k, v in dict(gen).items() if k != "out_dir"})
 
 

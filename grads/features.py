@@ -248,8 +248,6 @@ def run_features(
     import torch.distributed as dist
 
     from grads.dist import rank, world_size
-    from grads.io import write_json, write_parquet
-    from grads.models import is_tied
 
     fcfg = _features_cfg(cfg)
     padding_side = fcfg.get("padding_side") or getattr(tokenizer, "padding_side", None) or "right"
@@ -284,44 +282,71 @@ def run_features(
 
     summary = None
     if r == 0:
-        computed = dict(item for part, _ in gathered for item in part)
-        assert sorted(computed) == todo, "lost or duplicated samples"
-        rows = [computed[i] if i in computed else done[sid] for i, sid in enumerate(pool_ids)]
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        columns = feature_columns(is_tied(base), bool(fcfg["stats"]), bool(fcfg["ifd"]))
-        parts = [t for _, t in gathered]
-        wall = time.perf_counter() - t0
-        tokens = sum(t["tokens"] for t in parts)
-        summary = {
-            "source": "warmup" if recorded is not None else "pass",
-            "n_samples": len(rows),
-            "n_recorded": len(rows) - len(todo),
-            "n_computed": len(todo),
-            **_nan_report(rows),
-            "columns": columns,
-            "tied": is_tied(base),
-            "stats": bool(fcfg["stats"]),
-            "ifd": bool(fcfg["ifd"]),
-            "batch_size": int(fcfg["batch_size"]),
-            "padding_side": padding_side,
-            "device": str(next(model.parameters()).device),  # rank 0's; per_rank has each
-            "world_size": world if distributed else 1,
-            "tokens_processed": tokens,
-            "supervised_tokens": sum(t["supervised_tokens"] for t in parts),
-            "wall_time_s": wall,
-            "feature_time_s": max(t["feature_s"] for t in parts),
-            "ifd_time_s": max(t["ifd_s"] for t in parts),
-            "tokens_per_s": tokens / wall if wall > 0 else math.nan,
-            "samples_per_s": len(todo) / wall if wall > 0 else math.nan,
-            "per_rank": parts,
-        }
-        out_dir = Path(out_dir)
-        write_parquet(out_dir / "features.parquet", _table(rows, columns))
-        write_json(out_dir / "features.json", summary)
+        shard = {"gathered": gathered, "todo": todo, "done": done, "pool_ids": pool_ids}
+        n_ranks = world if distributed else 1
+        summary = _write_table(fcfg, model, shard, padding_side, t0, out_dir, recorded, n_ranks)
     if distributed:
         box = [summary]
         dist.broadcast_object_list(box, src=0)
         summary = box[0]
+    return summary
+
+
+def _write_table(
+    fcfg: dict,
+    model,
+    shard: dict,
+    padding_side: str,
+    t0: float,
+    out_dir: str | Path,
+    recorded: list[dict] | None,
+    world_size: int,
+) -> dict:
+    """Rank 0: merge every rank's rows with the recorded ones (pool order), write the table and
+    ``features.json``; return the summary."""
+    from grads.io import write_json, write_parquet
+    from grads.models import is_tied
+
+    gathered, todo, done, pool_ids = (
+        shard["gathered"],
+        shard["todo"],
+        shard["done"],
+        shard["pool_ids"],
+    )
+    computed = dict(item for part, _ in gathered for item in part)
+    assert sorted(computed) == todo, "lost or duplicated samples"
+    rows = [computed[i] if i in computed else done[sid] for i, sid in enumerate(pool_ids)]
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    columns = feature_columns(is_tied(base), bool(fcfg["stats"]), bool(fcfg["ifd"]))
+    parts = [t for _, t in gathered]
+    wall = time.perf_counter() - t0
+    tokens = sum(t["tokens"] for t in parts)
+    summary = {
+        "source": "warmup" if recorded is not None else "pass",
+        "n_samples": len(rows),
+        "n_recorded": len(rows) - len(todo),
+        "n_computed": len(todo),
+        **_nan_report(rows),
+        "columns": columns,
+        "tied": is_tied(base),
+        "stats": bool(fcfg["stats"]),
+        "ifd": bool(fcfg["ifd"]),
+        "batch_size": int(fcfg["batch_size"]),
+        "padding_side": padding_side,
+        "device": str(next(model.parameters()).device),  # rank 0's; per_rank has each
+        "world_size": world_size,
+        "tokens_processed": tokens,
+        "supervised_tokens": sum(t["supervised_tokens"] for t in parts),
+        "wall_time_s": wall,
+        "feature_time_s": max(t["feature_s"] for t in parts),
+        "ifd_time_s": max(t["ifd_s"] for t in parts),
+        "tokens_per_s": tokens / wall if wall > 0 else math.nan,
+        "samples_per_s": len(todo) / wall if wall > 0 else math.nan,
+        "per_rank": parts,
+    }
+    out_dir = Path(out_dir)
+    write_parquet(out_dir / "features.parquet", _table(rows, columns))
+    write_json(out_dir / "features.json", summary)
     return summary
 
 

@@ -30,7 +30,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from grads.data import Record, _get, decontaminate, normalise_text, records_from_source, sample_id
+from grads.config import cfg_get
+from grads.data import Record, decontaminate, normalise_text, records_from_source, sample_id
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +49,11 @@ def heldout_config(domain: Any) -> dict | None:
     Raises:
         HeldoutConfigError: ``n`` is not a positive integer, or ``from_generated`` is unknown.
     """
-    spec = _get(domain, "heldout")
+    spec = cfg_get(domain, "heldout")
     if not spec:
         return None
     spec = dict(spec)
-    name = _get(domain, "name", "?")
+    name = cfg_get(domain, "name", "?")
     n = spec.get("n")
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise HeldoutConfigError(f"domain '{name}': heldout.n={n!r} must be a positive integer")
@@ -134,12 +135,12 @@ def candidates(domain: Any, data_cfg: Any = None) -> list[Record]:
 
     The same steps, in the same order, as ``grads.data.load_records`` up to its held-out hook.
     """
-    on_bad_row = _get(data_cfg, "on_bad_row", "error")
-    system = _get(data_cfg, "system_prompt")
+    on_bad_row = cfg_get(data_cfg, "on_bad_row", "error")
+    system = cfg_get(data_cfg, "system_prompt")
     counts: Counter = Counter()
     records: list[Record] = []
-    for source in _get(domain, "sources") or []:
-        if _get(source, "enabled", True) is False:
+    for source in cfg_get(domain, "sources") or []:
+        if cfg_get(source, "enabled", True) is False:
             continue
         records += records_from_source(source, on_bad_row=on_bad_row, system=system, counts=counts)
     records = decontaminate(records, domain, counts)
@@ -155,10 +156,10 @@ def _generated(domain: Any, cfg: Any) -> list[Record]:
     """The synthetic domain's held-out phrasings: ``eval_mc`` question -> its correct choice."""
     from grads import synthetic
 
-    gen = dict(_get(domain, "generator") or {})
+    gen = dict(cfg_get(domain, "generator") or {})
     out_dir = gen.pop("out_dir", None)
     if out_dir is None:
-        cache = _get(_get(cfg, "paths"), "cache_dir", "outputs/cache")
+        cache = cfg_get(cfg_get(cfg, "paths"), "cache_dir", "outputs/cache")
         out_dir = Path(str(cache)) / "synthetic" / f"seed{int(gen.get('seed', 0))}"
     paths = synthetic.materialise(out_dir, **gen)
     out = []
@@ -178,24 +179,24 @@ def heldout_records(cfg: Any) -> list[Record]:
     Raises:
         HeldoutConfigError: the domain has no ``heldout`` block.
     """
-    domain = _get(cfg, "domain")
+    domain = cfg_get(cfg, "domain")
     spec = heldout_config(domain)
     if spec is None:
         raise HeldoutConfigError(
-            f"domain '{_get(domain, 'name', '?')}' has no `heldout` block: add "
+            f"domain '{cfg_get(domain, 'name', '?')}' has no `heldout` block: add "
             "`heldout: {n: 300}` to its conf/domain file (needed by the grads_heldout task)"
         )
     if spec["from_generated"]:
         recs = _generated(domain, cfg)
         return sorted(recs, key=lambda r: _rank(spec["salt"], key_of(r)))[: spec["n"]]
-    _, held = split(candidates(domain, _get(cfg, "data")), domain)
+    _, held = split(candidates(domain, cfg_get(cfg, "data")), domain)
     return sorted(held, key=lambda r: (_rank(spec["salt"], key_of(r)), r.id))
 
 
 def _source_identity(domain: Any) -> list:
     """What the held-out split depends on besides the config text: each input file's size/mtime."""
-    files = [_get(s, "path") for s in _get(domain, "sources") or []]
-    files += [_get(d, "path") for d in _get(domain, "decontaminate") or []]
+    files = [cfg_get(s, "path") for s in cfg_get(domain, "sources") or []]
+    files += [cfg_get(d, "path") for d in cfg_get(domain, "decontaminate") or []]
     out = []
     for f in files:
         p = Path(str(f)) if f else None
@@ -213,23 +214,23 @@ def materialise(cfg: Any) -> Path:
 
     from grads.io import write_jsonl
 
-    domain = _get(cfg, "domain")
+    domain = cfg_get(cfg, "domain")
     plain = OmegaConf.to_container(domain, resolve=True) if OmegaConf.is_config(domain) else domain
     ident = {
         "version": HELDOUT_VERSION,
         "domain": {k: v for k, v in dict(plain).items() if k not in ("eval_tasks", "hub_datasets")},
-        "on_bad_row": _get(_get(cfg, "data"), "on_bad_row", "error"),
+        "on_bad_row": cfg_get(cfg_get(cfg, "data"), "on_bad_row", "error"),
         # generated domains are defined by their generator parameters (files may not exist yet)
         "files": []
-        if heldout_config(domain) and _get(_get(domain, "heldout"), "from_generated")
+        if heldout_config(domain) and cfg_get(cfg_get(domain, "heldout"), "from_generated")
         else _source_identity(domain),
     }
     ident["domain"].pop("pool_limit", None)
     ident["domain"].pop("pool_seed", None)
     blob = json.dumps(ident, sort_keys=True, default=str)
     digest = hashlib.sha1(blob.encode()).hexdigest()[:16]
-    cache = Path(str(_get(_get(cfg, "paths"), "cache_dir", "outputs/cache")))
-    path = cache / "heldout" / f"{_get(domain, 'name', 'domain')}-{digest}.jsonl"
+    cache = Path(str(cfg_get(cfg_get(cfg, "paths"), "cache_dir", "outputs/cache")))
+    path = cache / "heldout" / f"{cfg_get(domain, 'name', 'domain')}-{digest}.jsonl"
     if not path.exists():
         recs = heldout_records(cfg)
         write_jsonl(

@@ -572,7 +572,8 @@ def base_eval_identity(cfg: Mapping, plan: Any, names: list[str], version: int) 
 
     No absolute path: the data root and generated files enter through their content.
     """
-    from grads.evaluation.harness import as_dict, eval_settings
+    from grads.config import as_dict
+    from grads.evaluation.harness import eval_settings
 
     cfg = as_dict(cfg)
     ev = eval_settings(cfg)
@@ -612,7 +613,7 @@ def _budget(cfg: Mapping, fp: Fingerprints) -> Any:
     from hydra.utils import get_class
 
     target = (cfg.get("selector") or {}).get("_target_")
-    free = bool(target and getattr(get_class(target), "budget_free", False))
+    free = bool(target and get_class(target).budget_free)  # declared by the Selector protocol
     return None if free else cfg.get("budget")
 
 

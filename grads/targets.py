@@ -37,6 +37,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from grads.config import cfg_get
+
 log = logging.getLogger(__name__)
 
 
@@ -44,17 +46,10 @@ class TargetConfigError(ValueError):
     """A target set that is missing, malformed, or would use evaluation test items."""
 
 
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    if cfg is None:
-        return default
-    value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-    return default if value is None else value
-
-
 def target_spec(cfg: Any) -> dict | None:
     """The domain's ``target`` node as a plain dict (``None`` when the domain declares none)."""
-    dom = _get(cfg, "domain") or {}
-    spec = _get(dom, "target")
+    dom = cfg_get(cfg, "domain") or {}
+    spec = cfg_get(dom, "target")
     if not spec:
         return None
     if not hasattr(spec, "items"):
@@ -69,7 +64,7 @@ def spec_key(spec: dict | None) -> dict | None:
     out = {k: v for k, v in spec.items() if k != "sources"}
     out["sources"] = [
         {k: v for k, v in dict(s).items() if k != "path"} | {"file": Path(str(s["path"])).name}
-        if _get(s, "path")
+        if cfg_get(s, "path")
         else dict(s)
         for s in spec.get("sources") or []
     ]
@@ -77,9 +72,9 @@ def spec_key(spec: dict | None) -> dict | None:
 
 
 def _is_test_file(source: Any) -> bool:
-    stem = Path(str(_get(source, "path", ""))).name.lower()
+    stem = Path(str(cfg_get(source, "path", ""))).name.lower()
     tokens = set(re.split(r"[^a-z0-9]+", stem))
-    split = str((_get(source, "reader_kwargs") or {}).get("split", "")).lower()
+    split = str((cfg_get(source, "reader_kwargs") or {}).get("split", "")).lower()
     return "test" in tokens or split == "test"
 
 
@@ -121,39 +116,39 @@ def load_target(cfg: Any) -> tuple[list, dict]:
     from grads.data import _eval_texts, _matches_eval, records_from_source
 
     spec = target_spec(cfg)
-    dom = _get(cfg, "domain") or {}
+    dom = cfg_get(cfg, "domain") or {}
     if spec is None:
         raise TargetConfigError(
-            f"domain '{_get(dom, 'name')}' declares no target set (domain.target), which targeted "
+            f"domain '{cfg_get(dom, 'name')}' declares no target set (domain.target), which targeted "
             "selectors (less, rds) need; see grads.targets and conf/domain/medical.yaml"
         )
-    name = str(_get(spec, "name", "target"))
-    gen = _get(spec, "generator")
+    name = str(cfg_get(spec, "name", "target"))
+    gen = cfg_get(spec, "generator")
     n_leak = 0
     if gen:
-        dgen = _get(dom, "generator") or {}
+        dgen = cfg_get(dom, "generator") or {}
         records = synthetic_dev(
-            int(_get(gen, "seed", 1000)),
-            int(_get(gen, "n_entities", 8)),
-            int(_get(dgen, "seed", 0)),
-            int(_get(dgen, "n_entities", 40)),
+            int(cfg_get(gen, "seed", 1000)),
+            int(cfg_get(gen, "n_entities", 8)),
+            int(cfg_get(dgen, "seed", 0)),
+            int(cfg_get(dgen, "n_entities", 40)),
         )
     else:
         records = []
-        cap = _get(spec, "limit_per_source")
-        on_bad = _get(_get(cfg, "data") or {}, "on_bad_row", "error")
-        for source in _get(spec, "sources") or []:
+        cap = cfg_get(spec, "limit_per_source")
+        on_bad = cfg_get(cfg_get(cfg, "data") or {}, "on_bad_row", "error")
+        for source in cfg_get(spec, "sources") or []:
             if _is_test_file(source):
                 raise TargetConfigError(
-                    f"target '{name}', source '{_get(source, 'name')}': {_get(source, 'path')} is "
+                    f"target '{name}', source '{cfg_get(source, 'name')}': {cfg_get(source, 'path')} is "
                     "a test split; target sets take few-shot / dev data only"
                 )
             recs = records_from_source(source, on_bad_row=on_bad)
-            limit = _get(source, "limit", cap)
+            limit = cfg_get(source, "limit", cap)
             records += recs[: int(limit)] if limit is not None else recs
         eval_texts: set[str] = set()
-        for ev in _get(dom, "decontaminate") or []:
-            if not _get(ev, "heldout_source"):
+        for ev in cfg_get(dom, "decontaminate") or []:
+            if not cfg_get(ev, "heldout_source"):
                 eval_texts |= _eval_texts(ev)
         leaked = [r for r in records if eval_texts and _matches_eval(r, eval_texts)]
         if leaked:
@@ -185,7 +180,7 @@ def tokenized_target(cfg: Any, tokenizer) -> tuple[list[dict], dict]:
     from grads.data import tokenize_records
 
     records, summary = load_target(cfg)
-    samples, stats = tokenize_records(records, tokenizer, _get(cfg, "data"))
+    samples, stats = tokenize_records(records, tokenizer, cfg_get(cfg, "data"))
     if not samples:
         raise TargetConfigError(f"target '{summary['name']}': no row has a response token left")
     summary.update(n_tokenized=len(samples), dropped=stats["dropped_no_response"])

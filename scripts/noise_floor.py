@@ -68,10 +68,10 @@ def model_free_features(cfg: dict) -> Path:
     from grads.gradients import per_sample_loss
     from grads.io import write_json, write_parquet
     from grads.models import load_model
-    from grads.pipeline import StageCache, _budget_free, resolve_features_cfg, stage_keys
+    from grads.pipeline import StageCache, resolve_features_cfg, stage_keys
 
     resolved = resolve_features_cfg(cfg)
-    key = stage_keys(resolved, budget_free=_budget_free(resolved))["features"]
+    key = stage_keys(resolved)["features"]
     cache = StageCache(resolved["paths"]["cache_dir"])
 
     def run(work: Path) -> dict:

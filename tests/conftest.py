@@ -107,3 +107,20 @@ def compose(
         return _compose(
             "config", overrides=overrides or [], return_hydra_config=return_hydra_config
         )
+
+
+def sweep_axes(params: dict) -> dict[str, list[str]]:
+    """``hydra.sweeper.params`` as ``{key: [value, ...]}``, split by Hydra's own override parser (a
+    list value such as ``[embed,lm_head]`` is one value, not two)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    axes = {}
+    for key, vals in params.items():
+        (o,) = parser.parse_overrides([f"{key}={vals}"])
+        axes[key] = (
+            list(o.sweep_string_iterator())
+            if o.is_sweep_override()
+            else [o.get_value_element_as_str()]
+        )
+    return axes

@@ -15,19 +15,21 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import CONF_DIR, REPO, compose
+from tests.conftest import CONF_DIR, REPO, compose, sweep_axes
 
 GROUPS = sorted(
     d.name for d in CONF_DIR.iterdir() if d.is_dir() and d.name not in {"local", "hydra"}
 )
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF_DIR / g).glob("*.yaml"))]
 EXPERIMENTS = sorted(f.stem for f in (CONF_DIR / "experiment").glob("*.yaml"))
+PACKAGED = {"tuning": "trainer"}
 REQUIRED_GROUPS = {
     "model",
     "domain",
     "selector",
     "budget",
     "trainer",
+    "tuning",
     "eval",
     "logger",
     "paths",
@@ -85,7 +87,8 @@ def test_every_group_option_composes_and_binds(group, option):
     cfg = compose([f"{group}={option}"])
     resolved = OmegaConf.to_container(cfg, resolve=True)  # fails on a bad interpolation
     if group != "experiment":
-        assert resolved[group], f"{group}={option} composed to an empty node"
+        node = PACKAGED.get(group, group)  # conf/tuning/*.yaml write into trainer
+        assert resolved[node], f"{group}={option} composed to an empty node"
     _bind_targets(resolved)
 
 
@@ -95,7 +98,7 @@ def test_experiment_grid_first_point_composes(name):
     params = OmegaConf.to_container(cfg.hydra.sweeper.get("params") or OmegaConf.create({}))
     if name.startswith("paper_"):
         assert params, f"experiment {name} defines no hydra.sweeper.params grid"
-    first = [f"{k}={str(v).split(',')[0].strip()}" for k, v in params.items()]
+    first = [f"{k}={v[0]}" for k, v in sweep_axes(params).items()]
     point = compose([f"experiment={name}", *first])
     _bind_targets(OmegaConf.to_container(point, resolve=True))
 
@@ -115,6 +118,19 @@ def test_cfg_job_is_instant_and_imports_no_torch(domain):
     assert out.returncode == 0, out.stderr
     assert "HEAVY []" in out.stdout, out.stdout[-500:]
     assert f"name: {domain}" in out.stdout
+
+
+@pytest.mark.parametrize("trainer", ["cpu", "zero2", "zero3", "zero3_offload"])
+def test_tuning_and_strategy_are_independent_axes(trainer):
+    """Any distribution strategy composes with either tuning mode, without extra overrides."""
+    from grads.config import validate_config
+
+    for tuning, (mode, lr) in {"lora": ("lora", 2e-4), "full": ("full", 2e-5)}.items():
+        cfg = validate_config(compose([f"trainer={trainer}", f"tuning={tuning}"]))
+        assert (cfg.trainer.name, cfg.trainer.mode, cfg.trainer.lr) == (trainer, mode, lr)
+    # the experiments leave the tuning axis alone: `experiment=... tuning=full` is full tuning
+    for name in ("paper_main", "demo"):
+        assert compose([f"experiment={name}", "tuning=full"]).trainer.mode == "full"
 
 
 def test_experiment_values_override_the_primary_config():
@@ -186,13 +202,13 @@ def test_every_point_of_every_experiment_grid_validates(name):
 
     cfg = compose([f"experiment={name}"], return_hydra_config=True)
     params = OmegaConf.to_container(cfg.hydra.sweeper.get("params") or OmegaConf.create({}))
-    axes = [[f"{k}={v.strip()}" for v in str(vals).split(",")] for k, vals in params.items()]
+    axes = [[f"{k}={v}" for v in vals] for k, vals in sweep_axes(params).items()]
     points = list(itertools.product(*axes))
     for point in points:
         validate_config(compose([f"experiment={name}", *point]))
     assert len(points) == {
         "paper_main": 66,
-        "paper_ablation": 27,
+        "paper_ablation": 45,  # 3 domains x 5 rules x 3 gradient sources
         "paper_lora_vs_full": 12,
         "hpo_finetune": 64,
         "hpo_pareto": 64,
@@ -340,10 +356,12 @@ def test_code_reads_defaults_from_the_yaml():
     from grads.training import TrainerSettings
 
     cpu = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "trainer" / "cpu.yaml"))
+    lora = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "tuning" / "lora.yaml"))
     s = TrainerSettings.from_cfg(
         {"trainer": {}, "model": {"lora_target_modules": ["q"]}}, "finetune"
     )
-    assert s.save_every == cpu["save_every"] and s.lr == cpu["lr"] and s.lora.r == cpu["lora"]["r"]
+    assert s.save_every == cpu["save_every"] and s.lora.r == cpu["lora"]["r"]
+    assert s.lr == lora["lr"] and s.mode == lora["mode"] == "lora"  # the default tuning option
     feats = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml"))["features"]
     assert defaults("features") == feats
     assert _features_cfg({}) == {

@@ -60,27 +60,27 @@ def test_compute_device_is_the_local_ranks_gpu(fake_cuda, monkeypatch):
 def test_features_job_moves_the_model_to_the_gpu(fake_cuda, monkeypatch, tmp_path):
     import grads.data
     import grads.features
-    from grads import pipeline
+    from grads.stages import features
 
     model, seen = FakeModel(), {}
-    monkeypatch.setattr(pipeline, "_load_trained", lambda cfg, path: (model, "tokenizer"))
+    monkeypatch.setattr(features, "load_trained", lambda cfg, path: (model, "tokenizer"))
     monkeypatch.setattr(
         grads.data, "load_pool", lambda cfg, tok, return_stats=False: (["row"], {"read": 1})
     )
     monkeypatch.setattr(
         grads.features, "run_features", lambda cfg, m, tok, pool, work: seen.update(at=m.device)
     )
-    pipeline._features_job({}, "warmup_dir", str(tmp_path))
+    features.features_job({}, "warmup_dir", str(tmp_path))
     assert seen["at"] == torch.device("cuda", 0)
 
 
 def test_evaluate_stage_moves_both_models_and_records_the_device(fake_cuda, monkeypatch, tmp_path):
     import grads.evaluation
     import grads.models
-    from grads import pipeline
+    from grads.stages import evaluate
 
     tuned, base, seen = FakeModel(), FakeModel(), {}
-    monkeypatch.setattr(pipeline, "_load_trained", lambda cfg, path: (tuned, "tokenizer"))
+    monkeypatch.setattr(evaluate, "load_trained", lambda cfg, path: (tuned, "tokenizer"))
     monkeypatch.setattr(grads.models, "load_model", lambda cfg, cache_dir=None: (base, "tok"))
 
     def fake_run_evaluate(cfg, model, tok, work, load_base):
@@ -89,7 +89,7 @@ def test_evaluate_stage_moves_both_models_and_records_the_device(fake_cuda, monk
 
     monkeypatch.setattr(grads.evaluation, "run_evaluate", fake_run_evaluate)
     cfg = {"model": {}, "paths": {"model_dir": None}}
-    out = pipeline.run_evaluate_stage(cfg, tmp_path, tmp_path)
+    out = evaluate.evaluate(cfg, tmp_path, tmp_path)
     assert seen == {"tuned": torch.device("cuda", 0), "base": torch.device("cuda", 0)}
     assert out == {"domain_acc": 0.5, "device": "cuda:0"}
 

@@ -13,7 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from grads.pipeline import STAGES, StageInterrupted, run
-from tests.conftest import CONF_DIR, REPO, compose
+from tests.conftest import CONF_DIR, REPO, compose, sweep_axes
 
 # Small enough for CI: the tiny model, 40 samples, 64 tokens, 2 training steps, 8 eval items.
 TINY = [
@@ -196,14 +196,14 @@ def grid_point(name: str, index: int) -> list[str]:
     (i mod len)-th value of every axis, so len(longest axis) points use every value of every axis."""
     cfg = compose([f"experiment={name}"], return_hydra_config=True)
     params = OmegaConf.to_container(cfg.hydra.sweeper.get("params") or OmegaConf.create({}))
-    axes = {k: [v.strip() for v in str(vals).split(",")] for k, vals in params.items()}
+    axes = sweep_axes(params)
     return [f"{k}={vals[index % len(vals)]}" for k, vals in axes.items()]
 
 
 def grid_width(name: str) -> int:
     cfg = compose([f"experiment={name}"], return_hydra_config=True)
     params = OmegaConf.to_container(cfg.hydra.sweeper.get("params") or OmegaConf.create({}))
-    return max([len(str(v).split(",")) for v in params.values()] or [1])
+    return max([len(v) for v in sweep_axes(params).values()] or [1])
 
 
 def _check_experiment_run(tmp_path: Path, name: str, point: list[str], model: list[str]) -> None:

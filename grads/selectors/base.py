@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -71,9 +71,14 @@ class Selector(Protocol):
             ``lm_head``) are not listed.
         columns: every feature column the selector reads (validated and NaN-filtered).
         supports_auto: whether ``budget=auto`` is allowed (the selector picks its own size).
+        budget_free: the output ignores the budget, so the select cache key drops it (``full``).
+        model_free: selection needs no model, so its cost is the select stage alone
+            (``random``, ``full``).
     """
 
     name: str
+    budget_free: ClassVar[bool]
+    model_free: ClassVar[bool]
 
     @property
     def requires(self) -> tuple[str, ...]: ...

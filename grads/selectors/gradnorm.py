@@ -29,6 +29,8 @@ class GradNormSelector:
     name: str = "gradnorm"
     requires: ClassVar[tuple[str, ...]] = ()
     supports_auto: ClassVar[bool] = False
+    budget_free: ClassVar[bool] = False
+    model_free: ClassVar[bool] = False
 
     @property
     def columns(self) -> tuple[str, ...]:

@@ -176,6 +176,8 @@ class JointDensitySelector:
     strata: int = 10
     requires: ClassVar[tuple[str, ...]] = ()
     supports_auto: ClassVar[bool] = False
+    budget_free: ClassVar[bool] = False
+    model_free: ClassVar[bool] = False
     requires_target: ClassVar[bool] = False
 
     def __post_init__(self) -> None:

@@ -402,6 +402,8 @@ class GradsSelector:
     _weights: dict[str, float] = field(init=False, repr=False)
 
     base_columns: ClassVar[tuple[str, ...]] = ("embed", "lm_head")
+    budget_free: ClassVar[bool] = False
+    model_free: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         self.layers = tuple(str(c) for c in self.layers)
@@ -470,21 +472,8 @@ class GradsSelector:
         """Score the valid pool with the configured rule and keep the budget's top-k."""
         budget = parse_budget(budget)
         t0 = time.perf_counter()
-        check_columns(table, self.columns, self.name)
-        arrays = {c: column(table, c) for c in self.columns}
-        valid, excluded = valid_rows(
-            arrays, positive=self.columns if self.transform == "log" else ()
-        )
-        log_exclusions(self.name, excluded, len(table))
-        arrays = {c: take(a, valid) for c, a in arrays.items()}
-        n = len(table) if valid is None else int(valid.size)
-        if budget.is_auto and not self.supports_auto:
-            resolve_size(budget, n, self.name, False)  # raises the explanatory error
-        if n == 0:
-            raise ValueError(f"{self.name}: no valid samples to select from ({excluded})")
-        if not budget.is_auto:
-            k = budget.resolve(n)
-
+        arrays, valid, excluded, n = self._valid_arrays(table, budget)
+        k = None if budget.is_auto else budget.resolve(n)
         fit_idx = None
         if self.max_fit is not None and n > self.max_fit:
             fit_idx = np.random.default_rng(self.fit_seed).integers(0, n, size=self.max_fit)
@@ -498,46 +487,82 @@ class GradsSelector:
             self.kernel,
         )
         t2 = time.perf_counter()
+        scores, extra = self._scores(kde, signal, seed)
+        if self.rule == "adaptive" and budget.is_auto:
+            k = resolve_size(budget, n, self.name, True, auto_size=extra["n_above_threshold"])
+        t3 = time.perf_counter()
+        diag = base_diagnostics(self.name, table, n, budget, k, seed, excluded)
+        diag.update(self._diagnostics(kde, stats), **extra)
+        artifacts = {
+            "values": signal,
+            "xlabel": _signal_label(self),
+            "grid": kde.grid,
+            "density": kde.pdf,
+            "threshold": extra["threshold"],
+        }
+        sel = finish(table, scores, k, valid, diag, artifacts)
+        t4 = time.perf_counter()
+        diag["timings_s"] = {"signal": t1 - t0, "kde": t2 - t1, "score": t3 - t2, "rank": t4 - t3}
+        return sel
 
+    def _valid_arrays(self, table: pd.DataFrame, budget: Any) -> tuple[dict, Any, dict, int]:
+        """The signal columns over the valid rows, the rows kept, the exclusions and their count."""
+        check_columns(table, self.columns, self.name)
+        arrays = {c: column(table, c) for c in self.columns}
+        valid, excluded = valid_rows(
+            arrays, positive=self.columns if self.transform == "log" else ()
+        )
+        log_exclusions(self.name, excluded, len(table))
+        arrays = {c: take(a, valid) for c, a in arrays.items()}
+        n = len(table) if valid is None else int(valid.size)
+        if budget.is_auto and not self.supports_auto:
+            resolve_size(budget, n, self.name, False)  # raises the explanatory error
+        if n == 0:
+            raise ValueError(f"{self.name}: no valid samples to select from ({excluded})")
+        return arrays, valid, excluded, n
+
+    def _scores(self, kde: KDEFit, signal: np.ndarray, seed: int) -> tuple[np.ndarray, dict]:
+        """The configured rule's score of every valid row (higher = kept first) and its facts."""
         extra: dict[str, Any] = {"threshold": None}
         if self.rule == "density":
-            scores = kde.at(signal, "pdf")
-        elif self.rule == "magnitude":
-            scores = signal
-        elif self.rule == "density_x_magnitude":
-            scores = kde.at(signal, kde.pdf * kde.cdf)
-        elif self.rule == "stratified":
+            return kde.at(signal, "pdf"), extra
+        if self.rule == "magnitude":
+            return signal, extra
+        if self.rule == "density_x_magnitude":
+            return kde.at(signal, kde.pdf * kde.cdf), extra
+        if self.rule == "stratified":
             key = signal if self.within == "magnitude" else None
             scores = stratified_scores(kde.at(signal, "cdf"), self.strata, key, seed)
-            extra.update(strata=self.strata, within=self.within)
-        else:  # adaptive
-            thr, kind, mode = find_threshold(kde, self.min_prominence)
-            upper = signal >= thr
-            if not upper.any():
-                # Only for a KDE far smoother than the data (half-max point beyond the largest
-                # sample). A KDE's mode lies within the data range (up to a grid cell).
-                thr, kind = min(mode, float(signal.max())), f"mode (no sample above {kind})"
-                upper = signal >= thr
-            scores = kde.at(signal, "cdf")  # below the threshold: magnitude percentile, in [0, 1]
-            if self.order_by == "density":
-                peak = float(kde.pdf.max())
-                scores[upper] = 1.0 + kde.at(signal[upper], "pdf") / peak
-            else:
-                scores[upper] += 1.0
-            n_upper = int(np.count_nonzero(upper))
-            extra.update(
-                threshold=thr,
-                threshold_kind=kind,
-                n_above_threshold=n_upper,
-                order_by=self.order_by,
-                min_prominence=self.min_prominence,
-            )
-            if budget.is_auto:
-                k = resolve_size(budget, n, self.name, True, auto_size=n_upper)
-        t3 = time.perf_counter()
+            return scores, {**extra, "strata": self.strata, "within": self.within}
+        return self._adaptive_scores(kde, signal)
 
-        diag = base_diagnostics(self.name, table, n, budget, k, seed, excluded)
-        diag.update(
+    def _adaptive_scores(self, kde: KDEFit, signal: np.ndarray) -> tuple[np.ndarray, dict]:
+        """``adaptive``: rows above the density's valley threshold first (see the module docs)."""
+        thr, kind, mode = find_threshold(kde, self.min_prominence)
+        upper = signal >= thr
+        if not upper.any():
+            # Only for a KDE far smoother than the data (half-max point beyond the largest
+            # sample). A KDE's mode lies within the data range (up to a grid cell).
+            thr, kind = min(mode, float(signal.max())), f"mode (no sample above {kind})"
+            upper = signal >= thr
+        scores = kde.at(signal, "cdf")  # below the threshold: magnitude percentile, in [0, 1]
+        if self.order_by == "density":
+            peak = float(kde.pdf.max())
+            scores[upper] = 1.0 + kde.at(signal[upper], "pdf") / peak
+        else:
+            scores[upper] += 1.0
+        extra = {
+            "threshold": thr,
+            "threshold_kind": kind,
+            "n_above_threshold": int(np.count_nonzero(upper)),
+            "order_by": self.order_by,
+            "min_prominence": self.min_prominence,
+        }
+        return scores, extra
+
+    def _diagnostics(self, kde: KDEFit, stats: dict) -> dict:
+        """The rule's settings and the fitted KDE's facts, for ``selection.json``."""
+        return dict(
             rule=self.rule,
             layers=list(self.layers),
             extra_columns=list(self.extra_columns),
@@ -552,19 +577,7 @@ class GradsSelector:
             grid_points=int(kde.grid.size),
             n_fit=kde.n_fit,
             mode=float(kde.grid[int(np.argmax(kde.pdf))]),
-            **extra,
         )
-        artifacts = {
-            "values": signal,
-            "xlabel": _signal_label(self),
-            "grid": kde.grid,
-            "density": kde.pdf,
-            "threshold": extra["threshold"],
-        }
-        sel = finish(table, scores, k, valid, diag, artifacts)
-        t4 = time.perf_counter()
-        diag["timings_s"] = {"signal": t1 - t0, "kde": t2 - t1, "score": t3 - t2, "rank": t4 - t3}
-        return sel
 
 
 def _signal_label(sel: GradsSelector) -> str:

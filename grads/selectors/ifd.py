@@ -51,6 +51,8 @@ class IFDSelector:
     name: str = "ifd"
     requires: ClassVar[tuple[str, ...]] = ("ifd",)
     supports_auto: ClassVar[bool] = False
+    budget_free: ClassVar[bool] = False
+    model_free: ClassVar[bool] = False
 
     @property
     def columns(self) -> tuple[str, ...]:

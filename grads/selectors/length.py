@@ -25,6 +25,8 @@ class LengthSelector:
     name: str = "length"
     requires: ClassVar[tuple[str, ...]] = ()
     supports_auto: ClassVar[bool] = False
+    budget_free: ClassVar[bool] = False
+    model_free: ClassVar[bool] = False
 
     @property
     def columns(self) -> tuple[str, ...]:

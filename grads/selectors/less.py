@@ -99,6 +99,8 @@ class LessSelector:
     chunk_rows: int = 65536
     requires: ClassVar[tuple[str, ...]] = ()
     supports_auto: ClassVar[bool] = False
+    budget_free: ClassVar[bool] = False
+    model_free: ClassVar[bool] = False
     representations: ClassVar[tuple[str, ...]] = ("lora_grads",)
     requires_target: ClassVar[bool] = True
 

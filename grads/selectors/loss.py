@@ -31,6 +31,8 @@ class LossSelector:
     name: str | None = None
     requires: ClassVar[tuple[str, ...]] = ()
     supports_auto: ClassVar[bool] = False
+    budget_free: ClassVar[bool] = False
+    model_free: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if self.order not in ORDERS:

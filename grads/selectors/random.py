@@ -27,6 +27,7 @@ class RandomSelector:
     name: str = "random"
     requires: ClassVar[tuple[str, ...]] = ()
     supports_auto: ClassVar[bool] = False
+    budget_free: ClassVar[bool] = False
     # Needs no model: its selection cost is the select stage alone (no warm-up, no features).
     model_free: ClassVar[bool] = True
 

@@ -106,6 +106,8 @@ class RDSSelector:
     chunk_rows: int = 65536
     requires: ClassVar[tuple[str, ...]] = ()
     supports_auto: ClassVar[bool] = False
+    budget_free: ClassVar[bool] = False
+    model_free: ClassVar[bool] = False
     representations: ClassVar[tuple[str, ...]] = ("hidden",)
     requires_target: ClassVar[bool] = True
 
