@@ -84,6 +84,7 @@ def compute_keys(cache_dir: str) -> dict[str, dict[str, str]]:
     from omegaconf import OmegaConf
 
     from grads.config import validate_config
+    from grads.constants import REPO_ROOT
     from grads.identity import STAGES, canonical, digest
     from grads.pipeline import job_identities
     from tests.conftest import compose
@@ -99,7 +100,9 @@ def compute_keys(cache_dir: str) -> dict[str, dict[str, str]]:
             out[name] = {s: i.key for s, i in job_identities(resolved, STAGES).items()}
             # the whole resolved config too (minus paths): non-semantic knobs must not move either
             text = canonical({k: v for k, v in resolved.items() if k != "paths"})
-            out[name]["config"] = digest(text.replace(cache_dir, "<cache_dir>"))
+            # values under the checkout (e.g. the W&B dir in outputs/) differ per clone, not per config
+            text = text.replace(cache_dir, "<cache_dir>").replace(str(REPO_ROOT), "<repo>")
+            out[name]["config"] = digest(text)
         return out
     finally:
         torch.cuda.is_available, torch.cuda.device_count = saved
