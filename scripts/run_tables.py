@@ -31,14 +31,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from grads.constants import REPO_ROOT
-from grads.io import write_json
+from grads.io import write_json, write_jsonl
 
 BASELINES = ["loss_high", "gradnorm", "ifd", "length", "less", "rds"]
 # random and grads first (the comparison that matters arrives early), full (3 epochs of the pool) last
@@ -113,12 +112,29 @@ def collect_domain(domain: str, runs_dir: Path, results_dir: Path) -> None:
     report_main([str(runs_dir), "--out", str(results_dir), "--title", domain])
     sel_dir = results_dir / "selections"
     sel_dir.mkdir(parents=True, exist_ok=True)
+    sources = None
     for mfile in sorted(runs_dir.rglob("metrics.json")):
         m = json.loads(mfile.read_text())
         src = Path(m.get("artefacts", {}).get("select", "")) / "selection.jsonl"
-        if src.is_file():
-            name = f"{m['selector']}_{m['budget']}_seed{m['seed']}.jsonl"
-            shutil.copyfile(src, sel_dir / name)
+        if not src.is_file():
+            continue
+        if sources is None:  # the pool is the same for every run of the domain
+            sources = pool_sources(mfile.parent / "config_resolved.yaml")
+        rows = [json.loads(line) for line in src.read_text().splitlines() if line.strip()]
+        name = f"{m['selector']}_{m['budget']}_seed{m['seed']}.jsonl"
+        write_jsonl(sel_dir / name, [{**r, "source": sources.get(r["id"])} for r in rows])
+
+
+def pool_sources(config_file: Path) -> dict[str, str]:
+    """``{record id: source name}`` of a run's pool (ids are content hashes of the records, so
+    ``grads.data.load_records`` on the same data gives the same ids: that is how to train on them)."""
+    from omegaconf import OmegaConf
+
+    from grads.data import load_records
+
+    cfg = OmegaConf.to_container(OmegaConf.load(config_file), resolve=True)
+    records, _ = load_records(cfg["domain"], cfg["data"])
+    return {r.id: r.source for r in records}
 
 
 def main(argv: list[str] | None = None) -> None:
