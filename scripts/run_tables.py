@@ -110,6 +110,8 @@ def collect_domain(domain: str, runs_dir: Path, results_dir: Path) -> None:
         print(f"nothing to collect under {runs_dir}")
         return
     report_main([str(runs_dir), "--out", str(results_dir), "--title", domain])
+    if update_results_md(REPO_ROOT / "RESULTS.md", domain, results_dir):
+        print(f"RESULTS.md: tables of {domain} updated")
     sel_dir = results_dir / "selections"
     sel_dir.mkdir(parents=True, exist_ok=True)
     sources = None
@@ -123,6 +125,24 @@ def collect_domain(domain: str, runs_dir: Path, results_dir: Path) -> None:
         rows = [json.loads(line) for line in src.read_text().splitlines() if line.strip()]
         name = f"{m['selector']}_{m['budget']}_seed{m['seed']}.jsonl"
         write_jsonl(sel_dir / name, [{**r, "source": sources.get(r["id"])} for r in rows])
+
+
+def update_results_md(results_md: Path, domain: str, results_dir: Path) -> bool:
+    """Replace the block between ``<!-- tables:<domain>:begin -->`` and ``<!-- tables:<domain>:end -->``
+    in RESULTS.md with the collector's Markdown for the domain (tables are generated, never typed).
+
+    Returns whether the block was found (a RESULTS.md without the markers is left alone).
+    """
+    begin, end = f"<!-- tables:{domain}:begin -->", f"<!-- tables:{domain}:end -->"
+    text = results_md.read_text()
+    if begin not in text or end not in text:
+        return False
+    generated = (results_dir / f"{domain}.md").read_text().split("\n", 1)[1]  # minus "# <domain>"
+    generated = generated.replace("\n## ", "\n#### ")  # nest under RESULTS.md's own headings
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    results_md.write_text(f"{head}{begin}\n{generated.strip()}\n{end}{tail}")
+    return True
 
 
 def pool_sources(config_file: Path) -> dict[str, str]:
