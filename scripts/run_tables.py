@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 from grads.constants import REPO_ROOT
-from grads.io import write_json, write_jsonl
+from grads.io import write_json, write_jsonl, write_text
 
 BASELINES = ["loss_high", "gradnorm", "ifd", "length", "less", "rds"]
 # random and grads first (the comparison that matters arrives early), full (3 epochs of the pool) last
@@ -112,19 +112,54 @@ def collect_domain(domain: str, runs_dir: Path, results_dir: Path) -> None:
     report_main([str(runs_dir), "--out", str(results_dir), "--title", domain])
     if update_results_md(REPO_ROOT / "RESULTS.md", domain, results_dir):
         print(f"RESULTS.md: tables of {domain} updated")
-    sel_dir = results_dir / "selections"
+    sources = publish_selections(runs_dir, results_dir / "selections")
+    if sources:
+        source_composition(results_dir / "selections", sources, results_dir, domain)
+
+
+def publish_selections(runs_dir: Path, sel_dir: Path) -> dict[str, str]:
+    """Copy every run's ``selection.jsonl`` (id, rank, score) with each id's source to ``sel_dir``
+    as ``<selector>_<budget>_seed<k>.jsonl``; returns ``{id: source}`` of the pool."""
     sel_dir.mkdir(parents=True, exist_ok=True)
-    sources = None
+    sources: dict[str, str] = {}
     for mfile in sorted(runs_dir.rglob("metrics.json")):
         m = json.loads(mfile.read_text())
         src = Path(m.get("artefacts", {}).get("select", "")) / "selection.jsonl"
         if not src.is_file():
             continue
-        if sources is None:  # the pool is the same for every run of the domain
+        if not sources:  # the pool is the same for every run of the domain
             sources = pool_sources(mfile.parent / "config_resolved.yaml")
         rows = [json.loads(line) for line in src.read_text().splitlines() if line.strip()]
         name = f"{m['selector']}_{m['budget']}_seed{m['seed']}.jsonl"
         write_jsonl(sel_dir / name, [{**r, "source": sources.get(r["id"])} for r in rows])
+    return sources
+
+
+def source_composition(sel_dir: Path, sources: dict[str, str], out_dir: Path, domain: str) -> None:
+    """What each method selected, by pool source (% of its subset; the pool itself first): a
+    Markdown table and a stacked-bar plot, ``sources_<domain>.{md,png}``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    counts = {"pool": pd.Series(list(sources.values())).value_counts()}
+    for f in sorted(sel_dir.glob("*.jsonl")):
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        counts[f.stem] = pd.Series([r["source"] for r in rows]).value_counts()
+    table = pd.DataFrame(counts).T.fillna(0)
+    share = (100 * table.div(table.sum(axis=1), axis=0)).round(1)
+    share["n"] = table.sum(axis=1).astype(int)
+    write_text(out_dir / f"sources_{domain}.md", share.to_markdown() + "\n")
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(share) + 1.2))
+    share.drop(columns="n").iloc[::-1].plot.barh(stacked=True, ax=ax, width=0.8)
+    ax.set_xlabel("% of the selected subset")
+    ax.set_title(f"{domain}: what each method selected, by pool source")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / f"sources_{domain}.png", dpi=110)
+    plt.close(fig)
 
 
 def update_results_md(results_md: Path, domain: str, results_dir: Path) -> bool:
