@@ -57,3 +57,35 @@ def test_every_phase_is_a_valid_sweep_of_every_selector(tmp_path):
             assert (REPO / "conf" / "selector" / f"{sel}.yaml").is_file(), (phase, sel)
     main_p5 = parser.parse_overrides(rt.phase_overrides("main_p5", plan))
     assert len(BasicSweeper.split_arguments(main_p5, None)[0]) == len(rt.MAIN_SELECTORS) == 11
+
+
+def test_results_md_block_is_replaced_by_the_generated_tables(tmp_path):
+    rt = _script()
+    (tmp_path / "legal.md").write_text("# legal\n\n## legal\n| a |\n\n## cost (seconds)\nx\n")
+    md = tmp_path / "RESULTS.md"
+    md.write_text("intro\n<!-- tables:legal:begin -->\nold\n<!-- tables:legal:end -->\nafter\n")
+    assert rt.update_results_md(md, "legal", tmp_path)
+    text = md.read_text()
+    assert "old" not in text and text.startswith("intro\n") and text.endswith("after\n")
+    assert "#### legal\n| a |" in text and "#### cost (seconds)" in text
+    assert rt.update_results_md(md, "legal", tmp_path) and md.read_text() == text  # idempotent
+    assert not rt.update_results_md(md, "medical", tmp_path)  # no markers: left alone
+
+
+def test_source_composition_counts_each_subset_against_the_pool(tmp_path):
+    rt = _script()
+    sel = tmp_path / "selections"
+    sel.mkdir()
+    pool = {f"a{i}": "fpb" for i in range(6)} | {f"b{i}": "xbrl" for i in range(4)}
+    rows = [
+        {"id": i, "rank": r, "score": 0.0, "source": pool[i]}
+        for r, i in enumerate(["a0", "b0", "b1", "b2"])
+    ]
+    (sel / "grads_p5_seed0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rt.source_composition(sel, pool, tmp_path, "legal")
+    table = (tmp_path / "sources_legal.md").read_text().splitlines()
+    pool_row = next(line for line in table if line.startswith("| pool"))
+    grads_row = next(line for line in table if line.startswith("| grads_p5_seed0"))
+    assert [c.strip() for c in pool_row.split("|")[2:-1]] == ["60", "40", "10"]
+    assert [c.strip() for c in grads_row.split("|")[2:-1]] == ["25", "75", "4"]
+    assert (tmp_path / "sources_legal.png").stat().st_size > 1000
