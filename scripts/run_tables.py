@@ -4,7 +4,8 @@ Phases, in the order the compute is spent (each is one ``grads -m`` sweep; the w
 of the domain are computed once, by the first job, and shared by every later job through the cache):
 
 * ``main_p5``   Table 1 at 5 %, seed 0: every selector of ``experiment=paper_main`` (``full`` included).
-* ``seeds_p5``  seeds 1 and 2 at 5 % for ``random``, ``grads`` and the two strongest baselines.
+* ``seeds_p5``  seeds 1 and 2 at 5 % for ``random``, ``grads``, ``grads_paper`` and the two strongest
+                baselines.
 * ``main_p50``  Table 1 at 50 %, seed 0: ``random``, ``grads`` and the strongest baseline.
 * ``ablation``  Table 2: ``experiment=paper_ablation`` (GrADS rule x gradient source) at 5 %, seed 0.
 * ``cheap``     the cheaper selection variants (RESULTS.md, "Cost of selection") end to end at 5 %,
@@ -63,7 +64,8 @@ def phase_overrides(phase: str, plan: dict) -> list[str]:
             f"selector={','.join(MAIN_SELECTORS)}",
         ]
     if phase == "seeds_p5":
-        sels = ["random", "grads", *plan["strongest"][:2]]
+        # + grads_paper: the paper-faithful GrADS variant gets the seeds the default rule gets
+        sels = ["random", "grads", "grads_paper", *plan["strongest"][:2]]
         return ["experiment=paper_main", "budget=p5", "seed=1,2", f"selector={','.join(sels)}"]
     if phase == "main_p50":
         sels = ["random", "grads", plan["strongest"][0]]

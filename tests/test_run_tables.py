@@ -41,7 +41,7 @@ def test_strongest_baselines_rank_by_heldout_bpb_and_feed_the_later_phases(tmp_p
     plan = rt.strongest_baselines(tmp_path)
     assert plan["strongest"][:2] == ["ifd", "less"]
     seeds = rt.phase_overrides("seeds_p5", plan)
-    assert "selector=random,grads,ifd,less" in seeds and "seed=1,2" in seeds
+    assert "selector=random,grads,grads_paper,ifd,less" in seeds and "seed=1,2" in seeds
     assert "selector=random,grads,ifd" in rt.phase_overrides("main_p50", plan)
 
 
