@@ -26,7 +26,7 @@ import math
 from pathlib import Path
 
 from grads.evaluation.metrics import ITEM_METRICS, headline_keys
-from grads.io import write_text
+from grads.io import read_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def _stage_costs(m: dict) -> dict:
             out[f"{stage}_cached"] = bool(cost[stage].get("cached"))
     info = Path((m.get("artefacts") or {}).get("features", "")) / "stage.json"
     if info.is_file():
-        st = json.loads(info.read_text())
+        st = read_json(info)
         out["features_gradnorm_s"] = st.get("feature_time_s")
         out["features_ifd_s"] = st.get("ifd_time_s")
     return out

@@ -31,14 +31,13 @@ a phase after an interruption recomputes only what the stage cache lacks.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from grads.constants import REPO_ROOT
-from grads.io import write_json, write_jsonl, write_text
+from grads.io import read_json, read_jsonl, write_json, write_jsonl, write_text
 
 BASELINES = ["loss_high", "gradnorm", "ifd", "length", "less", "rds"]
 # random and grads first (the comparison that matters arrives early), full (3 epochs of the pool) last
@@ -125,13 +124,13 @@ def publish_selections(runs_dir: Path, sel_dir: Path) -> dict[str, str]:
     sel_dir.mkdir(parents=True, exist_ok=True)
     sources: dict[str, str] = {}
     for mfile in sorted(runs_dir.rglob("metrics.json")):
-        m = json.loads(mfile.read_text())
+        m = read_json(mfile)
         src = Path(m.get("artefacts", {}).get("select", "")) / "selection.jsonl"
         if not src.is_file():
             continue
         if not sources:  # the pool is the same for every run of the domain
             sources = pool_sources(mfile.parent / "config_resolved.yaml")
-        rows = [json.loads(line) for line in src.read_text().splitlines() if line.strip()]
+        rows = read_jsonl(src)
         name = f"{m['selector']}_{m['budget']}_seed{m['seed']}.jsonl"
         write_jsonl(sel_dir / name, [{**r, "source": sources.get(r["id"])} for r in rows])
     return sources
@@ -148,8 +147,7 @@ def source_composition(sel_dir: Path, sources: dict[str, str], out_dir: Path, do
 
     counts = {"pool": pd.Series(list(sources.values())).value_counts()}
     for f in sorted(sel_dir.glob("*.jsonl")):
-        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-        counts[f.stem] = pd.Series([r["source"] for r in rows]).value_counts()
+        counts[f.stem] = pd.Series([r["source"] for r in read_jsonl(f)]).value_counts()
     table = pd.DataFrame(counts).T.fillna(0)
     share = (100 * table.div(table.sum(axis=1), axis=0)).round(1)
     share["n"] = table.sum(axis=1).astype(int)
