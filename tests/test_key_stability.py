@@ -100,8 +100,12 @@ def compute_keys(cache_dir: str) -> dict[str, dict[str, str]]:
             out[name] = {s: i.key for s, i in job_identities(resolved, STAGES).items()}
             # the whole resolved config too (minus paths): non-semantic knobs must not move either
             text = canonical({k: v for k, v in resolved.items() if k != "paths"})
-            # values under the checkout (e.g. the W&B dir in outputs/) differ per clone, not per config
-            text = text.replace(cache_dir, "<cache_dir>").replace(str(REPO_ROOT), "<repo>")
+            # absolute paths (the data files under ../shared/data, the W&B dir in outputs/) differ
+            # per clone and per machine, not per config: replace the longest roots first
+            roots = {**{k: str(v) for k, v in resolved["paths"].items()}, "repo": str(REPO_ROOT)}
+            roots["cache_dir"] = cache_dir
+            for root_name, root in sorted(roots.items(), key=lambda kv: -len(kv[1])):
+                text = text.replace(root, f"<{root_name}>")
             out[name]["config"] = digest(text)
         return out
     finally:
