@@ -291,3 +291,47 @@ def test_cost_model_counts_only_jobs_that_computed_a_stage():
     assert m["baseline passes"] == 2.0
     assert m["fine-tune p5"] == 1.5 and m["fine-tune p50"] == 10.0 and m["fine-tune full"] == 30.0
     assert m["GrADS selection / full FT"] == round(14.0 / 30.0, 2)
+
+
+def test_table1_gets_the_best_other_rule_and_table2_a_verdict(tmp_path, capsys):
+    """Ablation runs stay out of Table 1 except the best non-default one (renamed); the summary across
+    domains ranks them against random and names a winner; rebuilding from the CSV is identical."""
+    from grads.report import BEST_OTHER, ablation_summary, best_other_rule, default_grads_run
+
+    sweep = tmp_path / "sweep"
+    _paired_sweep(sweep)  # medical: random, grads x 3 seeds, domain_bpb 0.5
+    base = json.loads((sweep / "3" / "metrics.json").read_text())
+    default = default_grads_run()
+    assert default == "grads.density_x_magnitude.embed+lm_head"
+    bpb = {  # the default is the lowest, so it must not be picked as the best *other* rule
+        default: 0.40,
+        "grads.density.embed": 0.45,
+        "grads.density.lm_head": 0.48,
+        "grads.magnitude.embed+lm_head": 0.55,
+    }
+    for i, (name, value) in enumerate(bpb.items()):
+        job = sweep / f"abl{i}"
+        job.mkdir()
+        (job / "config_resolved.yaml").write_text("seed: 0\n")
+        (job / "metrics.json").write_text(
+            json.dumps({**base, "selector": name, "seed": 0, "domain_bpb": value})
+        )
+    main([str(sweep), "--out", str(tmp_path / "rep")])
+    capsys.readouterr()
+    df = pd.read_csv(tmp_path / "rep" / "results.csv")
+    assert best_other_rule(df) == {"medical": "grads.density.embed"}
+    md = (tmp_path / "rep" / "results.md").read_text()
+    table1 = md.split("## medical\n")[1].split("\n## ")[0]
+    assert f"| grads.density.embed{BEST_OTHER} |" in table1
+    assert "grads.density.lm_head" not in table1 and "grads.magnitude" not in table1
+    paired1 = md.split("## medical: paired difference vs random")[1].split("\n## ")[0]
+    assert (
+        f"grads.density.embed{BEST_OTHER}" in paired1 and "| grads.density.lm_head |" not in paired1
+    )
+    table, winner, _ = ablation_summary(df)
+    assert winner == default and list(table.index)[:2] == [default, "grads.density.embed"]
+    assert table.loc["grads.magnitude.embed+lm_head", "Δ bpb medical"] == pytest.approx(0.05)
+    assert f"Winner by mean rank over the 1 domain(s) with ablation runs: **{default}**" in md
+    assert (tmp_path / "rep" / "ablation_domain_bpb.png").is_file()
+    main(["--from-csv", str(tmp_path / "rep" / "results.csv"), "--out", str(tmp_path / "again")])
+    assert (tmp_path / "again" / "results.md").read_text() == md
