@@ -39,6 +39,7 @@ from pathlib import Path
 from grads.constants import REPO_ROOT
 from grads.io import read_json, read_jsonl, write_json, write_jsonl, write_text
 
+DOMAINS = ["medical", "legal", "financial"]
 BASELINES = ["loss_high", "gradnorm", "ifd", "length", "less", "rds"]
 # random and grads first (the comparison that matters arrives early), full (3 epochs of the pool) last
 MAIN_SELECTORS = ["random", "grads", "grads_paper", "grads_cover", *BASELINES, "full"]
@@ -116,6 +117,25 @@ def collect_domain(domain: str, runs_dir: Path, results_dir: Path) -> None:
     sources = publish_selections(runs_dir, results_dir / "selections")
     if sources:
         source_composition(results_dir / "selections", sources, results_dir, domain)
+    merge_domains(results_dir.parent)
+
+
+def merge_domains(tables_dir: Path, results_md: Path = REPO_ROOT / "RESULTS.md") -> None:
+    """Merge the committed per-domain CSVs (``<tables_dir>/<domain>/<domain>.csv``) into
+    ``<tables_dir>/all/`` and put its cross-domain part (Table 2 across domains, which decides the
+    default rule) in RESULTS.md between ``<!-- tables:all:begin -->`` and ``<!-- tables:all:end -->``."""
+    from grads.report import main as report_main
+
+    csvs = sorted(p for d in DOMAINS if (p := tables_dir / d / f"{d}.csv").is_file())
+    if not csvs:
+        return
+    out = tables_dir / "all"
+    report_main(["--from-csv", *map(str, csvs), "--out", str(out), "--title", "all"])
+    md = (out / "all.md").read_text()
+    part = md.split("\n## ablation across domains", 1)
+    text = "## ablation across domains" + part[1].split("\n## ", 1)[0] if len(part) > 1 else ""
+    if update_results_md(results_md, "all", out, text or "No ablation runs yet.\n"):
+        print("RESULTS.md: tables across domains updated")
 
 
 def publish_selections(runs_dir: Path, sel_dir: Path) -> dict[str, str]:
@@ -162,9 +182,12 @@ def source_composition(sel_dir: Path, sources: dict[str, str], out_dir: Path, do
     plt.close(fig)
 
 
-def update_results_md(results_md: Path, domain: str, results_dir: Path) -> bool:
+def update_results_md(
+    results_md: Path, domain: str, results_dir: Path, generated: str | None = None
+) -> bool:
     """Replace the block between ``<!-- tables:<domain>:begin -->`` and ``<!-- tables:<domain>:end -->``
-    in RESULTS.md with the collector's Markdown for the domain (tables are generated, never typed).
+    in RESULTS.md with the collector's Markdown for the domain (tables are generated, never typed),
+    or with ``generated`` when given.
 
     Returns whether the block was found (a RESULTS.md without the markers is left alone).
     """
@@ -172,7 +195,9 @@ def update_results_md(results_md: Path, domain: str, results_dir: Path) -> bool:
     text = results_md.read_text()
     if begin not in text or end not in text:
         return False
-    generated = (results_dir / f"{domain}.md").read_text().split("\n", 1)[1]  # minus "# <domain>"
+    if generated is None:  # minus the "# <domain>" title
+        generated = (results_dir / f"{domain}.md").read_text().split("\n", 1)[1]
+    generated = "\n" + generated
     generated = generated.replace("\n## ", "\n#### ")  # nest under RESULTS.md's own headings
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
@@ -194,7 +219,7 @@ def pool_sources(config_file: Path) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("domain", choices=["medical", "legal", "financial"])
+    ap.add_argument("domain", choices=DOMAINS)
     ap.add_argument("--phases", nargs="+", default=PHASES, choices=PHASES)
     ap.add_argument("--runs-dir", default=None, help="default: <repo>/outputs/tables/<domain>")
     ap.add_argument("--results-dir", default=None, help="default: <repo>/results/tables/<domain>")

@@ -89,3 +89,36 @@ def test_source_composition_counts_each_subset_against_the_pool(tmp_path):
     assert [c.strip() for c in pool_row.split("|")[2:-1]] == ["60", "40", "10"]
     assert [c.strip() for c in grads_row.split("|")[2:-1]] == ["25", "75", "4"]
     assert (tmp_path / "sources_legal.png").stat().st_size > 1000
+
+
+def test_domains_merge_into_the_cross_domain_block(tmp_path, capsys):
+    """Each domain's CSV is merged into <tables>/all and RESULTS.md's `all` block gets Table 2
+    across domains (with its verdict); a domain without ablation runs still merges."""
+    import json
+
+    from grads.report import main as report_main
+    from tests.test_report import _paired_sweep
+
+    rt = _script()
+    tables = tmp_path / "tables"
+    for domain, with_ablation in (("medical", True), ("legal", False)):
+        sweep = tmp_path / f"sweep_{domain}"
+        _paired_sweep(sweep)
+        for f in sweep.rglob("metrics.json"):
+            f.write_text(json.dumps({**json.loads(f.read_text()), "domain": domain}))
+        if with_ablation:
+            base = json.loads((sweep / "3" / "metrics.json").read_text())
+            job = sweep / "abl"
+            job.mkdir()
+            (job / "config_resolved.yaml").write_text("seed: 0\n")
+            m = {**base, "selector": "grads.density.embed", "seed": 0, "domain_bpb": 0.45}
+            (job / "metrics.json").write_text(json.dumps(m))
+        report_main([str(sweep), "--out", str(tables / domain), "--title", domain])
+    md = tmp_path / "RESULTS.md"
+    md.write_text("x\n<!-- tables:all:begin -->\n<!-- tables:all:end -->\ny\n")
+    rt.merge_domains(tables, md)
+    capsys.readouterr()
+    assert (tables / "all" / "all.csv").is_file() and (tables / "all" / "all.md").is_file()
+    block = md.read_text().split("<!-- tables:all:begin -->")[1].split("<!-- tables:all:end -->")[0]
+    assert block.startswith("\n#### ablation across domains") and "| grads.density.embed |" in block
+    assert "Winner by mean rank over the 1 domain(s)" in block and "## cost" not in block
