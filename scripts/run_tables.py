@@ -7,7 +7,9 @@ of the domain are computed once, by the first job, and shared by every later job
 * ``seeds_p5``  seeds 1 and 2 at 5 % for ``random``, ``grads``, ``grads_paper`` and the two strongest
                 baselines.
 * ``main_p50``  Table 1 at 50 %, seed 0: ``random``, ``grads`` and the strongest baseline.
-* ``ablation``  Table 2: ``experiment=paper_ablation`` (GrADS rule x gradient source) at 5 %, seed 0.
+* ``ablation``  Table 2: ``experiment=paper_ablation`` (GrADS rule x gradient source) at 5 %, seed 0,
+                as one sweep per source; the default rule with both sources is main_p5's ``grads``
+                run (the same selection), not trained again.
 * ``cheap``     the cheaper selection variants (RESULTS.md, "Cost of selection") end to end at 5 %,
                 seed 0: ``grads_w5`` = GrADS on a warm-up of 5 % of the pool (``warmup.fraction=0.05``)
                 + the features pass; ``grads_rec`` = the norms recorded during the full warm-up
@@ -51,6 +53,20 @@ CHEAP = {
     "grads_w5": ["warmup.fraction=0.05", *_GRADS_ONLY],
     "grads_rec": ["features.source=warmup", *_GRADS_ONLY],
 }
+# Table 2 as three sweeps, one per gradient source: the default rule with both sources is the
+# `grads` run of main_p5 (same selection; grads.report.with_default_cell puts it in the grid), so
+# it is not trained again. The rules swept by conf/experiment/paper_ablation.yaml:
+RULES = ["density", "magnitude", "density_x_magnitude", "stratified", "adaptive"]
+DEFAULT_RULE = "density_x_magnitude"  # conf/selector/grads.yaml (test_run_tables checks)
+ABLATION = {
+    "ablation_embed": ["selector.layers=[embed]", f"selector.rule={','.join(RULES)}"],
+    "ablation_lm_head": ["selector.layers=[lm_head]", f"selector.rule={','.join(RULES)}"],
+    "ablation_both": [
+        "selector.layers=[embed,lm_head]",
+        f"selector.rule={','.join(r for r in RULES if r != DEFAULT_RULE)}",
+    ],
+}
+SUBPHASES = {"ablation": ABLATION, "cheap": CHEAP}
 HEADLINE = "domain_bpb"  # lower is better
 
 
@@ -70,8 +86,10 @@ def phase_overrides(phase: str, plan: dict) -> list[str]:
     if phase == "main_p50":
         sels = ["random", "grads", plan["strongest"][0]]
         return ["experiment=paper_main", "budget=p50", "seed=0", f"selector={','.join(sels)}"]
-    if phase == "ablation":
+    if phase == "ablation":  # the whole grid in one sweep (the default cell trained again)
         return ["experiment=paper_ablation"]
+    if phase in ABLATION:
+        return ["experiment=paper_ablation", *ABLATION[phase]]
     if phase in CHEAP:
         return [
             "experiment=paper_main",
@@ -233,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
         collect_domain(args.domain, runs_dir, results_dir)
         return
     plan_file = results_dir / "plan.json"
-    phases = [p for ph in args.phases for p in (CHEAP if ph == "cheap" else [ph])]
+    phases = [p for ph in args.phases for p in SUBPHASES.get(ph, [ph])]
     for phase in phases:
         plan = {}
         if phase in ("seeds_p5", "main_p50"):

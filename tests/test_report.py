@@ -335,3 +335,36 @@ def test_table1_gets_the_best_other_rule_and_table2_a_verdict(tmp_path, capsys):
     assert (tmp_path / "rep" / "ablation_domain_bpb.png").is_file()
     main(["--from-csv", str(tmp_path / "rep" / "results.csv"), "--out", str(tmp_path / "again")])
     assert (tmp_path / "again" / "results.md").read_text() == md
+
+
+def test_table2_default_cell_is_table1s_grads_run(tmp_path, capsys):
+    """Without a run named after the default rule, the grads run of the seeds the ablation ran fills
+    the default cell (grid and summary); the CSV and the cost table keep the runs as they ran."""
+    from grads.report import ablation_summary, default_grads_run, with_default_cell
+
+    sweep = tmp_path / "sweep"
+    _paired_sweep(sweep)  # grads seeds 0-2 are jobs 3-5
+    base = json.loads((sweep / "3" / "metrics.json").read_text())
+    job = sweep / "abl"
+    job.mkdir()
+    (job / "config_resolved.yaml").write_text("seed: 0\n")
+    m = {**base, "selector": "grads.density.embed", "seed": 0, "domain_bpb": 0.6}
+    (job / "metrics.json").write_text(json.dumps(m))
+    main([str(sweep), "--out", str(tmp_path / "rep")])
+    capsys.readouterr()
+    df = pd.read_csv(tmp_path / "rep" / "results.csv")
+    default = default_grads_run()
+    assert default not in set(df["selector"])
+    derived = with_default_cell(df)
+    cell = derived[derived["selector"] == default]
+    assert list(cell["seed"]) == [0] and [str(j) for j in cell["job"]] == ["3"]
+    table, winner, _ = ablation_summary(derived)
+    assert winner == default and table.loc["grads.density.embed", "Δ bpb medical"] == pytest.approx(
+        0.1
+    )
+    md = (tmp_path / "rep" / "results.md").read_text()
+    grid = md.split("ablation, Domain bpb vs random")[1].split("\n## ")[0]
+    both = next(line for line in grid.splitlines() if line.startswith("| density_x_magnitude |"))
+    assert both.split("|")[-2].strip().endswith("▲")  # grads's seed-0 win over random, in the grid
+    cost = md.split("## cost (seconds)")[1]
+    assert default not in cost

@@ -49,12 +49,32 @@ def test_every_phase_is_a_valid_sweep_of_every_selector(tmp_path):
     rt = _script()
     plan = {"strongest": ["ifd", "less"]}
     parser = OverridesParser.create()
-    for phase in ["main_p5", "seeds_p5", "main_p50", "ablation", *rt.CHEAP]:
+    for phase in ["main_p5", "seeds_p5", "main_p50", "ablation", *rt.ABLATION, *rt.CHEAP]:
         overrides = parser.parse_overrides(rt.phase_overrides(phase, plan))
         jobs = BasicSweeper.split_arguments(overrides, max_batch_size=None)[0]
         assert jobs, phase
         for sel in {o.split("=", 1)[1] for job in jobs for o in job if o.startswith("selector=")}:
             assert (REPO / "conf" / "selector" / f"{sel}.yaml").is_file(), (phase, sel)
+    # Table 2 in three sweeps: every rule x source but the default with both (main_p5's grads run)
+    cells = set()
+    for phase in rt.ABLATION:
+        ov = parser.parse_overrides(rt.phase_overrides(phase, plan))
+        for job in BasicSweeper.split_arguments(ov, None)[0]:
+            kv = dict(o.split("=", 1) for o in job)
+            cells.add((kv["selector.rule"], kv["selector.layers"]))
+    layers = ["[embed]", "[lm_head]", "[embed,lm_head]"]
+    assert cells == {(r, src) for r in rt.RULES for src in layers} - {
+        (rt.DEFAULT_RULE, "[embed,lm_head]")
+    }
+    from grads.report import default_grads_run
+
+    assert default_grads_run() == f"grads.{rt.DEFAULT_RULE}.embed+lm_head"
+    from omegaconf import OmegaConf
+
+    swept = OmegaConf.load(
+        REPO / "conf" / "experiment" / "paper_ablation.yaml"
+    ).hydra.sweeper.params
+    assert swept["selector.rule"].split(",") == rt.RULES
     main_p5 = parser.parse_overrides(rt.phase_overrides("main_p5", plan))
     assert len(BasicSweeper.split_arguments(main_p5, None)[0]) == len(rt.MAIN_SELECTORS) == 11
 
