@@ -140,14 +140,14 @@ def collect_domain(domain: str, runs_dir: Path, results_dir: Path) -> None:
 
 def merge_domains(tables_dir: Path, results_md: Path = REPO_ROOT / "RESULTS.md") -> None:
     """Merge the committed per-domain CSVs (``<tables_dir>/<domain>/<domain>.csv``) into
-    ``<tables_dir>/all/`` and put its cross-domain part (Table 2 across domains, which decides the
+    ``<tables_dir>/../tables_all/`` and put its cross-domain part (Table 2 across domains, which decides the
     default rule) in RESULTS.md between ``<!-- tables:all:begin -->`` and ``<!-- tables:all:end -->``."""
     from grads.report import main as report_main
 
     csvs = sorted(p for d in DOMAINS if (p := tables_dir / d / f"{d}.csv").is_file())
     if not csvs:
         return
-    out = tables_dir / "all"
+    out = tables_dir.parent / "tables_all"  # outside tables/, so tables/*/*.csv stays the domains
     report_main(["--from-csv", *map(str, csvs), "--out", str(out), "--title", "all"])
     md = (out / "all.md").read_text()
     part = md.split("\n## ablation across domains", 1)

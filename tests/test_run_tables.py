@@ -112,7 +112,7 @@ def test_source_composition_counts_each_subset_against_the_pool(tmp_path):
 
 
 def test_domains_merge_into_the_cross_domain_block(tmp_path, capsys):
-    """Each domain's CSV is merged into <tables>/all and RESULTS.md's `all` block gets Table 2
+    """Each domain's CSV is merged into <results>/tables_all and RESULTS.md's `all` block gets Table 2
     across domains (with its verdict); a domain without ablation runs still merges."""
     import json
 
@@ -138,7 +138,8 @@ def test_domains_merge_into_the_cross_domain_block(tmp_path, capsys):
     md.write_text("x\n<!-- tables:all:begin -->\n<!-- tables:all:end -->\ny\n")
     rt.merge_domains(tables, md)
     capsys.readouterr()
-    assert (tables / "all" / "all.csv").is_file() and (tables / "all" / "all.md").is_file()
+    merged = tables.parent / "tables_all"
+    assert (merged / "all.csv").is_file() and (merged / "all.md").is_file()
     block = md.read_text().split("<!-- tables:all:begin -->")[1].split("<!-- tables:all:end -->")[0]
     assert block.startswith("\n#### ablation across domains") and "| grads.density.embed |" in block
     assert "Winner by mean rank over the 1 domain(s)" in block and "## cost" not in block
