@@ -115,6 +115,15 @@ def _paired_sweep(root):
         (root / str(i) / "metrics.json").write_text(json.dumps(m))
 
 
+def _ablation_job(sweep, job_name, selector, **fields):
+    """A Table 2 run in ``sweep``: the metrics of job 3 (grads, seed 0) under another name."""
+    base = json.loads((sweep / "3" / "metrics.json").read_text())
+    job = sweep / job_name
+    job.mkdir()
+    (job / "config_resolved.yaml").write_text("seed: 0\n")
+    (job / "metrics.json").write_text(json.dumps({**base, "selector": selector, **fields}))
+
+
 def test_paired_tables_mark_significant_wins_and_losses(tmp_path, capsys):
     sweep = tmp_path / "sweep"
     _paired_sweep(sweep)
@@ -229,16 +238,10 @@ def test_ablation_grid_and_methods_filter(tmp_path, capsys):
     """grads.<rule>.<source> runs become a rule x source grid; --methods keeps Table 1 to its rows."""
     sweep = tmp_path / "sweep"
     _paired_sweep(sweep)
-    base = json.loads((sweep / "3" / "metrics.json").read_text())  # grads, seed 0
     for i, (rule, source) in enumerate(
         [("density", "embed"), ("density", "lm_head"), ("magnitude", "embed+lm_head")]
     ):
-        job = sweep / f"abl{i}"
-        job.mkdir()
-        (job / "config_resolved.yaml").write_text("seed: 0\n")
-        (job / "metrics.json").write_text(
-            json.dumps({**base, "selector": f"grads.{rule}.{source}"})
-        )
+        _ablation_job(sweep, f"abl{i}", f"grads.{rule}.{source}")
     main([str(sweep), "--out", str(tmp_path / "rep")])
     md = (tmp_path / "rep" / "results.md").read_text()
     grid = md.split("ablation, Domain bpb vs random")[1].split("\n## ")[0]
@@ -300,7 +303,6 @@ def test_table1_gets_the_best_other_rule_and_table2_a_verdict(tmp_path, capsys):
 
     sweep = tmp_path / "sweep"
     _paired_sweep(sweep)  # medical: random, grads x 3 seeds, domain_bpb 0.5
-    base = json.loads((sweep / "3" / "metrics.json").read_text())
     default = default_grads_run()
     assert default == "grads.density_x_magnitude.embed+lm_head"
     bpb = {  # the default is the lowest, so it must not be picked as the best *other* rule
@@ -310,12 +312,7 @@ def test_table1_gets_the_best_other_rule_and_table2_a_verdict(tmp_path, capsys):
         "grads.magnitude.embed+lm_head": 0.55,
     }
     for i, (name, value) in enumerate(bpb.items()):
-        job = sweep / f"abl{i}"
-        job.mkdir()
-        (job / "config_resolved.yaml").write_text("seed: 0\n")
-        (job / "metrics.json").write_text(
-            json.dumps({**base, "selector": name, "seed": 0, "domain_bpb": value})
-        )
+        _ablation_job(sweep, f"abl{i}", name, seed=0, domain_bpb=value)
     main([str(sweep), "--out", str(tmp_path / "rep")])
     capsys.readouterr()
     df = pd.read_csv(tmp_path / "rep" / "results.csv")
@@ -344,12 +341,7 @@ def test_table2_default_cell_is_table1s_grads_run(tmp_path, capsys):
 
     sweep = tmp_path / "sweep"
     _paired_sweep(sweep)  # grads seeds 0-2 are jobs 3-5
-    base = json.loads((sweep / "3" / "metrics.json").read_text())
-    job = sweep / "abl"
-    job.mkdir()
-    (job / "config_resolved.yaml").write_text("seed: 0\n")
-    m = {**base, "selector": "grads.density.embed", "seed": 0, "domain_bpb": 0.6}
-    (job / "metrics.json").write_text(json.dumps(m))
+    _ablation_job(sweep, "abl", "grads.density.embed", seed=0, domain_bpb=0.6)
     main([str(sweep), "--out", str(tmp_path / "rep")])
     capsys.readouterr()
     df = pd.read_csv(tmp_path / "rep" / "results.csv")

@@ -117,7 +117,7 @@ def test_domains_merge_into_the_cross_domain_block(tmp_path, capsys):
     import json
 
     from grads.report import main as report_main
-    from tests.test_report import _paired_sweep
+    from tests.test_report import _ablation_job, _paired_sweep
 
     rt = _script()
     tables = tmp_path / "tables"
@@ -127,12 +127,7 @@ def test_domains_merge_into_the_cross_domain_block(tmp_path, capsys):
         for f in sweep.rglob("metrics.json"):
             f.write_text(json.dumps({**json.loads(f.read_text()), "domain": domain}))
         if with_ablation:
-            base = json.loads((sweep / "3" / "metrics.json").read_text())
-            job = sweep / "abl"
-            job.mkdir()
-            (job / "config_resolved.yaml").write_text("seed: 0\n")
-            m = {**base, "selector": "grads.density.embed", "seed": 0, "domain_bpb": 0.45}
-            (job / "metrics.json").write_text(json.dumps(m))
+            _ablation_job(sweep, "abl", "grads.density.embed", seed=0, domain_bpb=0.45)
         report_main([str(sweep), "--out", str(tables / domain), "--title", domain])
     md = tmp_path / "RESULTS.md"
     md.write_text("x\n<!-- tables:all:begin -->\n<!-- tables:all:end -->\ny\n")
