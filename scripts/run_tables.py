@@ -135,6 +135,7 @@ def collect_domain(domain: str, runs_dir: Path, results_dir: Path) -> None:
     sources = publish_selections(runs_dir, results_dir / "selections")
     if sources:
         source_composition(results_dir / "selections", sources, results_dir, domain)
+        selection_overlap(results_dir / "selections", len(sources), results_dir, domain)
     merge_domains(results_dir.parent)
 
 
@@ -197,6 +198,58 @@ def source_composition(sel_dir: Path, sources: dict[str, str], out_dir: Path, do
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     fig.tight_layout()
     fig.savefig(out_dir / f"sources_{domain}.png", dpi=110)
+    plt.close(fig)
+
+
+def selection_overlap(
+    sel_dir: Path, n_pool: int, out_dir: Path, domain: str, budget: str = "p5", seed: int = 0
+) -> None:
+    """Do the methods select alike? Jaccard overlap of the subsets of every pair of methods at
+    ``budget`` and ``seed`` (``full`` left out), against what two random subsets of that size share
+    in expectation (k / (2n - k)): ``overlap_<domain>.{md,png}``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    suffix = f"_{budget}_seed{seed}"
+    subsets = {
+        f.name[: -len(suffix) - len(".jsonl")]: {r["id"] for r in read_jsonl(f)}
+        for f in sorted(sel_dir.glob(f"*{suffix}.jsonl"))
+        if not f.name.startswith("full_")
+    }
+    if len(subsets) < 2:
+        return
+    names = list(subsets)
+    jac = pd.DataFrame(
+        [
+            [len(subsets[a] & subsets[b]) / len(subsets[a] | subsets[b]) for b in names]
+            for a in names
+        ],
+        index=names,
+        columns=names,
+    )
+    k = sum(len(v) for v in subsets.values()) / len(subsets)
+    chance = k / (2 * n_pool - k)
+    write_text(
+        out_dir / f"overlap_{domain}.md",
+        f"Jaccard overlap of the {budget} subsets (seed {seed}); two random subsets of "
+        f"{k:.0f} out of {n_pool} share {chance:.3f} in expectation.\n\n"
+        + jac.round(3).to_markdown()
+        + "\n",
+    )
+    fig, ax = plt.subplots(figsize=(0.45 * len(names) + 2.5, 0.45 * len(names) + 1.5))
+    im = ax.imshow(jac.to_numpy(), cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    for (i, j), v in pd.DataFrame(jac.to_numpy()).stack().items():
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                color="black" if v > 0.6 else "white")  # fmt: skip
+    fig.colorbar(im, ax=ax, label=f"Jaccard (random pair: {chance:.3f})", shrink=0.8)
+    ax.set_title(f"{domain}: do the methods select alike? ({budget}, seed {seed})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_dir / f"overlap_{domain}.png", dpi=110)
     plt.close(fig)
 
 

@@ -138,3 +138,25 @@ def test_domains_merge_into_the_cross_domain_block(tmp_path, capsys):
     block = md.read_text().split("<!-- tables:all:begin -->")[1].split("<!-- tables:all:end -->")[0]
     assert block.startswith("\n#### ablation across domains") and "| grads.density.embed |" in block
     assert "Winner by mean rank over the 1 domain(s)" in block and "## cost" not in block
+
+
+def test_selection_overlap_is_jaccard_against_chance(tmp_path):
+    rt = _script()
+    sel = tmp_path / "selections"
+    sel.mkdir()
+    subsets = {
+        "a": ["1", "2", "3", "4"],
+        "b": ["3", "4", "5", "6"],
+        "full": [str(i) for i in range(20)],
+    }
+    for name, ids in subsets.items():
+        (sel / f"{name}_p5_seed0.jsonl").write_text(
+            "".join(json.dumps({"id": i}) + "\n" for i in ids)
+        )
+    (sel / "a_p5_seed1.jsonl").write_text(json.dumps({"id": "9"}) + "\n")  # another seed: ignored
+    rt.selection_overlap(sel, 20, tmp_path, "legal")
+    md = (tmp_path / "overlap_legal.md").read_text()
+    assert "share 0.111 in expectation" in md  # 4 / (40 - 4)
+    row = next(line for line in md.splitlines() if line.startswith("| a "))
+    assert [c.strip() for c in row.split("|")[2:4]] == ["1", "0.333"] and "full" not in md
+    assert (tmp_path / "overlap_legal.png").is_file()
