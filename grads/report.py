@@ -238,6 +238,7 @@ def paired_tables(
 
 
 ABLATION_PREFIX = "grads."  # conf/experiment/paper_ablation.yaml names runs grads.<rule>.<source>
+GRADS_VARIANTS = ("grads_paper", "grads_cover")  # GrADS selectors outside the rule x source grid
 BEST_OTHER = " (best other rule)"  # suffix of Table 1's row for the best non-default ablation run
 ABLATION_BUDGET = "p5"
 
@@ -314,11 +315,13 @@ def table1_frame(df, metric: str = "domain_bpb"):
 
 
 def ablation_summary(df, reference: str = "random", default: str | None = None):
-    """Table 2 across domains: for every ``grads.<rule>.<source>`` run at 5 %, its difference to
+    """Table 2 across domains: for every ``grads.<rule>.<source>`` run at 5 % (and, on the same
+    domains and seeds, Table 1's other GrADS variants :data:`GRADS_VARIANTS`), its difference to
     ``reference`` (same domain and seed) in the headline domain metric (bpb, lower is better) and
     forgetting metric (KL, lower is better) per domain, their means over the domains, and the mean
-    rank of the domain metric. Rows sorted by mean rank; the winner is the first row among the
-    runs present in every domain. Returns ``(table, winner or None, default)``."""
+    rank of the domain metric. Rows sorted by mean rank; the winner (the ``grads`` selector's rule
+    to be) is the first ``grads.<rule>.<source>`` row present in every domain. Returns
+    ``(table, winner or None, default)``."""
     import pandas as pd
 
     default = default or default_grads_run()
@@ -330,7 +333,11 @@ def ablation_summary(df, reference: str = "random", default: str | None = None):
     abl = runs[runs["selector"].map(is_ablation)]
     if abl.empty or ref.empty:
         return pd.DataFrame(), None, default
-    delta = abl.join(ref, on=["domain", "seed"], rsuffix="_ref")
+    # Table 1's other GrADS variants, on the domains and seeds of the ablation, ranked alongside
+    ran = set(zip(abl["domain"], abl["seed"]))
+    variants = runs[runs["selector"].isin(GRADS_VARIANTS)]
+    variants = variants[[(d, s) in ran for d, s in zip(variants["domain"], variants["seed"])]]
+    delta = pd.concat([abl, variants]).join(ref, on=["domain", "seed"], rsuffix="_ref")
     for c in cols:
         delta[f"d_{c}"] = delta[c] - delta[f"{c}_ref"]
     per = delta.groupby(["selector", "domain"])[[f"d_{c}" for c in cols]].mean().reset_index()
@@ -344,9 +351,8 @@ def ablation_summary(df, reference: str = "random", default: str | None = None):
     table["mean rank"] = per.groupby("selector")["rank"].mean()
     table["domains"] = per.groupby("selector")["domain"].nunique()
     table = table.sort_values(["mean rank", "mean Δ bpb"])
-    complete = table[table["domains"] == len(domains)]
-    winner = str(complete.index[0]) if len(complete) else None
-    return table, winner, default
+    complete = [s for s in table.index[table["domains"] == len(domains)] if is_ablation(s)]
+    return table, (str(complete[0]) if complete else None), default
 
 
 def ablation_tables(paired: dict[str, object], metric_label: str) -> dict[str, object]:
@@ -722,9 +728,12 @@ def _ablation_section(df, reference: str, out_dir: Path):
     shown["mean rank"] = shown["mean rank"].map(lambda v: f"{v:.1f}")
     shown.columns = pd.MultiIndex.from_tuples([("", c) for c in shown.columns])
     n_dom = int(table["domains"].max())
+    first = str(table.index[table["domains"] == n_dom][0])
     verdict = (
-        f"Winner by mean rank over the {n_dom} domain(s) with ablation runs: **{winner}**"
+        f"Winner of the `grads` rule x source grid by mean rank over the {n_dom} domain(s) with "
+        f"ablation runs: **{winner}**"
         + (" (the current default)" if winner == default else f"; the current default is {default}")
+        + (f"; among all GrADS variants, {first} ranks first" if first != winner else "")
         + ". Per-domain CIs are in the grids above; a winner whose edge over the default lies inside "
         "those CIs does not justify changing the default.\n"
         if winner
@@ -751,7 +760,7 @@ def _ablation_plot(table, out_dir: Path) -> Path:
     import numpy as np
 
     cols = [c for c in table.columns if c.startswith("Δ bpb ")]
-    rules = sorted({s.split(".")[1] for s in table.index})
+    rules = sorted({s.split(".")[1] for s in table.index if is_ablation(s)})
     sources = [s for s in ("embed", "lm_head", "embed+lm_head") if any(table.index.str.endswith(s))]
     vmax = float(np.nanmax(np.abs(table[cols].to_numpy()))) or 1.0
     fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols) + 1.2, 0.45 * len(rules) + 1.6))

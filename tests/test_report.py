@@ -313,6 +313,9 @@ def test_table1_gets_the_best_other_rule_and_table2_a_verdict(tmp_path, capsys):
     }
     for i, (name, value) in enumerate(bpb.items()):
         _ablation_job(sweep, f"abl{i}", name, seed=0, domain_bpb=value)
+    # a Table 1 GrADS variant ranks with them (seed 0 only, as the ablation) but is no rule winner
+    _ablation_job(sweep, "paper0", "grads_paper", seed=0, domain_bpb=0.30)
+    _ablation_job(sweep, "paper1", "grads_paper", seed=1, domain_bpb=0.10)
     main([str(sweep), "--out", str(tmp_path / "rep")])
     capsys.readouterr()
     df = pd.read_csv(tmp_path / "rep" / "results.csv")
@@ -326,9 +329,15 @@ def test_table1_gets_the_best_other_rule_and_table2_a_verdict(tmp_path, capsys):
         f"grads.density.embed{BEST_OTHER}" in paired1 and "| grads.density.lm_head |" not in paired1
     )
     table, winner, _ = ablation_summary(df)
-    assert winner == default and list(table.index)[:2] == [default, "grads.density.embed"]
+    assert winner == default
+    assert list(table.index)[:3] == ["grads_paper", default, "grads.density.embed"]
+    assert table.loc["grads_paper", "Δ bpb medical"] == pytest.approx(-0.2)  # seed 1 left out
+    assert "among all GrADS variants, grads_paper ranks first" in md
     assert table.loc["grads.magnitude.embed+lm_head", "Δ bpb medical"] == pytest.approx(0.05)
-    assert f"Winner by mean rank over the 1 domain(s) with ablation runs: **{default}**" in md
+    assert (
+        f"Winner of the `grads` rule x source grid by mean rank over the 1 domain(s) with ablation "
+        f"runs: **{default}** (the current default)"
+    ) in md
     assert (tmp_path / "rep" / "ablation_domain_bpb.png").is_file()
     main(["--from-csv", str(tmp_path / "rep" / "results.csv"), "--out", str(tmp_path / "again")])
     assert (tmp_path / "again" / "results.md").read_text() == md

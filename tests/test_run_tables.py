@@ -137,7 +137,7 @@ def test_domains_merge_into_the_cross_domain_block(tmp_path, capsys):
     assert (merged / "all.csv").is_file() and (merged / "all.md").is_file()
     block = md.read_text().split("<!-- tables:all:begin -->")[1].split("<!-- tables:all:end -->")[0]
     assert block.startswith("\n#### ablation across domains") and "| grads.density.embed |" in block
-    assert "Winner by mean rank over the 1 domain(s)" in block and "## cost" not in block
+    assert "by mean rank over the 1 domain(s)" in block and "## cost" not in block
 
 
 def test_selection_overlap_is_jaccard_against_chance(tmp_path):
