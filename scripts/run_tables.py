@@ -6,7 +6,8 @@ of the domain are computed once, by the first job, and shared by every later job
 * ``main_p5``   Table 1 at 5 %, seed 0: every selector of ``experiment=paper_main`` (``full`` included).
 * ``seeds_p5``  seeds 1 and 2 at 5 % for ``random``, ``grads``, ``grads_paper`` and the two strongest
                 baselines.
-* ``main_p50``  Table 1 at 50 %, seed 0: ``random``, ``grads`` and the strongest baseline.
+* ``main_p50``  Table 1 at 50 %, seed 0: ``random``, ``grads``, ``grads_paper`` and the strongest
+                baseline.
 * ``ablation``  Table 2: ``experiment=paper_ablation`` (GrADS rule x gradient source) at 5 %, seed 0,
                 as one sweep per source; the default rule with both sources is main_p5's ``grads``
                 run (the same selection), not trained again.
@@ -83,8 +84,8 @@ def phase_overrides(phase: str, plan: dict) -> list[str]:
         # + grads_paper: the paper-faithful GrADS variant gets the seeds the default rule gets
         sels = ["random", "grads", "grads_paper", *plan["strongest"][:2]]
         return ["experiment=paper_main", "budget=p5", "seed=1,2", f"selector={','.join(sels)}"]
-    if phase == "main_p50":
-        sels = ["random", "grads", plan["strongest"][0]]
+    if phase == "main_p50":  # + grads_paper, as at 5 %
+        sels = ["random", "grads", "grads_paper", plan["strongest"][0]]
         return ["experiment=paper_main", "budget=p50", "seed=0", f"selector={','.join(sels)}"]
     if phase == "ablation":  # the whole grid in one sweep (the default cell trained again)
         return ["experiment=paper_ablation"]

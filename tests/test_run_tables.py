@@ -42,7 +42,7 @@ def test_strongest_baselines_rank_by_heldout_bpb_and_feed_the_later_phases(tmp_p
     assert plan["strongest"][:2] == ["ifd", "less"]
     seeds = rt.phase_overrides("seeds_p5", plan)
     assert "selector=random,grads,grads_paper,ifd,less" in seeds and "seed=1,2" in seeds
-    assert "selector=random,grads,ifd" in rt.phase_overrides("main_p50", plan)
+    assert "selector=random,grads,grads_paper,ifd" in rt.phase_overrides("main_p50", plan)
 
 
 def test_every_phase_is_a_valid_sweep_of_every_selector(tmp_path):
