@@ -378,6 +378,8 @@ def ablation_tables(paired: dict[str, object], metric_label: str) -> dict[str, o
                 _, rule, source = name.split(".")
                 cells.setdefault(rule, {})[source] = wide.loc[name, (budget, metric_label)]
             grid = pd.DataFrame.from_dict(cells, orient="index").fillna("–")
+            if (grid == "–").all().all():  # no ablation run at this budget
+                continue
             sources = [c for c in ("embed", "lm_head", "embed+lm_head") if c in grid.columns]
             grid = grid[sources + sorted(c for c in grid.columns if c not in sources)]
             grid = grid.sort_index()

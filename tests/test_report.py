@@ -351,6 +351,8 @@ def test_table2_default_cell_is_table1s_grads_run(tmp_path, capsys):
     sweep = tmp_path / "sweep"
     _paired_sweep(sweep)  # grads seeds 0-2 are jobs 3-5
     _ablation_job(sweep, "abl", "grads.density.embed", seed=0, domain_bpb=0.6)
+    for sel in ("random", "grads"):  # a 50 % column without ablation runs: no empty grid for it
+        _ablation_job(sweep, f"{sel}50", sel, seed=0, budget="p50")
     main([str(sweep), "--out", str(tmp_path / "rep")])
     capsys.readouterr()
     df = pd.read_csv(tmp_path / "rep" / "results.csv")
@@ -367,5 +369,6 @@ def test_table2_default_cell_is_table1s_grads_run(tmp_path, capsys):
     grid = md.split("ablation, Domain bpb vs random")[1].split("\n## ")[0]
     both = next(line for line in grid.splitlines() if line.startswith("| density_x_magnitude |"))
     assert both.split("|")[-2].strip().endswith("▲")  # grads's seed-0 win over random, in the grid
+    assert "medical p5: ablation" in md and "medical p50: ablation" not in md
     cost = md.split("## cost (seconds)")[1]
     assert default not in cost
