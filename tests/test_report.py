@@ -287,9 +287,11 @@ def test_cost_model_counts_only_jobs_that_computed_a_stage():
             row("grads", "p5", 999.0, ft_cached=True),  # a cache hit: its seconds are not new
             row("grads", "p50", 600.0),
             row("full", "p5", 1800.0),
+            # a cheap variant computes its own (short) warm-up and features first: left out
+            {**row("grads_w5", "p5", 60.0, cached_up=False), "warmup_s": 30.0, "features_s": 1.0},
         ]
     )
-    m = cost_model(df).iloc[0]
+    m = cost_model(df.iloc[::-1]).iloc[0]
     assert m["warm-up"] == 10.0 and m["grad-norm pass"] == 4.0 and m["IFD pass"] == 1.0
     assert m["baseline passes"] == 2.0
     assert m["fine-tune p5"] == 1.5 and m["fine-tune p50"] == 10.0 and m["fine-tune full"] == 30.0

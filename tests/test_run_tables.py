@@ -75,6 +75,9 @@ def test_every_phase_is_a_valid_sweep_of_every_selector(tmp_path):
         REPO / "conf" / "experiment" / "paper_ablation.yaml"
     ).hydra.sweeper.params
     assert swept["selector.rule"].split(",") == rt.RULES
+    from grads.report import CHEAP_VARIANTS
+
+    assert tuple(rt.CHEAP) == CHEAP_VARIANTS  # the collector knows which rows are cheap variants
     main_p5 = parser.parse_overrides(rt.phase_overrides("main_p5", plan))
     assert len(BasicSweeper.split_arguments(main_p5, None)[0]) == len(rt.MAIN_SELECTORS) == 11
 
