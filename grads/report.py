@@ -539,8 +539,40 @@ def cost_model(df):
     return pd.DataFrame(rows)
 
 
+def headline_plot(ddf, domain: str, out_dir: Path) -> Path | None:
+    """The headline metrics per method and budget: held-out domain bpb (learn more: down) against
+    KL(base || tuned) (forget less: left), mean ± std over seeds; ``None`` without those columns."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not {"domain_bpb", "general_kl"} <= set(ddf.columns) or ddf["general_kl"].isna().all():
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 5.0))
+    cmap = plt.get_cmap("tab20")
+    for i, (sel, g) in enumerate(ddf.groupby("selector", sort=True)):
+        groups = [("all", _full_once(g))] if sel == "full" else list(g.groupby("budget"))
+        for b, gb in groups:
+            mb, sb, n = _mean_std(gb["domain_bpb"].tolist())
+            mk, sk, _ = _mean_std(gb["general_kl"].tolist())
+            if n == 0 or math.isnan(mb) or math.isnan(mk):
+                continue
+            ax.errorbar(mk, mb, xerr=sk, yerr=sb, fmt="o" if b != "p50" else "D",
+                        color=cmap(i % 20), capsize=2, label=f"{sel} ({b}, n={n})")  # fmt: skip
+    ax.set_xlabel("KL(base ‖ tuned) per token  →  forgets more")
+    ax.set_ylabel("held-out domain bits per byte  ↓  learns more")
+    ax.set_title(f"{domain}: the headline metrics (mean ± std over seeds)")
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    p = out_dir / f"bpb_vs_kl_{domain}.png"
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    return p
+
+
 def plots(df, out_dir: Path) -> list[Path]:
-    """Domain gain vs forgetting per method, and domain accuracy vs budget."""
+    """Headline metrics (bpb vs KL), domain gain vs forgetting per method, accuracy vs budget."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -548,6 +580,9 @@ def plots(df, out_dir: Path) -> list[Path]:
 
     paths = []
     for domain, ddf in df.groupby("domain"):
+        head = headline_plot(ddf, str(domain), out_dir)
+        if head:
+            paths.append(head)
         fig, ax = plt.subplots(figsize=(5.5, 4.2))
         markers = {}
         for i, (sel, g) in enumerate(ddf.groupby("selector")):

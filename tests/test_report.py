@@ -374,3 +374,17 @@ def test_table2_default_cell_is_table1s_grads_run(tmp_path, capsys):
     assert "medical p5: ablation" in md and "medical p50: ablation" not in md
     cost = md.split("## cost (seconds)")[1]
     assert default not in cost
+
+
+def test_headline_plot_needs_both_headline_metrics(tmp_path):
+    from grads.report import headline_plot
+
+    rows = [
+        {"selector": s, "budget": b, "seed": k, "domain_bpb": 0.9 - 0.01 * k, "general_kl": 0.03}
+        for s, b in (("random", "p5"), ("grads", "p5"), ("grads", "p50"), ("full", "p5"))
+        for k in range(2)
+    ]
+    df = pd.DataFrame(rows)
+    path = headline_plot(df, "legal", tmp_path)
+    assert path == tmp_path / "bpb_vs_kl_legal.png" and path.stat().st_size > 0
+    assert headline_plot(df.drop(columns="general_kl"), "legal", tmp_path / "none") is None
