@@ -578,8 +578,10 @@ def referenced_keys(
             from omegaconf import OmegaConf
 
             refs |= _config_refs(OmegaConf.to_container(OmegaConf.load(c), resolve=True), str(c))
+    from grads.config import compose_resolved
+
     for overrides in configs:
-        refs |= _config_refs(_compose(overrides.split()), overrides)
+        refs |= _config_refs(compose_resolved(overrides.split(), validate=False), overrides)
     return refs
 
 
@@ -594,17 +596,6 @@ def _config_refs(resolved: dict, where: str) -> set[tuple[str, str]]:
         )
         return set()
     return {(s, i.key) for s, i in ids.items()}
-
-
-def _compose(overrides: list[str]) -> dict:
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from grads.constants import conf_dir
-
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
 def _close_upstream(rows: list[dict], refs: set[tuple[str, str]]) -> set[tuple[str, str]]:

@@ -570,3 +570,16 @@ def validate_config(cfg: Any) -> Any:
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def compose_resolved(overrides: list[str], validate: bool = True) -> dict:
+    """The pipeline config for ``overrides`` composed outside a Hydra app (scripts, ``grads-cache``):
+    the config folder of :func:`grads.constants.conf_dir`, checked and with absolute paths by
+    :func:`validate_config` (unless ``validate=False``), resolved to a plain dict."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    if validate:
+        cfg = validate_config(cfg)
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

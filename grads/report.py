@@ -19,6 +19,7 @@ The per-item results this needs are written next to the CSV (``<title>_items.jso
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import json
 import logging
@@ -257,12 +258,22 @@ def default_grads_run() -> str:
     """The ablation name of the ``grads`` selector's default (``conf/selector/grads.yaml``), e.g.
     ``grads.density_x_magnitude.embed+lm_head``: read from the config, so it follows a change of
     the default."""
-    from omegaconf import OmegaConf
-
     from grads.constants import conf_dir
 
-    sel = OmegaConf.load(Path(conf_dir()) / "selector" / "grads.yaml")
+    return _default_run(str(Path(conf_dir()) / "selector" / "grads.yaml"))
+
+
+@functools.lru_cache(maxsize=4)
+def _default_run(path: str) -> str:
+    from omegaconf import OmegaConf
+
+    sel = OmegaConf.load(path)
     return f"{ABLATION_PREFIX}{sel.rule}.{'+'.join(map(str, sel.layers))}"
+
+
+def _ablation_runs(df):
+    """The Table 2 runs (``grads.<rule>.<source>`` at 5 %)."""
+    return df[df["selector"].map(is_ablation) & (df["budget"] == ABLATION_BUDGET)]
 
 
 def with_default_cell(df, default: str | None = None):
@@ -273,7 +284,7 @@ def with_default_cell(df, default: str | None = None):
     import pandas as pd
 
     default = default or default_grads_run()
-    abl = df[df["selector"].map(is_ablation) & (df["budget"] == ABLATION_BUDGET)]
+    abl = _ablation_runs(df)
     extra = []
     for domain, ddf in abl.groupby("domain", sort=True):
         if (ddf["selector"] == default).any():
@@ -294,7 +305,7 @@ def best_other_rule(df, metric: str = "domain_bpb", default: str | None = None) 
     out = {}
     if metric not in df.columns:
         return out
-    abl = df[df["selector"].map(is_ablation) & (df["budget"] == ABLATION_BUDGET)]
+    abl = _ablation_runs(df)
     for domain, ddf in abl.groupby("domain", sort=True):
         means = ddf[ddf["selector"] != default].groupby("selector")[metric].mean().dropna()
         if len(means):
@@ -332,7 +343,7 @@ def ablation_summary(df, reference: str = "random", default: str | None = None):
         return pd.DataFrame(), None, default
     runs = df[df["budget"] == ABLATION_BUDGET]
     ref = runs[runs["selector"] == reference].groupby(["domain", "seed"])[cols].mean()
-    abl = runs[runs["selector"].map(is_ablation)]
+    abl = _ablation_runs(df)
     if abl.empty or ref.empty:
         return pd.DataFrame(), None, default
     # Table 1's other GrADS variants, on the domains and seeds of the ablation, ranked alongside
@@ -509,9 +520,8 @@ def cost_model(df):
 
     if "warmup_cached" not in df.columns:
         return pd.DataFrame()
-    df = df[
-        ~df["selector"].isin(CHEAP_VARIANTS)
-    ]  # their own warm-up / features: not the protocol's
+    # their own warm-up and features are not the protocol's
+    df = df[~df["selector"].isin(CHEAP_VARIANTS)]
 
     def minutes(frame, col) -> float | None:
         computed = frame[frame[col.replace("_s", "_cached")] == False][col].dropna()  # noqa: E712

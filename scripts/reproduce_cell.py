@@ -48,17 +48,10 @@ def cell_overrides(domain: str, method: str, budget: str, seed: int) -> list[str
 
 def stage_keys(overrides: list[str]) -> dict[str, str]:
     """The cell's cache key per stage, computed as the pipeline computes them."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from grads.config import validate_config
-    from grads.constants import conf_dir
+    from grads.config import compose_resolved
     from grads.pipeline import job_identities
 
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = validate_config(compose("config", overrides=overrides))
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    return {s: i.key for s, i in job_identities(resolved).items()}
+    return {s: i.key for s, i in job_identities(compose_resolved(overrides)).items()}
 
 
 def seed_cache(src: Path, dst: Path, keys: dict[str, str]) -> list[str]:
