@@ -62,6 +62,7 @@ bench: setup
 	$(BIN)/python scripts/bench_select.py
 	$(BIN)/python scripts/bench_features.py
 	$(BIN)/python scripts/bench_train.py
+	$(BIN)/python scripts/bench_precision.py
 
 # CPython 3.12 manylinux x86-64 wheels of what the GPU image lacks (scripts/gpu_bundle.py), < 48 MiB.
 gpu-bundle: setup

@@ -30,7 +30,8 @@ Cache versions (bump :data:`CACHE_VERSION` when a stage's output changes meaning
   part is :func:`trainer_identity` (global batch always, the micro-batch layout only when LoRA
   dropout makes it matter; resolved dtype; DeepSpeed template content); ``data.num_proc`` and
   ``domain.hub_datasets`` (never read) and ``trainer.gradient_checkpointing`` (same maths) left out.
-  Every v1 entry misses; ``grads-cache gc`` removes them.
+  Every v1 entry misses; ``grads-cache gc`` removes them. Later knobs join the trainer part only
+  when they act (``trainer.autocast``: as ``"autocast": "bf16"`` when on), so v2 keys stay valid.
 """
 
 from __future__ import annotations
@@ -346,8 +347,10 @@ def trainer_identity(s: Any, world_size: int) -> dict:
     micro-batch, so the split changes the weights (measured: see ``tests/test_identity.py``).
     """
     knobs = dataclasses.asdict(s)
-    ident = _without(knobs, NON_SEMANTIC["trainer"] | {"ds_config", "dtype"})
+    ident = _without(knobs, NON_SEMANTIC["trainer"] | {"ds_config", "dtype", "autocast"})
     ident["dtype"] = s.resolved_dtype()
+    if s.autocast_dtype() is not None:  # keyed only when it acts: keys from before the knob stay
+        ident["autocast"] = "bf16"
     ident["global_batch"] = s.micro_batch_size * s.grad_accum * int(world_size)
     if s.mode == "lora" and float(s.lora.dropout) > 0:
         ident["layout"] = {

@@ -73,6 +73,7 @@ SEMANTIC = [
     ("trainer.micro_batch_size=4", "warmup"),  # global batch 8 -> 4
     ("trainer.procs=2", "warmup"),  # global batch 8 -> 16
     ("trainer.dtype=bf16", "warmup"),
+    ("trainer.autocast=true", "warmup"),  # keyed only when on (test_key_stability: off = old keys)
     ("trainer=zero2", "warmup"),  # another DeepSpeed template
     ("warmup.max_steps=3", "warmup"),
     ("features.stats=false", "features"),

@@ -258,6 +258,25 @@ def test_finetune_full_on_id_subset(tmp_path):
         run_train(cfg, "finetune", tmp_path / "bad", ids=["nope"], pool=pool)
 
 
+def test_bf16_autocast_trains_close_to_float32(tmp_path):
+    """trainer.autocast: the forward in bf16, weights and loss in float32; the run learns like float32."""
+    pool = make_pool()
+    ref = run_train(make_cfg(), "finetune", tmp_path / "fp32", pool=pool)
+    amp = run_train(make_cfg(autocast=True), "finetune", tmp_path / "amp", pool=pool)
+    assert amp["final_loss"] < amp["first_loss"]
+    assert amp["first_loss"] == pytest.approx(ref["first_loss"], rel=2e-2)
+    assert amp["first_loss"] != ref["first_loss"]  # the forward really ran in bf16
+    assert amp["final_loss"] == pytest.approx(ref["final_loss"], rel=0.1)
+    model, _ = load_trained(TINY, tmp_path / "amp")
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay float32
+    # Weights that are bf16 already compute in bf16: autocast does not apply to them.
+    s = TrainerSettings.from_cfg(make_cfg(autocast=True, dtype="bf16"), "finetune")
+    assert s.autocast_dtype() is None
+    assert TrainerSettings.from_cfg(make_cfg(autocast=True), "finetune").autocast_dtype() == (
+        torch.bfloat16
+    )
+
+
 def weights_base() -> dict:
     from grads.models import load_model
 

@@ -50,6 +50,7 @@ class TrainerSettings:
     eps: float
     max_grad_norm: float  # 0 disables clipping
     dtype: str  # auto | float32 | bf16
+    autocast: bool  # forward under torch.autocast(bf16) with float32 weights (mixed precision)
     seed: int | None  # None: the top-level cfg.seed
     save_every: int  # optimizer steps between resumable checkpoints; 0: none
     keep_checkpoints: int
@@ -135,6 +136,15 @@ class TrainerSettings:
         if self.dtype == "auto":
             return "bf16" if torch.cuda.is_available() else "float32"
         return "bf16" if self.dtype in ("bf16", "bfloat16") else "float32"
+
+    def autocast_dtype(self):
+        """``torch.bfloat16`` when the forward runs under autocast, else ``None``.
+
+        Only float32 weights are autocast: with ``dtype=bf16`` the weights already compute in bf16.
+        """
+        import torch
+
+        return torch.bfloat16 if self.autocast and self.resolved_dtype() == "float32" else None
 
     def resolved_procs(self) -> int:
         import torch

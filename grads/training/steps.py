@@ -20,16 +20,21 @@ def _collate_fn() -> Callable:
     return collate
 
 
-def token_loss_sum(model, batch: dict):
+def token_loss_sum(model, batch: dict, autocast=None):
     """Summed next-token cross-entropy over supervised tokens (labels != -100), in float32.
 
     Returns the sum, not the mean: the caller divides by the global batch's supervised-token count.
+    ``autocast``: a dtype (``torch.bfloat16``) to run the model's forward under ``torch.autocast``
+    (``TrainerSettings.autocast_dtype``); the loss is computed in float32 either way.
     """
+    import torch
     import torch.nn.functional as F
 
-    out = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    )
+    device = batch["input_ids"].device.type
+    with torch.autocast(device, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        out = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        )
     logits = out.logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
     return F.cross_entropy(
@@ -57,6 +62,7 @@ class _Loop:
         self.collate = _collate_fn()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.dummy = {"input_ids": [self.pad_id], "labels": [IGNORE_INDEX]}
+        self.autocast = s.autocast_dtype()
 
     def step(self, step: int) -> dict:
         """Run optimizer step ``step`` (0-based) on this rank; return its training-log row."""
@@ -79,7 +85,7 @@ class _Loop:
             want = rec.wanted(micro, step) if rec is not None else []
             if want:
                 rec.arm()
-            loss_sum = token_loss_sum(engine, b)
+            loss_sum = token_loss_sum(engine, b, self.autocast)
             if not micro:
                 loss_sum = loss_sum * 0.0
             engine.backward(loss_sum * scale, scale_wrt_gas=False)
