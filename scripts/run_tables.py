@@ -11,6 +11,9 @@ of the domain are computed once, by the first job, and shared by every later job
 * ``ablation``  Table 2: ``experiment=paper_ablation`` (GrADS rule x gradient source) at 5 %, seed 0,
                 as one sweep per source; the default rule with both sources is main_p5's ``grads``
                 run (the same selection), not trained again.
+* ``ablation_seeds``  seeds 1 and 2 for the best Table 2 cell other than the default (lowest held-out
+                bpb at seed 0), so the rule that may replace the default does not rest on one seed
+                (the default with both sources is ``grads``, which ``seeds_p5`` already ran on 3 seeds).
 * ``cheap``     the cheaper selection variants (RESULTS.md, "Cost of selection") end to end at 5 %,
                 seed 0: ``grads_w5`` = GrADS on a warm-up of 5 % of the pool (``warmup.fraction=0.05``)
                 + the features pass; ``grads_rec`` = the norms recorded during the full warm-up
@@ -18,7 +21,8 @@ of the domain are computed once, by the first job, and shared by every later job
 
 "Strongest baseline" = lowest held-out domain bits per byte (the headline domain metric, RESULTS.md
 "Noise floor") at 5 %, seed 0, among the non-GrADS selectors (loss_high, gradnorm, ifd, length, less,
-rds); the choice is written to ``<results>/plan.json`` before it is used.
+rds); the choice is written to ``<results>/plan.json`` before it is used, as is ``ablation_seeds``'s
+cell.
 
 After every phase the domain's runs are collected into ``results/tables/<domain>/`` (CSV, per-item
 results for the paired CIs, tables, plots) and the selected ids of every run are copied to
@@ -46,7 +50,7 @@ DOMAINS = ["medical", "legal", "financial"]
 BASELINES = ["loss_high", "gradnorm", "ifd", "length", "less", "rds"]
 # random and grads first (the comparison that matters arrives early), full (3 epochs of the pool) last
 MAIN_SELECTORS = ["random", "grads", "grads_paper", "grads_cover", *BASELINES, "full"]
-PHASES = ["main_p5", "seeds_p5", "main_p50", "ablation", "cheap"]
+PHASES = ["main_p5", "seeds_p5", "main_p50", "ablation", "ablation_seeds", "cheap"]
 # selector name -> what differs from the paper's selection (a separate sweep each). Their features
 # are GrADS's alone (no IFD / LESS / RDS+ passes), so their selection cost is what a user pays.
 _GRADS_ONLY = ["features.ifd=false", "features.representations=[]"]
@@ -87,10 +91,15 @@ def phase_overrides(phase: str, plan: dict) -> list[str]:
     if phase == "main_p50":  # + grads_paper, as at 5 %
         sels = ["random", "grads", "grads_paper", plan["strongest"][0]]
         return ["experiment=paper_main", "budget=p50", "seed=0", f"selector={','.join(sels)}"]
-    if phase == "ablation":  # the whole grid in one sweep (the default cell trained again)
-        return ["experiment=paper_ablation"]
     if phase in ABLATION:
         return ["experiment=paper_ablation", *ABLATION[phase]]
+    if phase == "ablation_seeds":
+        return [
+            "experiment=paper_ablation",
+            f"selector.layers=[{','.join(plan['layers'])}]",
+            f"selector.rule={plan['rule']}",
+            "seed=1,2",
+        ]
     if phase in CHEAP:
         return [
             "experiment=paper_main",
@@ -289,6 +298,50 @@ def pool_sources(config_file: Path) -> dict[str, str]:
     return {r.id: r.source for r in records}
 
 
+def best_ablation_cell(runs_dir: Path) -> dict:
+    """The Table 2 cell other than the default with the lowest headline metric at seed 0 (needs the
+    whole grid of this domain's ablation sweeps): the one ``ablation_seeds`` runs on seeds 1 and 2."""
+    from grads.report import collect, default_grads_run, is_ablation
+
+    rows = [r for ph in ABLATION if (runs_dir / ph).is_dir() for r in collect(runs_dir / ph)[0]]
+    scores = {
+        r["selector"]: r[HEADLINE]
+        for r in rows
+        if is_ablation(r["selector"]) and r["seed"] == 0 and r.get(HEADLINE) is not None
+    }
+    scores.pop(default_grads_run(), None)  # main_p5's `grads`: seeds_p5 ran it on 3 seeds
+    want = 3 * len(RULES) - 1
+    if len(scores) < want:
+        raise SystemExit(
+            f"the ablation under {runs_dir} has {HEADLINE} for {len(scores)} of its {want} cells: "
+            "run (or finish) the ablation phase first"
+        )
+    best = min(scores, key=scores.get)
+    _, rule, source = best.split(".")
+    return {"ablation_scores": scores, "best_cell": best, "rule": rule, "layers": source.split("+")}
+
+
+def phase_plan(phase: str, runs_dir: Path, plan_file: Path, dry_run: bool) -> dict:
+    """What a phase needs from earlier ones (strongest baselines, best ablation cell), merged into
+    ``plan_file`` before the phase runs; placeholders in a dry run before those phases exist."""
+    if phase in ("seeds_p5", "main_p50"):
+        if dry_run and not (runs_dir / "main_p5").exists():
+            return {"strongest": ["<best baseline>", "<second baseline>"]}
+        new = strongest_baselines(runs_dir)
+        print(f"strongest baselines by {HEADLINE}: {new['strongest'][:2]}")
+    elif phase == "ablation_seeds":
+        if dry_run and not any((runs_dir / ph).exists() for ph in ABLATION):
+            return {"rule": "<best rule>", "layers": ["<best source>"]}
+        new = best_ablation_cell(runs_dir)
+        print(f"best ablation cell by {HEADLINE} (seed 0): {new['best_cell']}")
+    else:
+        return {}
+    plan = {**(read_json(plan_file) if plan_file.is_file() else {}), **new}
+    if not dry_run:
+        write_json(plan_file, plan)
+    return plan
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("domain", choices=DOMAINS)
@@ -307,14 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     plan_file = results_dir / "plan.json"
     phases = [p for ph in args.phases for p in SUBPHASES.get(ph, [ph])]
     for phase in phases:
-        plan = {}
-        if phase in ("seeds_p5", "main_p50"):
-            if args.dry_run and not (runs_dir / "main_p5").exists():
-                plan = {"strongest": ["<best baseline>", "<second baseline>"]}
-            else:
-                plan = strongest_baselines(runs_dir)
-                write_json(plan_file, plan)
-                print(f"strongest baselines by {HEADLINE}: {plan['strongest'][:2]}")
+        plan = phase_plan(phase, runs_dir, plan_file, args.dry_run)
         cmd = [
             sys.executable,
             "-m",

@@ -45,11 +45,52 @@ def test_strongest_baselines_rank_by_heldout_bpb_and_feed_the_later_phases(tmp_p
     assert "selector=random,grads,grads_paper,ifd" in rt.phase_overrides("main_p50", plan)
 
 
+def test_best_ablation_cell_gets_the_extra_seeds(tmp_path):
+    """ablation_seeds: the best non-default Table 2 cell at seed 0 (the default is main_p5's grads,
+    which has its seeds), chosen only once the grid is complete and merged into plan.json."""
+    rt = _script()
+    from grads.report import default_grads_run
+
+    def job(phase, i, name, bpb, seed=0):
+        d = tmp_path / phase / str(i)
+        d.mkdir(parents=True)
+        (d / "config_resolved.yaml").write_text("seed: 0\n")
+        m = {"domain": "legal", "selector": name, "budget": "p5", "seed": seed, "domain_bpb": bpb}
+        (d / "metrics.json").write_text(json.dumps(m))
+
+    sources = {
+        "ablation_embed": "embed",
+        "ablation_lm_head": "lm_head",
+        "ablation_both": "embed+lm_head",
+    }
+    cells = [(ph, f"grads.{r}.{src}") for ph, src in sources.items() for r in rt.RULES]
+    cells = [(ph, n) for ph, n in cells if n != default_grads_run()]
+    for i, (ph, name) in enumerate(cells[:-1]):
+        job(ph, i, name, 0.90 + 0.001 * i)
+    with pytest.raises(SystemExit, match="13 of its 14 cells"):  # grid incomplete: no pick yet
+        rt.best_ablation_cell(tmp_path)
+    job(cells[-1][0], 99, cells[-1][1], 0.80)
+    job("ablation_both", 100, default_grads_run(), 0.70)  # a default cell would never be picked
+    job("ablation_embed", 101, "grads.density.embed", 0.50, seed=1)  # seed 1 does not count
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(json.dumps({"strongest": ["ifd", "less"]}))
+    plan = rt.phase_plan("ablation_seeds", tmp_path, plan_file, dry_run=False)
+    rule, source = cells[-1][1].split(".")[1:]
+    assert plan["best_cell"] == cells[-1][1] and plan["rule"] == rule
+    assert json.loads(plan_file.read_text())["strongest"] == ["ifd", "less"]  # merged, not replaced
+    ov = OverridesParser.create().parse_overrides(rt.phase_overrides("ablation_seeds", plan))
+    jobs = BasicSweeper.split_arguments(ov, max_batch_size=None)[0]
+    assert sorted(dict(o.split("=", 1) for o in j)["seed"] for j in jobs) == ["1", "2"]
+    assert all(f"selector.layers=[{source.replace('+', ',')}]" in j for j in jobs)
+
+
 def test_every_phase_is_a_valid_sweep_of_every_selector(tmp_path):
     rt = _script()
-    plan = {"strongest": ["ifd", "less"]}
+    plan = {"strongest": ["ifd", "less"], "rule": "density", "layers": ["embed", "lm_head"]}
     parser = OverridesParser.create()
-    for phase in ["main_p5", "seeds_p5", "main_p50", "ablation", *rt.ABLATION, *rt.CHEAP]:
+    for phase in [*rt.PHASES, *rt.ABLATION, *rt.CHEAP]:
+        if phase in rt.SUBPHASES:
+            continue
         overrides = parser.parse_overrides(rt.phase_overrides(phase, plan))
         jobs = BasicSweeper.split_arguments(overrides, max_batch_size=None)[0]
         assert jobs, phase
