@@ -507,7 +507,9 @@ def cost_table(df):
 
 
 def cost_model(df):
-    """Minutes per stage and domain, from the jobs that computed the stage (not cache hits).
+    """Minutes per stage and domain: the median over runs of the seconds of the job that computed
+    the stage (a cache hit carries them), so one job that shared the machine with other work does
+    not set the estimate (one did on financial: a 50 % fine-tune at 19 min beside 11-12).
 
     Columns: the warm-up epoch, the gradient-norm pass, the IFD pass and the baselines' passes
     (the rest of the features stage), a fine-tune per budget (``full`` = the whole pool), one
@@ -524,8 +526,12 @@ def cost_model(df):
     df = df[~df["selector"].isin(CHEAP_VARIANTS)]
 
     def minutes(frame, col) -> float | None:
-        computed = frame[frame[col.replace("_s", "_cached")] == False][col].dropna()  # noqa: E712
-        return round(float(computed.mean()) / 60, 1) if len(computed) else None
+        # One row per run (a computed row before a cache hit of the same run); a cache hit carries
+        # the seconds of the job that computed the stage, so runs collected again still count.
+        ids = [c for c in ("selector", "budget", "seed") if c in frame]
+        runs = frame.sort_values(col.replace("_s", "_cached"), kind="stable")
+        values = runs.drop_duplicates(ids)[col].dropna()
+        return round(float(values.median()) / 60, 1) if len(values) else None
 
     rows = []
     for domain, d in df.groupby("domain"):

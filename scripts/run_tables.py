@@ -146,6 +146,9 @@ def collect_domain(domain: str, runs_dir: Path, results_dir: Path) -> None:
     if sources:
         source_composition(results_dir / "selections", sources, results_dir, domain)
         selection_overlap(results_dir / "selections", len(sources), results_dir, domain)
+        pool_csv = results_dir / "pool_features.csv"
+        if publish_pool_features(runs_dir, pool_csv, sources):
+            subset_profile(results_dir / "selections", pool_csv, results_dir, domain)
     merge_domains(results_dir.parent)
 
 
@@ -208,6 +211,84 @@ def source_composition(sel_dir: Path, sources: dict[str, str], out_dir: Path, do
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     fig.tight_layout()
     fig.savefig(out_dir / f"sources_{domain}.png", dpi=110)
+    plt.close(fig)
+
+
+PROFILE = {  # column of the features table -> how a subset is summarised in subset_profile
+    "n_tokens": "median",  # supervised tokens
+    "loss": "mean",  # the warm-up model's loss on the sample
+    "embed": "median",  # ||dL/dE|| (input embedding)
+    "lm_head": "median",  # ||dL/dW_head||
+}
+
+
+def publish_pool_features(runs_dir: Path, out_file: Path, sources: dict[str, str]) -> bool:
+    """The domain's features table as the warm-up model sees the pool (``main_p5``'s, shared by
+    every selector): id, source and the :data:`PROFILE` columns, a small CSV beside the selections
+    so the subset profiles regenerate without the cache. False if no main_p5 run has one."""
+    import pandas as pd
+
+    for mfile in sorted((runs_dir / "main_p5").rglob("metrics.json")):
+        f = Path(read_json(mfile).get("artefacts", {}).get("features", "")) / "features.parquet"
+        if f.is_file():
+            df = pd.read_parquet(f, columns=["id", *PROFILE])
+            df.insert(1, "source", df["id"].map(sources))
+            write_text(out_file, df.to_csv(index=False, float_format="%.5g"))
+            return True
+    return False
+
+
+def subset_profile(
+    sel_dir: Path, pool_csv: Path, out_dir: Path, domain: str, budget: str = "p5", seed: int = 0
+) -> None:
+    """What each method picked, in the warm-up model's eyes: per subset at ``budget`` and ``seed``
+    the :data:`PROFILE` summaries against the pool's (first row), with the pool's Spearman
+    correlation of each gradient norm with length; ``profile_<domain>.md`` and a box plot of the
+    subsets' lengths, ``lengths_<domain>.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    pool = pd.read_csv(pool_csv, dtype={"id": str}).set_index("id")
+    suffix = f"_{budget}_seed{seed}"
+    subsets = {"pool": pool}
+    for f in sorted(sel_dir.glob(f"*{suffix}.jsonl")):
+        if not f.name.startswith("full_"):
+            ids = [r["id"] for r in read_jsonl(f)]
+            subsets[f.name[: -len(suffix) - len(".jsonl")]] = pool.loc[pool.index.intersection(ids)]
+    if len(subsets) < 2:
+        return
+    table = pd.DataFrame(
+        {
+            name: {f"{how} {col}": getattr(df[col], how)() for col, how in PROFILE.items()}
+            | {"n": len(df)}
+            for name, df in subsets.items()
+        }
+    ).T
+    table["n"] = table["n"].astype(int)
+    rho = {c: pool[c].corr(pool["n_tokens"], method="spearman") for c in ("embed", "lm_head")}
+    write_text(
+        out_dir / f"profile_{domain}.md",
+        f"What each {budget} subset (seed {seed}) holds, in the warm-up model's eyes: supervised "
+        "tokens, warm-up loss, embedding and LM-head gradient norms (features table of the pool). "
+        "In the pool, Spearman with length: "
+        + ", ".join(f"{c} {v:+.2f}" for c, v in rho.items())
+        + ".\n\n"
+        + table.to_markdown(floatfmt=".4g")
+        + "\n",
+    )
+    order = sorted(subsets, key=lambda k: (k != "pool", subsets[k]["n_tokens"].median()))
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(order) + 1.2))
+    ax.boxplot([subsets[k]["n_tokens"].clip(lower=1) for k in order][::-1], vert=False,
+               showfliers=False, widths=0.6)  # fmt: skip
+    ax.set_yticks(range(1, len(order) + 1), order[::-1], fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("supervised tokens per sample (log)")
+    ax.set_title(f"{domain}: lengths of the {budget} subsets (seed {seed}) vs the pool", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_dir / f"lengths_{domain}.png", dpi=110)
     plt.close(fig)
 
 

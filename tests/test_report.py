@@ -260,7 +260,7 @@ def test_ablation_grid_and_methods_filter(tmp_path, capsys):
         main(["--from-csv", csv, "--out", str(tmp_path / "t2"), "--methods", "nope"])
 
 
-def test_cost_model_counts_only_jobs_that_computed_a_stage():
+def test_cost_model_takes_the_median_over_runs_of_the_computing_jobs():
     from grads.report import cost_model
 
     def row(sel, budget, ft, cached_up=True, ft_cached=False):
@@ -284,8 +284,12 @@ def test_cost_model_counts_only_jobs_that_computed_a_stage():
         [
             row("random", "p5", 60.0, cached_up=False),
             row("grads", "p5", 120.0),
-            row("grads", "p5", 999.0, ft_cached=True),  # a cache hit: its seconds are not new
+            row(
+                "grads", "p5", 999.0, ft_cached=True
+            ),  # the same run again: its computed row counts
             row("grads", "p50", 600.0),
+            row("random", "p50", 600.0, ft_cached=True),  # computed by an earlier sweep: counts
+            row("less", "p50", 1800.0),  # one job shared the machine: the median ignores it
             row("full", "p5", 1800.0),
             # a cheap variant computes its own (short) warm-up and features first: left out
             {**row("grads_w5", "p5", 60.0, cached_up=False), "warmup_s": 30.0, "features_s": 1.0},

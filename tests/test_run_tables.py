@@ -155,6 +155,53 @@ def test_source_composition_counts_each_subset_against_the_pool(tmp_path):
     assert (tmp_path / "sources_legal.png").stat().st_size > 1000
 
 
+def test_subset_profile_from_the_published_pool_features(tmp_path):
+    """The pool's features table is published as a small CSV (regenerable without the cache) and
+    each subset is profiled against it: median length, mean loss, median norms; full left out."""
+    import pandas as pd
+
+    rt = _script()
+    feats = tmp_path / "cache" / "features"
+    feats.mkdir(parents=True)
+    ids = [f"x{i}" for i in range(10)]
+    pd.DataFrame(
+        {
+            "id": ids,
+            "loss": [float(i) for i in range(10)],
+            "n_tokens": [3, 3, 3, 3, 3, 10, 20, 30, 40, 50],
+            "embed": [5.0 - 0.5 * i for i in range(10)],
+            "lm_head": [9.0 - i for i in range(10)],
+            "tied": False,
+        }
+    ).to_parquet(feats / "features.parquet")
+    job = tmp_path / "runs" / "main_p5" / "0"
+    job.mkdir(parents=True)
+    (job / "metrics.json").write_text(json.dumps({"artefacts": {"features": str(feats)}}))
+    sel = tmp_path / "sel"
+    sel.mkdir()
+    for name, chosen in (
+        ("short_p5_seed0", ids[:2]),
+        ("long_p5_seed0", ids[8:]),
+        ("full_p5_seed0", ids),
+    ):
+        (sel / f"{name}.jsonl").write_text("".join(json.dumps({"id": i}) + "\n" for i in chosen))
+    pool_csv = tmp_path / "out" / "pool_features.csv"
+    sources = {i: "a" if int(i[1:]) < 5 else "b" for i in ids}
+    assert not rt.publish_pool_features(tmp_path / "nothing", pool_csv, sources)
+    assert rt.publish_pool_features(tmp_path / "runs", pool_csv, sources)
+    assert list(pd.read_csv(pool_csv).columns) == ["id", "source", *rt.PROFILE]
+    rt.subset_profile(sel, pool_csv, tmp_path / "out", "legal")
+    text = (tmp_path / "out" / "profile_legal.md").read_text()
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in text.splitlines()[4:]}
+    assert list(rows) == ["pool", "long", "short"]  # pool first; full is not a subset
+    assert [float(c) for c in rows["long"]] == [45.0, 8.5, 0.75, 0.5, 2.0]
+    assert [float(c) for c in rows["pool"]] == [6.5, 4.5, 2.75, 4.5, 10.0]
+    pool = pd.read_csv(pool_csv)
+    rho = pool["embed"].corr(pool["n_tokens"], method="spearman")
+    assert f"Spearman with length: embed {rho:+.2f}" in text and rho < -0.8
+    assert (tmp_path / "out" / "lengths_legal.png").stat().st_size > 1000
+
+
 def test_domains_merge_into_the_cross_domain_block(tmp_path, capsys):
     """Each domain's CSV is merged into <results>/tables_all and RESULTS.md's `all` block gets Table 2
     across domains (with its verdict); a domain without ablation runs still merges."""
