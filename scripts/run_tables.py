@@ -33,6 +33,7 @@ a phase after an interruption recomputes only what the stage cache lacks.
     python scripts/run_tables.py financial --phases main_p5      # one phase
     python scripts/run_tables.py financial --dry-run             # print the commands
     python scripts/run_tables.py financial --collect-only        # re-collect what has finished
+    python scripts/run_tables.py financial --views-only          # subset views from results/ only
 """
 
 from __future__ import annotations
@@ -144,12 +145,26 @@ def collect_domain(domain: str, runs_dir: Path, results_dir: Path) -> None:
         print(f"RESULTS.md: tables of {domain} updated")
     sources = publish_selections(runs_dir, results_dir / "selections")
     if sources:
-        source_composition(results_dir / "selections", sources, results_dir, domain)
-        selection_overlap(results_dir / "selections", len(sources), results_dir, domain)
-        pool_csv = results_dir / "pool_features.csv"
-        if publish_pool_features(runs_dir, pool_csv, sources):
-            subset_profile(results_dir / "selections", pool_csv, results_dir, domain)
+        publish_pool_features(runs_dir, results_dir / "pool_features.csv", sources)
+        selection_views(domain, results_dir, sources)
     merge_domains(results_dir.parent)
+
+
+def selection_views(domain: str, results_dir: Path, sources: dict[str, str] | None = None) -> None:
+    """What the subsets are made of (sources, overlap, profile): from the committed selections and
+    ``pool_features.csv`` alone (``--views-only``), so they regenerate without the runs."""
+    import pandas as pd
+
+    sel_dir, pool_csv = results_dir / "selections", results_dir / "pool_features.csv"
+    if sources is None:
+        if not pool_csv.is_file():
+            raise SystemExit(f"{pool_csv} is missing: collect the domain's runs first")
+        pool = pd.read_csv(pool_csv, dtype={"id": str, "source": str})
+        sources = dict(zip(pool["id"], pool["source"], strict=True))
+    source_composition(sel_dir, sources, results_dir, domain)
+    selection_overlap(sel_dir, len(sources), results_dir, domain)
+    if pool_csv.is_file():
+        subset_profile(sel_dir, pool_csv, results_dir, domain)
 
 
 def merge_domains(tables_dir: Path, results_md: Path = REPO_ROOT / "RESULTS.md") -> None:
@@ -281,7 +296,7 @@ def subset_profile(
     )
     order = sorted(subsets, key=lambda k: (k != "pool", subsets[k]["n_tokens"].median()))
     fig, ax = plt.subplots(figsize=(7, 0.3 * len(order) + 1.2))
-    ax.boxplot([subsets[k]["n_tokens"].clip(lower=1) for k in order][::-1], vert=False,
+    ax.boxplot([subsets[k]["n_tokens"].clip(lower=1) for k in order][::-1], orientation="horizontal",
                showfliers=False, widths=0.6)  # fmt: skip
     ax.set_yticks(range(1, len(order) + 1), order[::-1], fontsize=7)
     ax.set_xscale("log")
@@ -431,10 +446,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--results-dir", default=None, help="default: <repo>/results/tables/<domain>")
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     ap.add_argument("--collect-only", action="store_true")
+    ap.add_argument(
+        "--views-only",
+        action="store_true",
+        help="regenerate sources_/overlap_/profile_/lengths_ from the committed selections",
+    )
     ap.add_argument("overrides", nargs="*", help="extra overrides for every phase (key=value)")
     args = ap.parse_args(argv)
     runs_dir = Path(args.runs_dir or REPO_ROOT / "outputs" / "tables" / args.domain).resolve()
     results_dir = Path(args.results_dir or REPO_ROOT / "results" / "tables" / args.domain).resolve()
+    if args.views_only:
+        selection_views(args.domain, results_dir)
+        return
     if args.collect_only:
         collect_domain(args.domain, runs_dir, results_dir)
         return

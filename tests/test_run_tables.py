@@ -177,16 +177,18 @@ def test_subset_profile_from_the_published_pool_features(tmp_path):
     job = tmp_path / "runs" / "main_p5" / "0"
     job.mkdir(parents=True)
     (job / "metrics.json").write_text(json.dumps({"artefacts": {"features": str(feats)}}))
-    sel = tmp_path / "sel"
-    sel.mkdir()
+    sources = {i: "a" if int(i[1:]) < 5 else "b" for i in ids}
+    sel = tmp_path / "out" / "selections"
+    sel.mkdir(parents=True)
     for name, chosen in (
         ("short_p5_seed0", ids[:2]),
         ("long_p5_seed0", ids[8:]),
         ("full_p5_seed0", ids),
     ):
-        (sel / f"{name}.jsonl").write_text("".join(json.dumps({"id": i}) + "\n" for i in chosen))
+        (sel / f"{name}.jsonl").write_text(
+            "".join(json.dumps({"id": i, "source": sources[i]}) + "\n" for i in chosen)
+        )
     pool_csv = tmp_path / "out" / "pool_features.csv"
-    sources = {i: "a" if int(i[1:]) < 5 else "b" for i in ids}
     assert not rt.publish_pool_features(tmp_path / "nothing", pool_csv, sources)
     assert rt.publish_pool_features(tmp_path / "runs", pool_csv, sources)
     assert list(pd.read_csv(pool_csv).columns) == ["id", "source", *rt.PROFILE]
@@ -200,6 +202,14 @@ def test_subset_profile_from_the_published_pool_features(tmp_path):
     rho = pool["embed"].corr(pool["n_tokens"], method="spearman")
     assert f"Spearman with length: embed {rho:+.2f}" in text and rho < -0.8
     assert (tmp_path / "out" / "lengths_legal.png").stat().st_size > 1000
+    # --views-only: the same views from the committed files alone (sources from the pool CSV)
+    (tmp_path / "out" / "profile_legal.md").unlink()
+    rt.selection_views("legal", tmp_path / "out")
+    assert (tmp_path / "out" / "profile_legal.md").read_text() == text
+    assert (
+        "| long_p5_seed0  |   0 | 100 |   2 |"
+        in (tmp_path / "out" / "sources_legal.md").read_text()
+    )
 
 
 def test_domains_merge_into_the_cross_domain_block(tmp_path, capsys):
