@@ -83,6 +83,7 @@ def collect(sweep_dir: str | Path, keep_items: bool = False) -> tuple[list[dict]
                 if res.get("acc_norm") is not None:  # answer-text tasks (HellaSwag, ARC, ...)
                     row[f"task/{task}/acc_norm"] = res["acc_norm"]
         row["job"] = str(job.relative_to(sweep_dir))
+        row["grads_cell"] = _grads_cell(cfg, row["selector"])
         if keep_items:
             row["items"] = m.get("items") or {}
         rows.append(row)
@@ -276,6 +277,43 @@ def _ablation_runs(df):
     return df[df["selector"].map(is_ablation) & (df["budget"] == ABLATION_BUDGET)]
 
 
+def _grads_cell(config_file: Path, selector: object) -> str | None:
+    """The Table 2 cell (``grads.<rule>.<source>``) a ``grads`` or ablation run selected with, read
+    from its resolved config: it stays true when the ``grads`` default changes later."""
+    if selector != "grads" and not is_ablation(selector):
+        return None
+    from omegaconf import OmegaConf
+
+    sel = OmegaConf.load(config_file).get("selector") or {}
+    if "rule" not in sel or "layers" not in sel:
+        return None
+    return f"{ABLATION_PREFIX}{sel.rule}.{'+'.join(map(str, sel.layers))}"
+
+
+def as_current_default(df, default: str | None = None):
+    """Name the GrADS runs by what they ran, under the current default rule (``conf/selector/
+    grads.yaml``): a ``grads`` run of another rule (an earlier default) becomes its Table 2 cell
+    ``grads.<rule>.<source>``, and the runs of the default's cell are also Table 1's ``grads`` row
+    wherever no ``grads`` run has that domain, budget and seed. Runs without ``grads_cell`` (CSVs
+    collected before it) are taken as named."""
+    import pandas as pd
+
+    if "grads_cell" not in df.columns:
+        return df
+    default = default or default_grads_run()
+    cell = df["grads_cell"]
+    df = df.assign(
+        selector=df["selector"].where(
+            ~((df["selector"] == "grads") & cell.notna() & (cell != default)), cell
+        )
+    )
+    keys = ["domain", "budget", "seed"]
+    have = set(map(tuple, df.loc[df["selector"] == "grads", keys].to_numpy().tolist()))
+    runs = df[df["selector"] == default]
+    extra = runs[[tuple(k) not in have for k in runs[keys].to_numpy().tolist()]]
+    return pd.concat([df, extra.assign(selector="grads")], ignore_index=True) if len(extra) else df
+
+
 def with_default_cell(df, default: str | None = None):
     """Table 2's default cell is Table 1's ``grads`` run: the same selection (``conf/selector/
     grads.yaml``'s rule and layers), so ``scripts/run_tables.py`` does not train it twice. Per domain
@@ -313,13 +351,13 @@ def best_other_rule(df, metric: str = "domain_bpb", default: str | None = None) 
     return out
 
 
-def table1_frame(df, metric: str = "domain_bpb"):
-    """Table 1's runs: every non-ablation run, plus per domain the best other GrADS rule's runs
-    renamed ``<name> (best other rule)`` (the ablation runs themselves are Table 2's)."""
+def table1_frame(df, metric: str = "domain_bpb", default: str | None = None):
+    """Table 1's runs: every run but Table 2's (ablation cells at 5 %), plus per domain the best
+    other GrADS rule's runs renamed ``<name> (best other rule)``."""
     import pandas as pd
 
-    best = best_other_rule(df, metric)
-    main = df[~df["selector"].map(is_ablation)]
+    best = best_other_rule(df, metric, default)
+    main = df.drop(_ablation_runs(df).index)  # at 50 %, an earlier default's grads runs stay
     extra = [
         df[(df["domain"] == d) & (df["selector"] == name)].assign(selector=name + BEST_OTHER)
         for d, name in best.items()
@@ -689,7 +727,8 @@ def render(
     write_text(csv_path, df.to_csv(index=False))
     written["csv"] = csv_path
     md, tex = [f"# {title}\n"], []
-    runs, df = df, with_default_cell(df)  # the CSV and the costs keep the runs as they ran
+    # the CSV and the costs keep the runs as they ran; the tables name them under today's default
+    runs, df = df, with_default_cell(as_current_default(df))
     t1 = table1_frame(df)  # Table 1: no ablation runs but the best other GrADS rule of each domain
     for domain, wide in paper_tables(t1).items():
         md += [

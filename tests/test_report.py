@@ -392,3 +392,56 @@ def test_headline_plot_needs_both_headline_metrics(tmp_path):
     path = headline_plot(df, "legal", tmp_path)
     assert path == tmp_path / "bpb_vs_kl_legal.png" and path.stat().st_size > 0
     assert headline_plot(df.drop(columns="general_kl"), "legal", tmp_path / "none") is None
+
+
+def test_runs_are_named_by_the_cell_they_ran_when_the_default_changes(tmp_path):
+    """A later change of the grads default (conf/selector/grads.yaml) must not mislabel runs: the
+    old default's `grads` runs become their Table 2 cell, and the new default's cell runs become
+    Table 1's `grads` row (with their seeds); under the default they ran with, nothing moves."""
+    from grads.report import as_current_default, table1_frame, with_default_cell
+
+    job = tmp_path / "j"
+    job.mkdir()
+    cfg = job / "config_resolved.yaml"
+    cfg.write_text(
+        "selector:\n  name: grads\n  rule: density_x_magnitude\n  layers: [embed, lm_head]\n"
+    )
+    m = {"domain": "legal", "selector": "grads", "budget": "p5", "seed": 0, "domain_bpb": 0.5}
+    (job / "metrics.json").write_text(json.dumps(m))
+    assert collect(tmp_path)[0][0]["grads_cell"] == "grads.density_x_magnitude.embed+lm_head"
+
+    old, new = "grads.density_x_magnitude.embed+lm_head", "grads.density.embed+lm_head"
+
+    def run(sel, cell, budget, seed, bpb):
+        return {"domain": "legal", "selector": sel, "grads_cell": cell, "budget": budget,
+                "seed": seed, "domain_bpb": bpb, "job": f"{sel}/{budget}/{seed}"}  # fmt: skip
+
+    runs = [run("random", None, b, s, 0.9) for b in ("p5", "p50") for s in range(3)]
+    runs += [run("grads", old, "p5", s, 0.88) for s in range(3)] + [
+        run("grads", old, "p50", 0, 0.7)
+    ]
+    runs += [run(new, new, "p5", s, 0.86) for s in range(3)]  # ablation cell + ablation_seeds
+    runs += [run("grads.magnitude.embed", "grads.magnitude.embed", "p5", 0, 0.99)]
+    df = pd.DataFrame(runs)
+    # Under the default the runs were made with: names unchanged, the default cell from `grads`
+    same = with_default_cell(as_current_default(df, old), old)
+    assert (same["selector"] == "grads").sum() == 4
+    assert set(same.loc[same["selector"] == old, "seed"]) == {0, 1, 2}
+    # After the default changes to `density`:
+    moved = with_default_cell(as_current_default(df, new), new)
+    grads = moved[moved["selector"] == "grads"]
+    assert sorted(zip(grads["budget"], grads["seed"])) == [("p5", 0), ("p5", 1), ("p5", 2)]
+    assert (grads["domain_bpb"] == 0.86).all()  # the new default's runs
+    cell = moved[moved["selector"] == old]
+    assert sorted(zip(cell["budget"], cell["seed"])) == [
+        ("p5", 0),
+        ("p5", 1),
+        ("p5", 2),
+        ("p50", 0),
+    ]
+    t1 = table1_frame(moved, default=new)
+    kept = t1[t1["selector"] == old]
+    assert list(zip(kept["budget"], kept["domain_bpb"])) == [("p50", 0.7)]  # earlier default, 50 %
+    assert not ((t1["selector"] == old) & (t1["budget"] == "p5")).any()  # p5 cells are Table 2's
+    best = t1[t1["selector"].str.endswith("(best other rule)")]
+    assert set(best["selector"]) == {old + " (best other rule)"}  # 0.88 beats magnitude's 0.99
