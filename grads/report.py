@@ -194,11 +194,14 @@ def paired_tables(
     reference: str = "random",
     metrics: list[str] | None = None,
     n_boot: int = 2000,
+    raw: dict | None = None,
 ) -> dict[str, object]:
     """Per domain: rows = methods, columns = (budget, metric) paired difference vs ``reference``.
 
     Each method is paired with the reference at the same domain, model, trainer mode and budget,
     on the seeds both ran and the items both evaluated (:func:`grads.evaluation.stats.paired_bootstrap`).
+    ``raw``, when given, receives each comparison as ``{(domain, budget, method, metric): result}``
+    (for :func:`forest_plot`).
     """
     import pandas as pd
 
@@ -226,6 +229,8 @@ def paired_tables(
                 if sel != reference and seeds and all(a) and all(b):
                     p = paired_bootstrap(a, b, metric, n_boot=n_boot)
                     cell = _paired_cell(metric, p)
+                    if raw is not None:
+                        raw[(domain, budget, sel, metric)] = p
                 table.setdefault(sel, {})[(budget, ITEM_METRICS[metric].label)] = cell
     tables = {}
     for domain, table in out.items():
@@ -625,6 +630,49 @@ def headline_plot(ddf, domain: str, out_dir: Path) -> Path | None:
     return p
 
 
+def forest_plot(raw: dict, domain: str, out_dir: Path, reference: str = "random") -> Path | None:
+    """The paired differences vs ``reference`` of the two headline metrics (held-out bpb, KL) with
+    their 95 % CIs, one row per method and budget: what the paired table says, at a glance.
+    Filled markers: the CI excludes 0. ``forest_<domain>.png``; ``None`` without comparisons."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in PAIRED_METRICS[:2] if m in ITEM_METRICS]
+    keys = sorted(
+        {(b, sel) for (d, b, sel, m) in raw if d == domain and m in metrics},
+        key=lambda k: (_BUDGET_ORDER.get(k[0], 999), k[1]),
+    )
+    if not keys:
+        return None
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics) + 1.5, 0.28 * len(keys) + 1.4),
+                             sharey=True, squeeze=False)  # fmt: skip
+    colors = {"p5": "tab:blue", "p50": "tab:orange"}
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for y, (budget, sel) in enumerate(keys):
+            p = raw.get((domain, budget, sel, metric))
+            if p is None:
+                continue
+            c = colors.get(budget, "tab:gray")
+            ax.errorbar(p.mean, y, xerr=[[p.mean - p.lo], [p.hi - p.mean]], fmt="o", color=c,
+                        mfc=c if p.significant else "white", capsize=2, ms=4)  # fmt: skip
+        ax.axvline(0.0, color="black", lw=0.8)
+        better = "→ better" if ITEM_METRICS[metric].higher_is_better else "← better"
+        ax.set_xlabel(f"{ITEM_METRICS[metric].label} − {reference}  ({better})")
+        ax.grid(axis="x", lw=0.3)
+    axes[0][0].set_yticks(range(len(keys)), [f"{sel} ({b})" for b, sel in keys], fontsize=7)
+    axes[0][0].invert_yaxis()
+    fig.suptitle(
+        f"{domain}: paired difference vs {reference}, 95 % CI (filled: excludes 0)", fontsize=9
+    )
+    fig.tight_layout()
+    path = out_dir / f"forest_{domain}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plots(df, out_dir: Path) -> list[Path]:
     """Headline metrics (bpb vs KL), domain gain vs forgetting per method, accuracy vs budget."""
     import matplotlib
@@ -743,7 +791,7 @@ def render(
         tex += [f"% {domain}\n", _latex(wide), "\n"]
     if items:
         written["items"] = _write_items(out_dir / f"{title}_items.json.gz", items)
-        p_md, p_tex = _paired_sections(t1, df, items, reference, metrics)
+        p_md, p_tex = _paired_sections(t1, df, items, reference, metrics, out_dir)
         md, tex = md + p_md, tex + p_tex
     a_md, a_tex, a_png = _ablation_section(df, reference, out_dir)
     md, tex = md + a_md, tex + a_tex
@@ -776,16 +824,22 @@ def _best_other_note(wide) -> str:
     )
 
 
-def _paired_sections(t1, df, items: list[dict], reference: str, metrics: list[str] | None):
+def _paired_sections(
+    t1, df, items: list[dict], reference: str, metrics: list[str] | None, out_dir: Path
+):
     """Markdown and LaTeX of the paired tables (Table 1's runs ``t1``) and, when the runs ``df``
-    include them, the ablation grids (Table 2)."""
+    include them, the ablation grids (Table 2); a forest plot per domain in ``out_dir``."""
     import pandas as pd
 
     by_job = {str(r["job"]): r["items"] for r in items}  # a CSV may read "0" back as 0
     both = pd.concat([t1, df[df["selector"].map(is_ablation)]], ignore_index=True)
     rows = [{**r, "items": by_job.get(str(r.get("job")))} for r in both.to_dict("records")]
-    paired = paired_tables(rows, reference, metrics)
+    raw: dict = {}
+    paired = paired_tables(rows, reference, metrics, raw=raw)
     md, tex = [], []
+    t1_raw = {k: v for k, v in raw.items() if not is_ablation(k[2])}  # the grid has a heat map
+    for domain in paired:
+        forest_plot(t1_raw, str(domain), out_dir, reference)
     for domain, full in paired.items():
         wide = full.loc[[s for s in full.index if not is_ablation(s)]]
         md += [

@@ -143,8 +143,13 @@ def test_paired_tables_mark_significant_wins_and_losses(tmp_path, capsys):
     tex = (tmp_path / "rep" / "results.tex").read_text()
     assert r"\blacktriangle" in tex and r"\blacktriangledown" in tex
     first = (tmp_path / "rep" / "results.md").read_text()
+    forest = (tmp_path / "rep" / "forest_medical.png").read_bytes()  # the paired CIs, drawn
     main(["--from-csv", str(tmp_path / "rep" / "results.csv"), "--out", str(tmp_path / "rep")])
     assert (tmp_path / "rep" / "results.md").read_text() == first
+    assert (tmp_path / "rep" / "forest_medical.png").read_bytes() == forest
+    from grads.report import forest_plot
+
+    assert forest_plot({}, "medical", tmp_path) is None  # nothing paired: no empty figure
 
 
 def test_paired_bootstrap_exact_cases():
