@@ -38,6 +38,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+from grads.constants import IGNORE_INDEX  # noqa: E402
 from grads.data import collate  # noqa: E402  (grads.data imports no torch at module level)
 
 BASE_COLUMNS = ("id", "loss", "n_tokens", "embed", "lm_head")
@@ -63,7 +64,32 @@ def _features_cfg(cfg: dict) -> dict:
     f = {**defaults("features"), **dict((cfg or {}).get("features") or {})}
     if f["ifd"] == "auto":  # the pipeline resolves auto from the selector; a direct call has none
         f["ifd"] = False
+    if str(f["ifd_answer"]).startswith("${"):  # the YAML default, unresolved: the domain's or text
+        f["ifd_answer"] = ((cfg or {}).get("domain") or {}).get("ifd_answer", "text")
+    if f["ifd_answer"] not in IFD_ANSWERS:
+        raise ValueError(f"features.ifd_answer={f['ifd_answer']!r}: expected one of {IFD_ANSWERS}")
     return f
+
+
+IFD_ANSWERS = ("text", "matched")
+
+
+def ifd_reference(samples: list[dict], how: str, prefix_id: int) -> list[dict]:
+    """The sequences whose loss is IFD's s(A), one per sample (``features.ifd_answer``).
+
+    ``text``: the answer tokenised alone (``response_ids``). ``matched``: ``prefix_id`` (BOS) then
+    exactly the tokens the conditioned loss s(A|Q) scores (label != -100 after the shift), so that
+    every one of them is scored in both losses, a one-token answer included.
+    """
+    if how == "text":
+        return [{"input_ids": r["response_ids"]} for r in samples]
+    out = []
+    for r in samples:
+        scored = [
+            t for t, y in zip(r["input_ids"][1:], r["labels"][1:], strict=True) if y != IGNORE_INDEX
+        ]
+        out.append({"input_ids": [prefix_id, *scored], "labels": [IGNORE_INDEX, *scored]})
+    return out
 
 
 SOURCES = ("pass", "warmup")
@@ -77,6 +103,8 @@ def features_source(cfg: dict) -> str:
     ``pass``.
     """
     f = (cfg or {}).get("features") or {}
+    if f.get("ifd_answer", "text") not in IFD_ANSWERS:
+        raise ValueError(f"features.ifd_answer={f['ifd_answer']!r}: expected one of {IFD_ANSWERS}")
     src = f.get("source") or "pass"
     if src not in SOURCES:
         raise ValueError(f"features.source={src!r}: expected one of {SOURCES}")
@@ -167,6 +195,7 @@ def compute_shard(
     pool: Any,
     indices: list[int],
     progress: bool = True,
+    prefix_id: int | None = None,
 ) -> tuple[list[tuple[int, dict]], dict]:
     """Features of ``pool[indices]``, batched by length; returns ``[(pool index, row)]`` and timings."""
     from tqdm.auto import tqdm
@@ -196,9 +225,8 @@ def compute_shard(
         cols = {k: v.tolist() for k, v in res.items()}
         if fcfg["ifd"]:
             t0 = time.perf_counter()
-            resp = collate(
-                [{"input_ids": r["response_ids"]} for r in samples], pad_id, padding_side
-            )
+            refs = ifd_reference(samples, fcfg["ifd_answer"], prefix_id)
+            resp = collate(refs, pad_id, padding_side)
             loss_a, _ = per_sample_loss(model, **resp, chunk_bytes=int(fcfg["chunk_bytes"]))
             t_ifd += time.perf_counter() - t0
             cols["response_loss"] = loss_a.tolist()
@@ -272,6 +300,9 @@ def run_features(
         pool,
         todo[r::world] if distributed else todo,
         progress=bool(fcfg["progress"]) and r == 0,
+        prefix_id=(
+            tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        ),
     )
     timings["device"] = str(next(model.parameters()).device)
     if distributed:

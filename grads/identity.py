@@ -30,8 +30,9 @@ Cache versions (bump :data:`CACHE_VERSION` when a stage's output changes meaning
   part is :func:`trainer_identity` (global batch always, the micro-batch layout only when LoRA
   dropout makes it matter; resolved dtype; DeepSpeed template content); ``data.num_proc`` and
   ``domain.hub_datasets`` (never read) and ``trainer.gradient_checkpointing`` (same maths) left out.
-  Every v1 entry misses; ``grads-cache gc`` removes them. Later knobs join the trainer part only
-  when they act (``trainer.autocast``: as ``"autocast": "bf16"`` when on), so v2 keys stay valid.
+  Every v1 entry misses; ``grads-cache gc`` removes them. Later knobs join a key only away from
+  their default (:data:`LATE_KNOBS`; ``trainer.autocast``: as ``"autocast": "bf16"`` when on), so
+  v2 keys stay valid.
 """
 
 from __future__ import annotations
@@ -607,8 +608,19 @@ def base_eval_identity(cfg: Mapping, plan: Any, names: list[str], version: int) 
 Part = Callable[[Mapping, Fingerprints], Any]
 
 
+# Knobs added after cache version 2 pinned its keys: keyed only away from their default, so the keys
+# of every run made before them stay valid (trainer.autocast is handled in trainer_identity).
+LATE_KNOBS: dict[str, dict[str, Any]] = {"features": {"ifd_answer": "text"}}
+
+
 def _section(name: str) -> Part:
-    return lambda cfg, fp: _without(cfg.get(name), NON_SEMANTIC.get(name, ()))
+    late = LATE_KNOBS.get(name, {})
+
+    def part(cfg: Mapping, fp: Fingerprints) -> dict:
+        d = _without(cfg.get(name), NON_SEMANTIC.get(name, ()))
+        return {k: v for k, v in d.items() if not (k in late and v == late[k])}
+
+    return part
 
 
 def _budget(cfg: Mapping, fp: Fingerprints) -> Any:

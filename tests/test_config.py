@@ -366,8 +366,10 @@ def test_code_reads_defaults_from_the_yaml():
     assert defaults("features") == feats
     assert _features_cfg({}) == {
         **feats,
-        "ifd": False,
-    }  # auto: only the pipeline knows the selector
+        "ifd": False,  # auto: only the pipeline knows the selector
+        "ifd_answer": "text",  # the domain's (domain.ifd_answer), else text
+    }
+    assert _features_cfg({"domain": {"ifd_answer": "matched"}})["ifd_answer"] == "matched"
 
 
 def test_importorskip_of_a_required_dependency_fails(tmp_path):

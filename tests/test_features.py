@@ -97,6 +97,41 @@ def test_run_features_table(tmp_path, caplog, as_dataset):
         assert table[k]["ifd"] == pytest.approx(math.exp(table[k]["loss"] - la), rel=1e-5)
 
 
+def test_ifd_answer_matched_scores_one_token_answers(tmp_path):
+    """features.ifd_answer=matched: s(A) over exactly the tokens s(A|Q) scores, after BOS; a
+    one-token answer (the legal pool's Yes/No) has an IFD, where `text` leaves it NaN."""
+    model, tok = build_tiny(tied=True)
+    pool = make_pool(n=6, seed=3)
+    one = pool[1]  # a one-token answer: nothing to score in the answer alone without BOS
+    p = one["labels"].count(-100)
+    one["input_ids"], one["labels"], one["response_ids"] = (
+        one["input_ids"][: p + 1], one["labels"][: p + 1], one["response_ids"][:1],
+    )  # fmt: skip
+    text = run_features(CFG, model, tok, pool, tmp_path / "text")
+    cfg = {**CFG, "features": {**CFG["features"], "ifd_answer": "matched"}}
+    matched = run_features(cfg, model, tok, pool, tmp_path / "matched")
+    t_rows = pq.read_table(tmp_path / "text" / "features.parquet").to_pylist()
+    m_rows = pq.read_table(tmp_path / "matched" / "features.parquet").to_pylist()
+    assert math.isnan(t_rows[1]["ifd"]) and math.isfinite(m_rows[1]["ifd"])
+    assert text["columns"] == matched["columns"]
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    for k in (0, 1):  # s(A) = HF's loss on [BOS] + the scored answer tokens
+        scored = [t for t, y in zip(pool[k]["input_ids"][1:], pool[k]["labels"][1:]) if y != -100]
+        ids = torch.tensor([[bos, *scored]])
+        with torch.no_grad():
+            la = model(input_ids=ids, labels=torch.tensor([[-100, *scored]])).loss.item()
+        assert m_rows[k]["response_loss"] == pytest.approx(la, rel=1e-5)
+        assert m_rows[k]["loss"] == pytest.approx(t_rows[k]["loss"], rel=1e-6)  # s(A|Q) unchanged
+    with pytest.raises(ValueError, match="ifd_answer"):
+        run_features(
+            {**CFG, "features": {**CFG["features"], "ifd_answer": "bos"}},
+            model,
+            tok,
+            pool,
+            tmp_path / "x",
+        )
+
+
 # ~8 s on an idle 2-core machine, ~25 s when it is shared: the acceptance test of sharding
 def test_two_processes_match_single(tmp_path):
     pool = make_pool(n=13, seed=1)

@@ -77,6 +77,7 @@ SEMANTIC = [
     ("trainer=zero2", "warmup"),  # another DeepSpeed template
     ("warmup.max_steps=3", "warmup"),
     ("features.stats=false", "features"),
+    ("features.ifd_answer=matched", "features"),  # keyed only away from `text` (LATE_KNOBS)
     ("selector=random", "select"),
     ("budget=p10", "select"),
     ("seed=1", "select"),  # warmup.seed is pinned: warm-up and features are shared

@@ -34,6 +34,8 @@ CASES: dict[str, list[str]] = {
     "main_med_rds_p50": [*PAPER, "domain=medical", "selector=rds", "budget=p50"],
     "main_med_grads_paper_p5": [*PAPER, "domain=medical", "selector=grads_paper", "budget=p5"],
     "main_med_ifd_p5_seed1": [*PAPER, "domain=medical", "selector=ifd", "budget=p5", "seed=1"],
+    # legal's IFD uses features.ifd_answer=matched (conf/domain/legal.yaml), pinned before it ran
+    "main_leg_ifd_p5": [*PAPER, "domain=legal", "selector=ifd", "budget=p5"],
     "ablation_med_density_embed": [
         "experiment=paper_ablation",
         "domain=medical",

@@ -267,6 +267,9 @@ def test_missing_columns_give_actionable_errors(configs):
     t = make_table(50, ifd=False)
     with pytest.raises(ValueError, match=r"features\.ifd"):
         instantiate(selectors["ifd"]).select(t, "p10", 0)
+    nan_ifd = make_table(50).assign(ifd=float("nan"))  # every answer one token, ifd_answer=text
+    with pytest.raises(ValueError, match=r"50 of 50 samples have no IFD.*ifd_answer=matched"):
+        instantiate(selectors["ifd"]).select(nan_ifd, "p10", 0)
     with pytest.raises(ValueError, match=r"features\.stats"):
         GradsSelector(extra_columns=["head_tok_max"]).select(
             t.drop(columns=["head_tok_max"]), "p10", 0

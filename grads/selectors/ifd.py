@@ -64,6 +64,12 @@ class IFDSelector:
         ifd = column(table, "ifd")
         valid, excluded = valid_rows({"ifd": ifd})
         n_valid = len(table) if valid is None else valid.size
+        if n_valid == 0:
+            raise ValueError(
+                f"ifd: {len(table)} of {len(table)} samples have no IFD (NaN). With "
+                "features.ifd_answer=text a one-token answer scores nothing alone when the "
+                "tokenizer adds no BOS (SmolLM2's); features.ifd_answer=matched scores it"
+            )
         k = resolve_size(budget, n_valid, self.name, self.supports_auto)
         ifd = take(ifd, valid)
         if self.max_ifd is not None:
