@@ -479,9 +479,16 @@ def main(argv: list[str] | None = None) -> None:
         if args.dry_run:
             continue
         t0 = time.time()
-        subprocess.run(cmd, check=True)
-        print(f"== {phase} done in {(time.time() - t0) / 60:.1f} min", flush=True)
-        collect_domain(args.domain, runs_dir, results_dir)
+        rc = subprocess.run(cmd).returncode
+        print(f"== {phase} {'done' if rc == 0 else f'FAILED (exit {rc})'} in "
+              f"{(time.time() - t0) / 60:.1f} min", flush=True)  # fmt: skip
+        collect_domain(args.domain, runs_dir, results_dir)  # what finished is kept either way
+        if rc != 0:  # later phases read this one's results (plan.json): stop here
+            raise SystemExit(
+                f"phase {phase} had failed jobs (Hydra runs every job of a sweep, then fails); "
+                f"the finished ones are collected under {results_dir}; fix and rerun: finished "
+                "stages are cache hits"
+            )
 
 
 if __name__ == "__main__":

@@ -261,3 +261,24 @@ def test_selection_overlap_is_jaccard_against_chance(tmp_path):
     row = next(line for line in md.splitlines() if line.startswith("| a "))
     assert [c.strip() for c in row.split("|")[2:4]] == ["1", "0.333"] and "full" not in md
     assert (tmp_path / "overlap_legal.png").is_file()
+
+
+def test_a_failed_phase_is_collected_before_the_sweep_stops(tmp_path, monkeypatch):
+    """Hydra runs every job of a sweep and then exits non-zero if one failed: what finished is
+    collected, and the later phases (which read this one's results) do not start."""
+    import subprocess
+    import types
+
+    rt = _script()
+    calls, collected = [], []
+    monkeypatch.setattr(
+        subprocess,
+        "run",
+        lambda cmd, **kw: calls.append(cmd) or types.SimpleNamespace(returncode=1),
+    )
+    monkeypatch.setattr(rt, "collect_domain", lambda *a: collected.append(a))
+    with pytest.raises(SystemExit, match="phase main_p5 had failed jobs"):
+        rt.main(
+            ["legal", "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "res")]
+        )
+    assert len(calls) == 1 and len(collected) == 1  # main_p5 ran and was collected; nothing after
