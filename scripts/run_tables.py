@@ -32,6 +32,7 @@ a phase after an interruption recomputes only what the stage cache lacks.
     python scripts/run_tables.py financial                       # every phase
     python scripts/run_tables.py financial --phases main_p5      # one phase
     python scripts/run_tables.py financial --dry-run             # print the commands
+    python scripts/run_tables.py financial --status              # finished / planned jobs per phase
     python scripts/run_tables.py financial --collect-only        # re-collect what has finished
     python scripts/run_tables.py financial --views-only          # subset views from results/ only
 """
@@ -438,6 +439,35 @@ def phase_plan(phase: str, runs_dir: Path, plan_file: Path, dry_run: bool) -> di
     return plan
 
 
+def phase_status(domain: str, runs_dir: Path, plan_file: Path) -> list[tuple[str, int, int]]:
+    """``(phase, finished jobs, planned jobs)`` for every phase of the domain (a phase that depends
+    on an unfinished one, for the strongest baselines or the best ablation cell, is counted with
+    stand-in names: the count does not depend on them)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    out = []
+    for phase in [p for ph in PHASES for p in SUBPHASES.get(ph, [ph])]:
+        # what it depends on may not have finished: any names give the same job count
+        stand_in = {"strongest": BASELINES[:2], "rule": RULES[0], "layers": ["embed"]}
+        try:
+            plan = phase_plan(phase, runs_dir, plan_file, dry_run=True)
+        except SystemExit:
+            plan = stand_in
+        if any("<" in str(v) for v in plan.values()):  # a dry run's placeholders
+            plan = stand_in
+        ov = parser.parse_overrides(phase_overrides(phase, plan))
+        planned = len(BasicSweeper.split_arguments(ov, max_batch_size=None)[0])
+        done = (
+            sum(1 for _ in (runs_dir / phase).rglob("metrics.json"))
+            if (runs_dir / phase).is_dir()
+            else 0
+        )
+        out.append((phase, done, planned))
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("domain", choices=DOMAINS)
@@ -446,6 +476,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--results-dir", default=None, help="default: <repo>/results/tables/<domain>")
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     ap.add_argument("--collect-only", action="store_true")
+    ap.add_argument("--status", action="store_true", help="finished / planned jobs per phase")
     ap.add_argument(
         "--views-only",
         action="store_true",
@@ -455,6 +486,10 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     runs_dir = Path(args.runs_dir or REPO_ROOT / "outputs" / "tables" / args.domain).resolve()
     results_dir = Path(args.results_dir or REPO_ROOT / "results" / "tables" / args.domain).resolve()
+    if args.status:
+        for phase, done, planned in phase_status(args.domain, runs_dir, results_dir / "plan.json"):
+            print(f"{phase:17s} {done:3d} / {planned:3d} jobs{'  done' if done >= planned else ''}")
+        return
     if args.views_only:
         selection_views(args.domain, results_dir)
         return

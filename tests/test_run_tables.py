@@ -282,3 +282,18 @@ def test_a_failed_phase_is_collected_before_the_sweep_stops(tmp_path, monkeypatc
             ["legal", "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "res")]
         )
     assert len(calls) == 1 and len(collected) == 1  # main_p5 ran and was collected; nothing after
+
+
+def test_status_counts_finished_and_planned_jobs(tmp_path):
+    rt = _script()
+    _metrics(tmp_path, 0, "random", 0.9)
+    _metrics(tmp_path, 1, "grads", 0.8)
+    status = {
+        p: (done, planned)
+        for p, done, planned in rt.phase_status("legal", tmp_path, tmp_path / "plan.json")
+    }
+    assert status["main_p5"] == (2, len(rt.MAIN_SELECTORS))
+    assert status["seeds_p5"] == (0, 10)  # 5 selectors x 2 seeds, baselines not yet known
+    assert status["ablation_seeds"] == (0, 2) and status["grads_rec"] == (0, 1)
+    assert list(status) == [p for ph in rt.PHASES for p in rt.SUBPHASES.get(ph, [ph])]
+    assert not (tmp_path / "plan.json").exists()  # a status never writes the plan
