@@ -66,9 +66,13 @@ def _features_cfg(cfg: dict) -> dict:
         f["ifd"] = False
     if str(f["ifd_answer"]).startswith("${"):  # the YAML default, unresolved: the domain's or text
         f["ifd_answer"] = ((cfg or {}).get("domain") or {}).get("ifd_answer", "text")
-    if f["ifd_answer"] not in IFD_ANSWERS:
-        raise ValueError(f"features.ifd_answer={f['ifd_answer']!r}: expected one of {IFD_ANSWERS}")
+    _check_ifd_answer(f["ifd_answer"])
     return f
+
+
+def _check_ifd_answer(value: object) -> None:
+    if value not in IFD_ANSWERS:
+        raise ValueError(f"features.ifd_answer={value!r}: expected one of {IFD_ANSWERS}")
 
 
 IFD_ANSWERS = ("text", "matched")
@@ -103,8 +107,7 @@ def features_source(cfg: dict) -> str:
     ``pass``.
     """
     f = (cfg or {}).get("features") or {}
-    if f.get("ifd_answer", "text") not in IFD_ANSWERS:
-        raise ValueError(f"features.ifd_answer={f['ifd_answer']!r}: expected one of {IFD_ANSWERS}")
+    _check_ifd_answer(f.get("ifd_answer", "text"))
     src = f.get("source") or "pass"
     if src not in SOURCES:
         raise ValueError(f"features.source={src!r}: expected one of {SOURCES}")
