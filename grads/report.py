@@ -578,7 +578,10 @@ def cost_model(df):
 
     rows = []
     for domain, d in df.groupby("domain"):
-        feats = d[d["features_cached"] == False]  # noqa: E712
+        # the protocol's one features table: its computing job's seconds (a cache hit carries them)
+        feats = d.sort_values("features_cached", kind="stable")
+        if "features_gradnorm_s" in d:
+            feats = feats.dropna(subset=["features_gradnorm_s", "features_ifd_s"])
         row = {"domain": domain, "warm-up": minutes(d, "warmup_s")}
         if len(feats) and "features_gradnorm_s" in d:
             f = feats.iloc[0]
@@ -786,6 +789,7 @@ def render(
             + ".\n\n",
             _markdown(wide),
             _best_other_note(wide),
+            _short_subset_note(t1[t1["domain"] == domain]),
             "\n",
         ]
         tex += [f"% {domain}\n", _latex(wide), "\n"]
@@ -812,6 +816,24 @@ def render(
     for p in plots(t1, out_dir):
         written[p.stem] = p
     return written
+
+
+def _short_subset_note(ddf) -> str:
+    """A line per method and budget whose subset is smaller than the budget's (the largest
+    ``n_selected`` of that budget): e.g. IFD without a score for one-token answers. Generated, so a
+    reader of the table cannot miss it."""
+    if "n_selected" not in ddf.columns:
+        return ""
+    tuned = ddf[ddf["selector"] != "full"].dropna(subset=["n_selected"])
+    lines = []
+    for budget, b in tuned.groupby("budget", sort=False):
+        want = int(b["n_selected"].max())
+        for sel, n in b.groupby("selector", sort=True)["n_selected"].min().items():
+            if int(n) < want:
+                lines.append(f"{sel} ({budget}) trained on {int(n)} samples, not {want}")
+    if not lines:
+        return ""
+    return "\nSmaller subsets: " + "; ".join(lines) + " (the selector had fewer candidates).\n"
 
 
 def _best_other_note(wide) -> str:

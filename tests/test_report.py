@@ -305,6 +305,11 @@ def test_cost_model_takes_the_median_over_runs_of_the_computing_jobs():
     assert m["baseline passes"] == 2.0
     assert m["fine-tune p5"] == 1.5 and m["fine-tune p50"] == 10.0 and m["fine-tune full"] == 30.0
     assert m["GrADS selection / full FT"] == round(14.0 / 30.0, 2)
+    # the same runs collected again after a rerun where every stage was a cache hit: the same model
+    hits = df.assign(**{f"{st}_cached": True for st in ("warmup", "features", "finetune")})
+    again = cost_model(hits).iloc[0]
+    assert again["grad-norm pass"] == 4.0 and again["baseline passes"] == 2.0
+    assert again["fine-tune p50"] == 10.0 and again["warm-up"] == 10.0
 
 
 def test_table1_gets_the_best_other_rule_and_table2_a_verdict(tmp_path, capsys):
@@ -450,3 +455,23 @@ def test_runs_are_named_by_the_cell_they_ran_when_the_default_changes(tmp_path):
     assert not ((t1["selector"] == old) & (t1["budget"] == "p5")).any()  # p5 cells are Table 2's
     best = t1[t1["selector"].str.endswith("(best other rule)")]
     assert set(best["selector"]) == {old + " (best other rule)"}  # 0.88 beats magnitude's 0.99
+
+
+def test_table1_notes_subsets_smaller_than_the_budget():
+    """IFD without a score for one-token answers trained on fewer samples: Table 1 says so."""
+    from grads.report import _short_subset_note
+
+    df = pd.DataFrame(
+        [
+            {"selector": s, "budget": b, "n_selected": n}
+            for s, b, n in [
+                ("random", "p5", 50), ("ifd", "p5", 27), ("ifd", "p5", 27), ("full", "p5", 1000),
+                ("random", "p50", 500), ("ifd", "p50", 500),
+            ]
+        ]
+    )  # fmt: skip
+    note = _short_subset_note(df)
+    assert note.strip() == (
+        "Smaller subsets: ifd (p5) trained on 27 samples, not 50 (the selector had fewer candidates)."
+    )
+    assert _short_subset_note(df[df["selector"] != "ifd"]) == ""
