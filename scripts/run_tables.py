@@ -77,6 +77,11 @@ SUBPHASES = {"ablation": ABLATION, "cheap": CHEAP}
 HEADLINE = "domain_bpb"  # lower is better
 
 
+def expand_phases(phases: list[str]) -> list[str]:
+    """The sweeps of ``phases`` in order (``ablation`` and ``cheap`` are one sweep per part)."""
+    return [p for ph in phases for p in SUBPHASES.get(ph, [ph])]
+
+
 def phase_overrides(phase: str, plan: dict) -> list[str]:
     """The ``grads -m`` overrides of one phase (``plan``: the strongest baselines, when needed)."""
     if phase == "main_p5":
@@ -230,6 +235,17 @@ def source_composition(sel_dir: Path, sources: dict[str, str], out_dir: Path, do
     plt.close(fig)
 
 
+def selected_subsets(sel_dir: Path, budget: str, seed: int) -> dict[str, set[str]]:
+    """The published subsets at ``budget`` and ``seed`` (``<method>_<budget>_seed<k>.jsonl``),
+    method -> ids, ``full`` left out (it is the pool)."""
+    suffix = f"_{budget}_seed{seed}"
+    return {
+        f.name[: -len(suffix) - len(".jsonl")]: {r["id"] for r in read_jsonl(f)}
+        for f in sorted(sel_dir.glob(f"*{suffix}.jsonl"))
+        if not f.name.startswith("full_")
+    }
+
+
 PROFILE = {  # column of the features table -> how a subset is summarised in subset_profile
     "n_tokens": "median",  # supervised tokens
     "loss": "mean",  # the warm-up model's loss on the sample
@@ -268,12 +284,9 @@ def subset_profile(
     import pandas as pd
 
     pool = pd.read_csv(pool_csv, dtype={"id": str}).set_index("id")
-    suffix = f"_{budget}_seed{seed}"
     subsets = {"pool": pool}
-    for f in sorted(sel_dir.glob(f"*{suffix}.jsonl")):
-        if not f.name.startswith("full_"):
-            ids = [r["id"] for r in read_jsonl(f)]
-            subsets[f.name[: -len(suffix) - len(".jsonl")]] = pool.loc[pool.index.intersection(ids)]
+    for name, ids in selected_subsets(sel_dir, budget, seed).items():
+        subsets[name] = pool.loc[pool.index.intersection(sorted(ids))]
     if len(subsets) < 2:
         return
     table = pd.DataFrame(
@@ -320,12 +333,7 @@ def selection_overlap(
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    suffix = f"_{budget}_seed{seed}"
-    subsets = {
-        f.name[: -len(suffix) - len(".jsonl")]: {r["id"] for r in read_jsonl(f)}
-        for f in sorted(sel_dir.glob(f"*{suffix}.jsonl"))
-        if not f.name.startswith("full_")
-    }
+    subsets = selected_subsets(sel_dir, budget, seed)
     if len(subsets) < 2:
         return
     names = list(subsets)
@@ -448,7 +456,7 @@ def phase_status(domain: str, runs_dir: Path, plan_file: Path) -> list[tuple[str
 
     parser = OverridesParser.create()
     out = []
-    for phase in [p for ph in PHASES for p in SUBPHASES.get(ph, [ph])]:
+    for phase in expand_phases(PHASES):
         # what it depends on may not have finished: any names give the same job count
         stand_in = {"strongest": BASELINES[:2], "rule": RULES[0], "layers": ["embed"]}
         try:
@@ -497,7 +505,7 @@ def main(argv: list[str] | None = None) -> None:
         collect_domain(args.domain, runs_dir, results_dir)
         return
     plan_file = results_dir / "plan.json"
-    phases = [p for ph in args.phases for p in SUBPHASES.get(ph, [ph])]
+    phases = expand_phases(args.phases)
     for phase in phases:
         plan = phase_plan(phase, runs_dir, plan_file, args.dry_run)
         cmd = [
