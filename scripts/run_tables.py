@@ -175,8 +175,8 @@ def selection_views(domain: str, results_dir: Path, sources: dict[str, str] | No
 
 def merge_domains(tables_dir: Path, results_md: Path = REPO_ROOT / "RESULTS.md") -> None:
     """Merge the committed per-domain CSVs (``<tables_dir>/<domain>/<domain>.csv``) into
-    ``<tables_dir>/../tables_all/`` and put its cross-domain part (Table 2 across domains, which decides the
-    default rule) in RESULTS.md between ``<!-- tables:all:begin -->`` and ``<!-- tables:all:end -->``."""
+    ``<tables_dir>/../tables_all/`` and put its cross-domain part (Table 2 across domains and the
+    winner paired with the default rule, which decide the default) in RESULTS.md between ``<!-- tables:all:begin -->`` and ``<!-- tables:all:end -->``."""
     from grads.report import main as report_main
 
     csvs = sorted(p for d in DOMAINS if (p := tables_dir / d / f"{d}.csv").is_file())
@@ -185,8 +185,11 @@ def merge_domains(tables_dir: Path, results_md: Path = REPO_ROOT / "RESULTS.md")
     out = tables_dir.parent / "tables_all"  # outside tables/, so tables/*/*.csv stays the domains
     report_main(["--from-csv", *map(str, csvs), "--out", str(out), "--title", "all"])
     md = (out / "all.md").read_text()
-    part = md.split("\n## ablation across domains", 1)
-    text = "## ablation across domains" + part[1].split("\n## ", 1)[0] if len(part) > 1 else ""
+    text = "\n".join(  # the grid across domains, then the winner paired with the default
+        f"## {head}" + part[1].split("\n## ", 1)[0]
+        for head in ("ablation across domains", "the default rule")
+        if len(part := md.split(f"\n## {head}", 1)) > 1
+    )
     if update_results_md(results_md, "all", out, text or "No ablation runs yet.\n"):
         print("RESULTS.md: tables across domains updated")
 

@@ -475,3 +475,62 @@ def test_table1_notes_subsets_smaller_than_the_budget():
         "Smaller subsets: ifd (p5) trained on 27 samples, not 50 (the selector had fewer candidates)."
     )
     assert _short_subset_note(df[df["selector"] != "ifd"]) == ""
+
+
+def test_default_decision_pairs_the_winner_with_the_default(tmp_path, capsys):
+    """Table 2's winner is paired with the default cell itself (not each with random): it replaces
+    the default only when significantly better on domain bpb and significantly worse on neither
+    headline metric; a domain without Table 2 runs leaves the decision open."""
+    import numpy as np
+
+    from grads.report import (
+        as_current_default,
+        default_decision,
+        default_grads_run,
+        read_csvs,
+        with_default_cell,
+    )
+
+    def sweep_with(name, kl, extra_domain=False):
+        sweep = tmp_path / name
+        _paired_sweep(sweep)  # medical: random and grads (the default cell), seeds 0-2
+        base = json.loads((sweep / "3" / "metrics.json").read_text())["items"]["base"]
+        for s in range(3):  # the winner: same tokens as grads's seed-s run, lower loss
+            tuned = _items(np.random.default_rng(s * 7 + 1), 80, -0.4, kl)
+            items = {"tuned": tuned, "base": base}
+            _ablation_job(
+                sweep, f"w{s}", "grads.density.embed", seed=s, domain_bpb=0.3, items=items
+            )
+        if extra_domain:  # a second domain with Table 1 runs but no Table 2 yet
+            for i in range(6):
+                job = sweep / f"legal{i}"
+                job.mkdir()
+                (job / "config_resolved.yaml").write_text("seed: 0\n")
+                m = json.loads((sweep / str(i) / "metrics.json").read_text())
+                (job / "metrics.json").write_text(json.dumps({**m, "domain": "legal"}))
+        main([str(sweep), "--out", str(tmp_path / f"{name}_rep")])
+        capsys.readouterr()
+        return read_csvs([tmp_path / f"{name}_rep" / "results.csv"])
+
+    default = default_grads_run()
+    df, items = sweep_with("same_kl", kl=0.09)  # grads's KL: identical per item
+    frame = with_default_cell(as_current_default(df))
+    rows, verdict = default_decision(frame, items)
+    assert verdict == "change" and [r["domain"] for r in rows] == ["medical"]
+    assert rows[0]["seeds"] == 3 and rows[0]["domain_bpb"].hi < 0
+    assert rows[0]["general_kl"].mean == pytest.approx(0.0)
+    md = (tmp_path / "same_kl_rep" / "results.md").read_text()
+    assert f"## the default rule: grads.density.embed vs {default} at 5 % (paired)" in md
+    assert "Decision over medical: **change the default to grads.density.embed**." in md
+    assert default_decision(frame, None) == ([], None)  # no per-item results: no decision
+
+    df, items = sweep_with("more_kl", kl=0.2)  # learns more, forgets more: keep
+    rows, verdict = default_decision(with_default_cell(as_current_default(df)), items)
+    assert verdict == "keep" and rows[0]["general_kl"].lo > 0
+
+    df, items = sweep_with("pending", kl=0.09, extra_domain=True)
+    rows, verdict = default_decision(with_default_cell(as_current_default(df)), items)
+    assert verdict is None and [r["domain"] for r in rows] == ["legal", "medical"]
+    assert rows[0]["domain_bpb"] is None
+    md = (tmp_path / "pending_rep" / "results.md").read_text()
+    assert "Decision over legal, medical: **not decided**" in md

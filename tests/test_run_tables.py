@@ -214,7 +214,8 @@ def test_subset_profile_from_the_published_pool_features(tmp_path):
 
 def test_domains_merge_into_the_cross_domain_block(tmp_path, capsys):
     """Each domain's CSV is merged into <results>/tables_all and RESULTS.md's `all` block gets Table 2
-    across domains (with its verdict); a domain without ablation runs still merges."""
+    across domains (with its verdict) and the winner paired with the default; a domain without
+    ablation runs still merges."""
     import json
 
     from grads.report import main as report_main
@@ -239,6 +240,9 @@ def test_domains_merge_into_the_cross_domain_block(tmp_path, capsys):
     block = md.read_text().split("<!-- tables:all:begin -->")[1].split("<!-- tables:all:end -->")[0]
     assert block.startswith("\n#### ablation across domains") and "| grads.density.embed |" in block
     assert "by mean rank over the 1 domain(s)" in block and "## cost" not in block
+    # then the winner paired with the default: open while legal has no Table 2
+    assert "\n#### the default rule: grads.density.embed vs" in block
+    assert "Decision over legal, medical: **not decided**" in block
 
 
 def test_selection_overlap_is_jaccard_against_chance(tmp_path):
