@@ -14,6 +14,12 @@ of the domain are computed once, by the first job, and shared by every later job
 * ``ablation_seeds``  seeds 1 and 2 for the best Table 2 cell other than the default (lowest held-out
                 bpb at seed 0), so the rule that may replace the default does not rest on one seed
                 (the default with both sources is ``grads``, which ``seeds_p5`` already ran on 3 seeds).
+* ``leader_seeds``  seeds 1 and 2 for the Table 2 cell that leads across domains (mean rank over
+                this domain's grid and the collected CSVs of the other domains beside
+                ``<results>``): the cell the default decision pairs with the default
+                (``grads.report.default_decision``), so that it rests on 3 seeds in every domain.
+                Only the seeds it lacks here; rerun once more domains are in (a new leader gets its
+                own folder under ``leader_seeds/``).
 * ``cheap``     the cheaper selection variants (RESULTS.md, "Cost of selection") end to end at 5 %,
                 seed 0: ``grads_w5`` = GrADS on a warm-up of 5 % of the pool (``warmup.fraction=0.05``)
                 + the features pass; ``grads_rec`` = the norms recorded during the full warm-up
@@ -52,7 +58,7 @@ DOMAINS = ["medical", "legal", "financial"]
 BASELINES = ["loss_high", "gradnorm", "ifd", "length", "less", "rds"]
 # random and grads first (the comparison that matters arrives early), full (3 epochs of the pool) last
 MAIN_SELECTORS = ["random", "grads", "grads_paper", "grads_cover", *BASELINES, "full"]
-PHASES = ["main_p5", "seeds_p5", "main_p50", "ablation", "ablation_seeds", "cheap"]
+PHASES = ["main_p5", "seeds_p5", "main_p50", "ablation", "ablation_seeds", "leader_seeds", "cheap"]
 # selector name -> what differs from the paper's selection (a separate sweep each). Their features
 # are GrADS's alone (no IFD / LESS / RDS+ passes), so their selection cost is what a user pays.
 _GRADS_ONLY = ["features.ifd=false", "features.representations=[]"]
@@ -106,6 +112,13 @@ def phase_overrides(phase: str, plan: dict) -> list[str]:
             f"selector.layers=[{','.join(plan['layers'])}]",
             f"selector.rule={plan['rule']}",
             "seed=1,2",
+        ]
+    if phase == "leader_seeds":  # only the seeds the leader lacks in this domain (plan)
+        return [
+            "experiment=paper_ablation",
+            f"selector.layers=[{','.join(plan['leader_layers'])}]",
+            f"selector.rule={plan['leader_rule']}",
+            f"seed={','.join(map(str, plan['leader_seeds']))}",
         ]
     if phase in CHEAP:
         return [
@@ -429,7 +442,55 @@ def best_ablation_cell(runs_dir: Path) -> dict:
     return {"ablation_scores": scores, "best_cell": best, "rule": rule, "layers": source.split("+")}
 
 
-def phase_plan(phase: str, runs_dir: Path, plan_file: Path, dry_run: bool) -> dict:
+def grid_leader(domain: str, runs_dir: Path, tables_dir: Path) -> dict:
+    """The Table 2 cell that leads across domains (:func:`grads.report.ablation_summary`'s winner
+    over this domain's runs and the collected CSVs ``<tables_dir>/<other>/<other>.csv`` of the
+    other domains): the cell the default decision pairs with the default. ``leader_seeds`` are the
+    seeds of 1 and 2 it has not run in this domain (empty when it is the default, which
+    ``seeds_p5`` ran, or when ``ablation_seeds`` already ran it). Needs this domain's grid."""
+    import pandas as pd
+
+    from grads.report import (
+        ablation_summary,
+        as_current_default,
+        collect,
+        default_grads_run,
+        read_csvs,
+        with_default_cell,
+    )
+
+    best_ablation_cell(runs_dir)  # raises while this domain's grid is incomplete
+    here = pd.DataFrame(collect(runs_dir)[0])
+    others = [p for d in DOMAINS if d != domain and (p := tables_dir / d / f"{d}.csv").is_file()]
+    frames = [here, read_csvs(others)[0]] if others else [here]
+    df = with_default_cell(as_current_default(pd.concat(frames, ignore_index=True)))
+    table, leader, default = ablation_summary(df)
+    if leader is None:
+        raise SystemExit(f"no Table 2 cell is present in every domain of {tables_dir} and {domain}")
+    ran = set(here.loc[here["selector"] == leader, "seed"].astype(int))
+    missing = [] if leader == default_grads_run() else sorted({1, 2} - ran)
+    _, rule, source = leader.split(".")
+    domains = [c.removeprefix("Δ bpb ") for c in table.columns if c.startswith("Δ bpb ")]
+    return {
+        "leader": leader,
+        "leader_rule": rule,
+        "leader_layers": source.split("+"),
+        "leader_seeds": missing,
+        "leader_over": domains,
+    }
+
+
+def phase_dir(phase: str, plan: dict, runs_dir: Path) -> Path:
+    """Where a phase's jobs go: ``leader_seeds`` one folder per leader, so that a later leader (once
+    more domains are in) adds runs instead of overwriting the earlier leader's."""
+    if phase == "leader_seeds":
+        return runs_dir / phase / plan["leader"]
+    return runs_dir / phase
+
+
+def phase_plan(
+    phase: str, runs_dir: Path, plan_file: Path, dry_run: bool, domain: str = "legal"
+) -> dict:
     """What a phase needs from earlier ones (strongest baselines, best ablation cell), merged into
     ``plan_file`` before the phase runs; placeholders in a dry run before those phases exist."""
     if phase in ("seeds_p5", "main_p50"):
@@ -442,6 +503,15 @@ def phase_plan(phase: str, runs_dir: Path, plan_file: Path, dry_run: bool) -> di
             return {"rule": "<best rule>", "layers": ["<best source>"]}
         new = best_ablation_cell(runs_dir)
         print(f"best ablation cell by {HEADLINE} (seed 0): {new['best_cell']}")
+    elif phase == "leader_seeds":
+        if dry_run and not any((runs_dir / ph).exists() for ph in ABLATION):
+            return {"leader": "<leader>", "leader_rule": "<rule>", "leader_layers": ["<source>"],
+                    "leader_seeds": [1, 2]}  # fmt: skip
+        new = grid_leader(domain, runs_dir, plan_file.parent.parent)
+        print(
+            f"Table 2 leader over {', '.join(new['leader_over'])}: {new['leader']}; "
+            f"seeds to run here: {new['leader_seeds'] or 'none'}"
+        )
     else:
         return {}
     plan = {**(read_json(plan_file) if plan_file.is_file() else {}), **new}
@@ -461,20 +531,31 @@ def phase_status(domain: str, runs_dir: Path, plan_file: Path) -> list[tuple[str
     out = []
     for phase in expand_phases(PHASES):
         # what it depends on may not have finished: any names give the same job count
-        stand_in = {"strongest": BASELINES[:2], "rule": RULES[0], "layers": ["embed"]}
+        stand_in = {
+            "strongest": BASELINES[:2],
+            "rule": RULES[0],
+            "layers": ["embed"],
+            "leader": "<leader>",
+            "leader_rule": RULES[0],
+            "leader_layers": ["embed"],
+            "leader_seeds": [1, 2],
+        }
         try:
-            plan = phase_plan(phase, runs_dir, plan_file, dry_run=True)
+            plan = phase_plan(phase, runs_dir, plan_file, dry_run=True, domain=domain)
         except SystemExit:
             plan = stand_in
         if any("<" in str(v) for v in plan.values()):  # a dry run's placeholders
             plan = stand_in
-        ov = parser.parse_overrides(phase_overrides(phase, plan))
-        planned = len(BasicSweeper.split_arguments(ov, max_batch_size=None)[0])
         done = (
             sum(1 for _ in (runs_dir / phase).rglob("metrics.json"))
             if (runs_dir / phase).is_dir()
             else 0
         )
+        if phase == "leader_seeds":  # what earlier leaders ran + what the current one lacks
+            planned = done + len(plan["leader_seeds"])
+        else:
+            ov = parser.parse_overrides(phase_overrides(phase, plan))
+            planned = len(BasicSweeper.split_arguments(ov, max_batch_size=None)[0])
         out.append((phase, done, planned))
     return out
 
@@ -510,7 +591,10 @@ def main(argv: list[str] | None = None) -> None:
     plan_file = results_dir / "plan.json"
     phases = expand_phases(args.phases)
     for phase in phases:
-        plan = phase_plan(phase, runs_dir, plan_file, args.dry_run)
+        plan = phase_plan(phase, runs_dir, plan_file, args.dry_run, args.domain)
+        if phase == "leader_seeds" and not plan["leader_seeds"]:
+            print(f"== {phase}: nothing to run ({plan['leader']} has its seeds here)", flush=True)
+            continue
         cmd = [
             sys.executable,
             "-m",
@@ -518,7 +602,7 @@ def main(argv: list[str] | None = None) -> None:
             "-m",
             *phase_overrides(phase, plan),
             f"domain={args.domain}",
-            f"hydra.sweep.dir={runs_dir / phase}",
+            f"hydra.sweep.dir={phase_dir(phase, plan, runs_dir)}",
             *args.overrides,
         ]
         print(f"== {phase}: {' '.join(cmd[2:])}", flush=True)

@@ -84,9 +84,89 @@ def test_best_ablation_cell_gets_the_extra_seeds(tmp_path):
     assert all(f"selector.layers=[{source.replace('+', ',')}]" in j for j in jobs)
 
 
+def test_leader_seeds_follow_the_cross_domain_leader(tmp_path, monkeypatch, capsys):
+    """leader_seeds: the Table 2 cell leading across domains (this domain's grid + the other
+    domains' CSVs beside the results folder) gets the seeds it lacks here, in a folder of its own;
+    nothing runs once it has them, or when the leader is the default."""
+
+    import pandas as pd
+
+    from grads.report import default_grads_run
+
+    rt = _script()
+    runs, tables = tmp_path / "runs", tmp_path / "tables"
+
+    def job(phase, name, selector, bpb, seed=0):
+        d = runs / phase / name
+        d.mkdir(parents=True)
+        (d / "config_resolved.yaml").write_text("seed: 0\n")
+        m = {"domain": "medical", "selector": selector, "budget": "p5", "seed": seed,
+             "domain_bpb": bpb, "general_kl": 0.05}  # fmt: skip
+        (d / "metrics.json").write_text(json.dumps(m))
+
+    job("main_p5", "0", "random", 0.90)
+    job("main_p5", "1", "grads", 0.85)
+    sources = {
+        "ablation_embed": "embed",
+        "ablation_lm_head": "lm_head",
+        "ablation_both": "embed+lm_head",
+    }
+    cells = [(ph, f"grads.{r}.{src}") for ph, src in sources.items() for r in rt.RULES]
+    cells = [(ph, n) for ph, n in cells if n != default_grads_run()]
+    medical_best, leader = "grads.density.embed", "grads.stratified.lm_head"
+    for i, (ph, name) in enumerate(cells):
+        bpb = {medical_best: 0.80, leader: 0.81}.get(name, 0.95 + 0.001 * i)
+        job(ph, str(i), name, bpb)
+    # financial, collected: the leader is its best cell, medical's best is poor there
+    (tables / "financial").mkdir(parents=True)
+    fin = [("random", 0.90), (leader, 0.50), ("grads.magnitude.embed", 0.60), (medical_best, 0.95)]
+    pd.DataFrame(
+        [
+            {
+                "domain": "financial",
+                "selector": sel,
+                "budget": "p5",
+                "seed": 0,
+                "domain_bpb": v,
+                "general_kl": 0.05,
+                "job": str(i),
+            }
+            for i, (sel, v) in enumerate(fin)
+        ]  # fmt: skip
+    ).to_csv(tables / "financial" / "financial.csv", index=False)
+    plan_file = tables / "medical" / "plan.json"
+    plan_file.parent.mkdir()
+    assert rt.best_ablation_cell(runs)["best_cell"] == medical_best  # ablation_seeds's pick
+    plan = rt.phase_plan("leader_seeds", runs, plan_file, dry_run=False, domain="medical")
+    assert plan["leader"] == leader and plan["leader_seeds"] == [1, 2]
+    assert plan["leader_over"] == ["financial", "medical"]
+    assert json.loads(plan_file.read_text())["leader"] == leader
+    assert rt.phase_dir("leader_seeds", plan, runs) == runs / "leader_seeds" / leader
+    ov = rt.phase_overrides("leader_seeds", plan)
+    assert (
+        "selector.rule=stratified" in ov and "selector.layers=[lm_head]" in ov and "seed=1,2" in ov
+    )
+
+    job(f"leader_seeds/{leader}", "0", leader, 0.82, seed=1)  # seed 1 ran: only seed 2 is left
+    plan = rt.grid_leader("medical", runs, tables)
+    assert plan["leader_seeds"] == [2] and rt.phase_overrides("leader_seeds", plan)[-1] == "seed=2"
+    status = dict((p, (d, n)) for p, d, n in rt.phase_status("medical", runs, plan_file))
+    assert status["leader_seeds"] == (1, 2)
+    job(f"leader_seeds/{leader}", "1", leader, 0.82, seed=2)
+    calls = []
+    monkeypatch.setattr(rt.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    rt.main(["medical", "--phases", "leader_seeds", "--runs-dir", str(runs), "--results-dir",
+             str(tables / "medical")])  # fmt: skip
+    assert not calls and "nothing to run" in capsys.readouterr().out
+
+    job("main_p5", "2", "grads", 0.10, seed=0)  # the default now leads: it has its seeds
+    assert rt.grid_leader("medical", runs, tables)["leader_seeds"] == []
+
+
 def test_every_phase_is_a_valid_sweep_of_every_selector(tmp_path):
     rt = _script()
     plan = {"strongest": ["ifd", "less"], "rule": "density", "layers": ["embed", "lm_head"]}
+    plan |= {"leader_rule": "stratified", "leader_layers": ["lm_head"], "leader_seeds": [1, 2]}
     parser = OverridesParser.create()
     for phase in [*rt.PHASES, *rt.ABLATION, *rt.CHEAP]:
         if phase in rt.SUBPHASES:
