@@ -20,6 +20,8 @@ of the domain are computed once, by the first job, and shared by every later job
                 (``grads.report.default_decision``), so that it rests on 3 seeds in every domain.
                 Only the seeds it lacks here; rerun once more domains are in (a new leader gets its
                 own folder under ``leader_seeds/``).
+* ``default_p50``  the ``grads`` default at 50 % again, when it changed (Table 2's decision) after
+                ``main_p50`` ran the old one; nothing otherwise.
 * ``cheap``     the cheaper selection variants (RESULTS.md, "Cost of selection") end to end at 5 %,
                 seed 0: ``grads_w5`` = GrADS on a warm-up of 5 % of the pool (``warmup.fraction=0.05``)
                 + the features pass; ``grads_rec`` = the norms recorded during the full warm-up
@@ -58,7 +60,18 @@ DOMAINS = ["medical", "legal", "financial"]
 BASELINES = ["loss_high", "gradnorm", "ifd", "length", "less", "rds"]
 # random and grads first (the comparison that matters arrives early), full (3 epochs of the pool) last
 MAIN_SELECTORS = ["random", "grads", "grads_paper", "grads_cover", *BASELINES, "full"]
-PHASES = ["main_p5", "seeds_p5", "main_p50", "ablation", "ablation_seeds", "leader_seeds", "cheap"]
+PHASES = [
+    "main_p5",
+    "seeds_p5",
+    "main_p50",
+    "ablation",
+    "ablation_seeds",
+    "leader_seeds",
+    "default_p50",
+    "cheap",
+]
+# phases whose jobs depend on what has run (plan[phase]: the seeds still to run; empty: skipped)
+TOP_UP = ("leader_seeds", "default_p50")
 # selector name -> what differs from the paper's selection (a separate sweep each). Their features
 # are GrADS's alone (no IFD / LESS / RDS+ passes), so their selection cost is what a user pays.
 _GRADS_ONLY = ["features.ifd=false", "features.representations=[]"]
@@ -113,6 +126,8 @@ def phase_overrides(phase: str, plan: dict) -> list[str]:
             f"selector.rule={plan['rule']}",
             "seed=1,2",
         ]
+    if phase == "default_p50":  # the grads default, changed since main_p50 ran it
+        return ["experiment=paper_main", "budget=p50", "seed=0", "selector=grads"]
     if phase == "leader_seeds":  # only the seeds the leader lacks in this domain (plan)
         return [
             "experiment=paper_ablation",
@@ -480,11 +495,27 @@ def grid_leader(domain: str, runs_dir: Path, tables_dir: Path) -> dict:
     }
 
 
+def default_at_p50(runs_dir: Path) -> dict:
+    """``default_p50``: when the ``grads`` default (``conf/selector/grads.yaml``) changed after
+    ``main_p50`` ran the old one, the new default at 50 % (seed 0), in a folder of its own so the old
+    default's run stays (it becomes its Table 2 cell's 50 % row). Nothing while ``main_p50`` has not
+    run ``grads`` (it will run the current default) or once the current default has a 50 % run."""
+    from grads.report import collect, default_grads_run
+
+    default = default_grads_run()
+    rows = [r for r in collect(runs_dir)[0] if r["budget"] == "p50" and r.get("grads_cell")]
+    ran = {r["grads_cell"] for r in rows}
+    todo = [0] if ran and default not in ran else []
+    return {"default_cell": default, "default_p50": todo}
+
+
 def phase_dir(phase: str, plan: dict, runs_dir: Path) -> Path:
     """Where a phase's jobs go: ``leader_seeds`` one folder per leader, so that a later leader (once
     more domains are in) adds runs instead of overwriting the earlier leader's."""
     if phase == "leader_seeds":
         return runs_dir / phase / plan["leader"]
+    if phase == "default_p50":
+        return runs_dir / phase / plan["default_cell"]
     return runs_dir / phase
 
 
@@ -512,6 +543,8 @@ def phase_plan(
             f"Table 2 leader over {', '.join(new['leader_over'])}: {new['leader']}; "
             f"seeds to run here: {new['leader_seeds'] or 'none'}"
         )
+    elif phase == "default_p50":
+        new = default_at_p50(runs_dir)
     else:
         return {}
     plan = {**(read_json(plan_file) if plan_file.is_file() else {}), **new}
@@ -539,6 +572,8 @@ def phase_status(domain: str, runs_dir: Path, plan_file: Path) -> list[tuple[str
             "leader_rule": RULES[0],
             "leader_layers": ["embed"],
             "leader_seeds": [1, 2],
+            "default_cell": "<default>",
+            "default_p50": [0],
         }
         try:
             plan = phase_plan(phase, runs_dir, plan_file, dry_run=True, domain=domain)
@@ -551,8 +586,8 @@ def phase_status(domain: str, runs_dir: Path, plan_file: Path) -> list[tuple[str
             if (runs_dir / phase).is_dir()
             else 0
         )
-        if phase == "leader_seeds":  # what earlier leaders ran + what the current one lacks
-            planned = done + len(plan["leader_seeds"])
+        if phase in TOP_UP:  # what ran + what is still lacking
+            planned = done + len(plan[phase])
         else:
             ov = parser.parse_overrides(phase_overrides(phase, plan))
             planned = len(BasicSweeper.split_arguments(ov, max_batch_size=None)[0])
@@ -592,8 +627,8 @@ def main(argv: list[str] | None = None) -> None:
     phases = expand_phases(args.phases)
     for phase in phases:
         plan = phase_plan(phase, runs_dir, plan_file, args.dry_run, args.domain)
-        if phase == "leader_seeds" and not plan["leader_seeds"]:
-            print(f"== {phase}: nothing to run ({plan['leader']} has its seeds here)", flush=True)
+        if phase in TOP_UP and not plan[phase]:
+            print(f"== {phase}: nothing to run here", flush=True)
             continue
         cmd = [
             sys.executable,

@@ -163,10 +163,41 @@ def test_leader_seeds_follow_the_cross_domain_leader(tmp_path, monkeypatch, caps
     assert rt.grid_leader("medical", runs, tables)["leader_seeds"] == []
 
 
+def test_default_p50_runs_a_changed_default_once(tmp_path):
+    """default_p50: nothing while main_p50 has no grads run or ran today's default; after the
+    default changed, the new default at 50 % in its own folder (the old default's run stays)."""
+    from grads.report import default_grads_run
+
+    rt = _script()
+
+    def grads_p50(phase, rule):
+        d = tmp_path / phase / "1"
+        d.mkdir(parents=True)
+        (d / "config_resolved.yaml").write_text(
+            f"selector:\n  name: grads\n  rule: {rule}\n  layers: [embed, lm_head]\n"
+        )
+        m = {"domain": "legal", "selector": "grads", "budget": "p50", "seed": 0, "domain_bpb": 0.5}
+        (d / "metrics.json").write_text(json.dumps(m))
+
+    default = default_grads_run()
+    assert rt.default_at_p50(tmp_path)["default_p50"] == []  # main_p50 will run the default
+    grads_p50("main_p50", "density")  # an earlier default ran at 50 %
+    plan = rt.default_at_p50(tmp_path)
+    assert plan == {"default_cell": default, "default_p50": [0]}
+    assert rt.phase_dir("default_p50", plan, tmp_path) == tmp_path / "default_p50" / default
+    assert "selector=grads" in rt.phase_overrides("default_p50", plan)
+    status = {p: (d, n) for p, d, n in rt.phase_status("legal", tmp_path, tmp_path / "plan.json")}
+    assert status["default_p50"] == (0, 1)
+    rule = default.split(".")[1]
+    grads_p50(f"default_p50/{default}", rule)
+    assert rt.default_at_p50(tmp_path)["default_p50"] == []
+
+
 def test_every_phase_is_a_valid_sweep_of_every_selector(tmp_path):
     rt = _script()
     plan = {"strongest": ["ifd", "less"], "rule": "density", "layers": ["embed", "lm_head"]}
     plan |= {"leader_rule": "stratified", "leader_layers": ["lm_head"], "leader_seeds": [1, 2]}
+    plan |= {"default_cell": "grads.density.embed", "default_p50": [0]}
     parser = OverridesParser.create()
     for phase in [*rt.PHASES, *rt.ABLATION, *rt.CHEAP]:
         if phase in rt.SUBPHASES:
