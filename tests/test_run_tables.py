@@ -30,6 +30,28 @@ def _metrics(root, i, selector, bpb):
     (job / "metrics.json").write_text(json.dumps(m))
 
 
+def _run(root, phase, name, selector, bpb, seed=0, domain="legal"):
+    """A finished 5 % job ``root/phase/name`` of ``selector`` with held-out bpb ``bpb``."""
+    d = root / phase / str(name)
+    d.mkdir(parents=True)
+    (d / "config_resolved.yaml").write_text("seed: 0\n")
+    m = {"domain": domain, "selector": selector, "budget": "p5", "seed": seed, "domain_bpb": bpb}
+    (d / "metrics.json").write_text(json.dumps({**m, "general_kl": 0.05}))
+
+
+def _grid_cells(rt):
+    """Table 2's (ablation phase, cell name) pairs but the default's (main_p5's grads run)."""
+    from grads.report import default_grads_run
+
+    sources = {
+        "ablation_embed": "embed",
+        "ablation_lm_head": "lm_head",
+        "ablation_both": "embed+lm_head",
+    }
+    cells = [(ph, f"grads.{r}.{src}") for ph, src in sources.items() for r in rt.RULES]
+    return [(ph, n) for ph, n in cells if n != default_grads_run()]
+
+
 def test_strongest_baselines_rank_by_heldout_bpb_and_feed_the_later_phases(tmp_path):
     rt = _script()
     bpb = {"loss_high": 0.70, "gradnorm": 0.66, "ifd": 0.64, "length": 0.69, "less": 0.65}
@@ -52,19 +74,9 @@ def test_best_ablation_cell_gets_the_extra_seeds(tmp_path):
     from grads.report import default_grads_run
 
     def job(phase, i, name, bpb, seed=0):
-        d = tmp_path / phase / str(i)
-        d.mkdir(parents=True)
-        (d / "config_resolved.yaml").write_text("seed: 0\n")
-        m = {"domain": "legal", "selector": name, "budget": "p5", "seed": seed, "domain_bpb": bpb}
-        (d / "metrics.json").write_text(json.dumps(m))
+        _run(tmp_path, phase, i, name, bpb, seed)
 
-    sources = {
-        "ablation_embed": "embed",
-        "ablation_lm_head": "lm_head",
-        "ablation_both": "embed+lm_head",
-    }
-    cells = [(ph, f"grads.{r}.{src}") for ph, src in sources.items() for r in rt.RULES]
-    cells = [(ph, n) for ph, n in cells if n != default_grads_run()]
+    cells = _grid_cells(rt)
     for i, (ph, name) in enumerate(cells[:-1]):
         job(ph, i, name, 0.90 + 0.001 * i)
     with pytest.raises(SystemExit, match="13 of its 14 cells"):  # grid incomplete: no pick yet
@@ -91,28 +103,16 @@ def test_leader_seeds_follow_the_cross_domain_leader(tmp_path, monkeypatch, caps
 
     import pandas as pd
 
-    from grads.report import default_grads_run
 
     rt = _script()
     runs, tables = tmp_path / "runs", tmp_path / "tables"
 
     def job(phase, name, selector, bpb, seed=0):
-        d = runs / phase / name
-        d.mkdir(parents=True)
-        (d / "config_resolved.yaml").write_text("seed: 0\n")
-        m = {"domain": "medical", "selector": selector, "budget": "p5", "seed": seed,
-             "domain_bpb": bpb, "general_kl": 0.05}  # fmt: skip
-        (d / "metrics.json").write_text(json.dumps(m))
+        _run(runs, phase, name, selector, bpb, seed, domain="medical")
 
     job("main_p5", "0", "random", 0.90)
     job("main_p5", "1", "grads", 0.85)
-    sources = {
-        "ablation_embed": "embed",
-        "ablation_lm_head": "lm_head",
-        "ablation_both": "embed+lm_head",
-    }
-    cells = [(ph, f"grads.{r}.{src}") for ph, src in sources.items() for r in rt.RULES]
-    cells = [(ph, n) for ph, n in cells if n != default_grads_run()]
+    cells = _grid_cells(rt)
     medical_best, leader = "grads.density.embed", "grads.stratified.lm_head"
     for i, (ph, name) in enumerate(cells):
         bpb = {medical_best: 0.80, leader: 0.81}.get(name, 0.95 + 0.001 * i)
