@@ -519,6 +519,34 @@ def phase_dir(phase: str, plan: dict, runs_dir: Path) -> Path:
     return runs_dir / phase
 
 
+# phases whose jobs follow the grads default: main_p5..main_p50 run `grads`; ablation_both leaves
+# the default's rule out (its cell is main_p5's `grads` run)
+FOLLOW_DEFAULT = ("main_p5", "seeds_p5", "main_p50", "ablation_both")
+
+
+def check_default_unchanged(phase: str, runs_dir: Path) -> None:
+    """Refuse to rerun a phase whose finished jobs ran under another ``grads`` default: Hydra
+    numbers the jobs of a sweep, so the new default's jobs would overwrite the old default's runs
+    (a Table 2 cell, seeds included) in their folders."""
+    if phase not in FOLLOW_DEFAULT or not (runs_dir / phase).is_dir():
+        return
+    from grads.report import collect, default_grads_run
+
+    default = default_grads_run()
+    cells = {r.get("grads_cell") for r in collect(runs_dir / phase)[0]}
+    stale = [c for c in cells if c and c != default] if phase != "ablation_both" else []
+    if phase == "ablation_both" and default in cells:  # swept leaving out an earlier default
+        stale = [default]
+    if stale:
+        raise SystemExit(
+            f"{runs_dir / phase} ran under another grads default ({', '.join(sorted(stale))} vs "
+            f"today's {default} in conf/selector/grads.yaml); rerunning it would overwrite those "
+            "runs. Finished phases need no rerun: the new default's 5 % runs are its Table 2 cell "
+            "and leader_seeds, its 50 % run is default_p50. To start over under the new default, "
+            "give another --runs-dir."
+        )
+
+
 def phase_plan(
     phase: str, runs_dir: Path, plan_file: Path, dry_run: bool, domain: str = "legal"
 ) -> dict:
@@ -626,6 +654,7 @@ def main(argv: list[str] | None = None) -> None:
     plan_file = results_dir / "plan.json"
     phases = expand_phases(args.phases)
     for phase in phases:
+        check_default_unchanged(phase, runs_dir)
         plan = phase_plan(phase, runs_dir, plan_file, args.dry_run, args.domain)
         if phase in TOP_UP and not plan[phase]:
             print(f"== {phase}: nothing to run here", flush=True)

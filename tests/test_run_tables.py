@@ -103,7 +103,6 @@ def test_leader_seeds_follow_the_cross_domain_leader(tmp_path, monkeypatch, caps
 
     import pandas as pd
 
-
     rt = _script()
     runs, tables = tmp_path / "runs", tmp_path / "tables"
 
@@ -191,6 +190,38 @@ def test_default_p50_runs_a_changed_default_once(tmp_path):
     rule = default.split(".")[1]
     grads_p50(f"default_p50/{default}", rule)
     assert rt.default_at_p50(tmp_path)["default_p50"] == []
+
+
+def test_phases_that_follow_the_default_refuse_to_overwrite_another_defaults_runs(tmp_path):
+    """After the grads default changes, rerunning a finished phase that runs `grads` (or that left
+    the old default out of the grid) would overwrite the old default's numbered job folders."""
+    from grads.report import default_grads_run
+
+    rt = _script()
+    default = default_grads_run()
+    _, rule, _ = default.split(".")
+
+    def grads_run(phase, name, rule, selector="grads"):
+        d = tmp_path / phase / name
+        d.mkdir(parents=True)
+        (d / "config_resolved.yaml").write_text(
+            f"selector:\n  name: {selector}\n  rule: {rule}\n  layers: [embed, lm_head]\n"
+        )
+        m = {"domain": "legal", "selector": selector, "budget": "p5", "seed": 0, "domain_bpb": 0.5}
+        (d / "metrics.json").write_text(json.dumps(m))
+
+    rt.check_default_unchanged("main_p5", tmp_path)  # nothing ran yet
+    grads_run("main_p5", "1", rule)
+    rt.check_default_unchanged("main_p5", tmp_path)  # ran under today's default
+    grads_run("seeds_p5", "2", "density")
+    with pytest.raises(SystemExit, match="another grads default"):
+        rt.check_default_unchanged("seeds_p5", tmp_path)
+    grads_run("ablation_both", "0", "density", "grads.density.embed+lm_head")
+    rt.check_default_unchanged("ablation_both", tmp_path)
+    grads_run("ablation_both", "1", rule, default)  # the grid was swept without another default
+    with pytest.raises(SystemExit, match="give another --runs-dir"):
+        rt.check_default_unchanged("ablation_both", tmp_path)
+    rt.check_default_unchanged("leader_seeds", tmp_path)  # top-ups never overwrite
 
 
 def test_every_phase_is_a_valid_sweep_of_every_selector(tmp_path):
