@@ -79,19 +79,27 @@ CHEAP = {
     "grads_w5": ["warmup.fraction=0.05", *_GRADS_ONLY],
     "grads_rec": ["features.source=warmup", *_GRADS_ONLY],
 }
-# Table 2 as three sweeps, one per gradient source: the default rule with both sources is the
-# `grads` run of main_p5 (same selection; grads.report.with_default_cell puts it in the grid), so
-# it is not trained again. The rules swept by conf/experiment/paper_ablation.yaml:
+# Table 2 as three sweeps, one per gradient source: the default's cell (conf/selector/grads.yaml's
+# rule and layers) is the `grads` run of main_p5 (same selection; grads.report.with_default_cell
+# puts it in the grid), so it is not trained again. The rules swept by conf/experiment/paper_ablation.yaml:
 RULES = ["density", "magnitude", "density_x_magnitude", "stratified", "adaptive"]
-DEFAULT_RULE = "density_x_magnitude"  # conf/selector/grads.yaml (test_run_tables checks)
 ABLATION = {
-    "ablation_embed": ["selector.layers=[embed]", f"selector.rule={','.join(RULES)}"],
-    "ablation_lm_head": ["selector.layers=[lm_head]", f"selector.rule={','.join(RULES)}"],
-    "ablation_both": [
-        "selector.layers=[embed,lm_head]",
-        f"selector.rule={','.join(r for r in RULES if r != DEFAULT_RULE)}",
-    ],
+    "ablation_embed": "embed",
+    "ablation_lm_head": "lm_head",
+    "ablation_both": "embed+lm_head",
 }
+
+
+def ablation_overrides(phase: str, default: str | None = None) -> list[str]:
+    """One source's sweep of Table 2: every rule but the default's, when this is its source."""
+    from grads.report import default_grads_run
+
+    _, d_rule, d_source = (default or default_grads_run()).split(".")
+    source = ABLATION[phase]
+    rules = [r for r in RULES if (r, source) != (d_rule, d_source)]
+    return [f"selector.layers=[{source.replace('+', ',')}]", f"selector.rule={','.join(rules)}"]
+
+
 SUBPHASES = {"ablation": ABLATION, "cheap": CHEAP}
 HEADLINE = "domain_bpb"  # lower is better
 
@@ -118,7 +126,7 @@ def phase_overrides(phase: str, plan: dict) -> list[str]:
         sels = ["random", "grads", "grads_paper", plan["strongest"][0]]
         return ["experiment=paper_main", "budget=p50", "seed=0", f"selector={','.join(sels)}"]
     if phase in ABLATION:
-        return ["experiment=paper_ablation", *ABLATION[phase]]
+        return ["experiment=paper_ablation", *ablation_overrides(phase)]
     if phase == "ablation_seeds":
         return [
             "experiment=paper_ablation",
@@ -519,9 +527,9 @@ def phase_dir(phase: str, plan: dict, runs_dir: Path) -> Path:
     return runs_dir / phase
 
 
-# phases whose jobs follow the grads default: main_p5..main_p50 run `grads`; ablation_both leaves
-# the default's rule out (its cell is main_p5's `grads` run)
-FOLLOW_DEFAULT = ("main_p5", "seeds_p5", "main_p50", "ablation_both")
+# phases whose jobs follow the grads default: main_p5..main_p50 run `grads`; an ablation sweep
+# leaves the default's cell out (it is main_p5's `grads` run)
+FOLLOW_DEFAULT = ("main_p5", "seeds_p5", "main_p50", *ABLATION)
 
 
 def check_default_unchanged(phase: str, runs_dir: Path) -> None:
@@ -534,8 +542,8 @@ def check_default_unchanged(phase: str, runs_dir: Path) -> None:
 
     default = default_grads_run()
     cells = {r.get("grads_cell") for r in collect(runs_dir / phase)[0]}
-    stale = [c for c in cells if c and c != default] if phase != "ablation_both" else []
-    if phase == "ablation_both" and default in cells:  # swept leaving out an earlier default
+    stale = [c for c in cells if c and c != default] if phase not in ABLATION else []
+    if phase in ABLATION and default in cells:  # swept leaving out an earlier default
         stale = [default]
     if stale:
         raise SystemExit(

@@ -43,12 +43,7 @@ def _grid_cells(rt):
     """Table 2's (ablation phase, cell name) pairs but the default's (main_p5's grads run)."""
     from grads.report import default_grads_run
 
-    sources = {
-        "ablation_embed": "embed",
-        "ablation_lm_head": "lm_head",
-        "ablation_both": "embed+lm_head",
-    }
-    cells = [(ph, f"grads.{r}.{src}") for ph, src in sources.items() for r in rt.RULES]
+    cells = [(ph, f"grads.{r}.{src}") for ph, src in rt.ABLATION.items() for r in rt.RULES]
     return [(ph, n) for ph, n in cells if n != default_grads_run()]
 
 
@@ -246,12 +241,18 @@ def test_every_phase_is_a_valid_sweep_of_every_selector(tmp_path):
             kv = dict(o.split("=", 1) for o in job)
             cells.add((kv["selector.rule"], kv["selector.layers"]))
     layers = ["[embed]", "[lm_head]", "[embed,lm_head]"]
-    assert cells == {(r, src) for r in rt.RULES for src in layers} - {
-        (rt.DEFAULT_RULE, "[embed,lm_head]")
-    }
     from grads.report import default_grads_run
 
-    assert default_grads_run() == f"grads.{rt.DEFAULT_RULE}.embed+lm_head"
+    _, d_rule, d_source = default_grads_run().split(".")
+    d_cell = (d_rule, f"[{d_source.replace('+', ',')}]")
+    assert cells == {(r, src) for r in rt.RULES for src in layers} - {d_cell}
+    # a default with one source leaves its cell out of that source's sweep
+    one = rt.ablation_overrides("ablation_lm_head", "grads.density.lm_head")
+    assert one == [
+        "selector.layers=[lm_head]",
+        "selector.rule=magnitude,density_x_magnitude,stratified,adaptive",
+    ]
+    assert "density" in rt.ablation_overrides("ablation_both", "grads.density.lm_head")[1]
     from omegaconf import OmegaConf
 
     swept = OmegaConf.load(
