@@ -336,13 +336,21 @@ def subset_profile(
         }
     ).T
     table["n"] = table["n"].astype(int)
-    rho = {c: pool[c].corr(pool["n_tokens"], method="spearman") for c in ("embed", "lm_head")}
+    varies = pool["n_tokens"].nunique() > 1  # legal: every answer has the same length
+    rho = {
+        c: pool[c].corr(pool["n_tokens"], method="spearman") if varies else None
+        for c in ("embed", "lm_head")
+    }
     write_text(
         out_dir / f"profile_{domain}.md",
         f"What each {budget} subset (seed {seed}) holds, in the warm-up model's eyes: supervised "
         "tokens, warm-up loss, embedding and LM-head gradient norms (features table of the pool). "
-        "In the pool, Spearman with length: "
-        + ", ".join(f"{c} {v:+.2f}" for c, v in rho.items())
+        + (
+            "In the pool, Spearman with length: "
+            + ", ".join(f"{c} {v:+.2f}" for c, v in rho.items())
+            if varies
+            else f"Every pool sample has {pool['n_tokens'].iloc[0]} supervised tokens (no length to correlate with)"
+        )
         + ".\n\n"
         + table.to_markdown(floatfmt=".4g")
         + "\n",

@@ -353,6 +353,12 @@ def test_subset_profile_from_the_published_pool_features(tmp_path):
         "| long_p5_seed0  |   0 | 100 |   2 |"
         in (tmp_path / "out" / "sources_legal.md").read_text()
     )
+    # one length for every sample (legal's one-token answers): no correlation printed as nan
+    const = pd.read_csv(pool_csv).assign(n_tokens=3)
+    const.to_csv(pool_csv, index=False)
+    rt.subset_profile(sel, pool_csv, tmp_path / "out", "legal")
+    text = (tmp_path / "out" / "profile_legal.md").read_text()
+    assert "nan" not in text and "Every pool sample has 3 supervised tokens" in text
 
 
 def test_domains_merge_into_the_cross_domain_block(tmp_path, capsys):
