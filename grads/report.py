@@ -414,7 +414,13 @@ def ablation_summary(df, reference: str = "random", default: str | None = None):
 DECISION_METRICS = ("domain_bpb", "general_kl")  # learn more, forget less: both lower is better
 
 
-def default_decision(df, items: list[dict] | None, n_boot: int = 2000, default: str | None = None):
+def default_decision(
+    df,
+    items: list[dict] | None,
+    n_boot: int = 2000,
+    default: str | None = None,
+    summary: tuple | None = None,
+):
     """Should the ``grads`` default change to Table 2's winner? The winner (:func:`ablation_summary`)
     paired against the default cell directly, per domain, at 5 %, on the seeds both ran and the
     items both evaluated, for the headline domain and forgetting metrics.
@@ -424,8 +430,8 @@ def default_decision(df, items: list[dict] | None, n_boot: int = 2000, default: 
     significantly worse on neither headline metric in any domain with ablation runs. Returns
     ``(rows, verdict)``: one row per domain (``domain``, ``seeds``, a :class:`Paired` per metric)
     and one of ``"change"``, ``"keep"``, ``"default"`` (the winner is the default) or ``None`` (no
-    winner or no items)."""
-    table, winner, default = ablation_summary(df, default=default)
+    winner or no items). ``summary``: :func:`ablation_summary`'s result, when already computed."""
+    _, winner, default = summary or ablation_summary(df, default=default)
     if not winner:
         return [], None
     if winner == default:
@@ -451,12 +457,13 @@ def default_decision(df, items: list[dict] | None, n_boot: int = 2000, default: 
     return out, ("change" if better and not worse else "keep")
 
 
-def _decision_section(df, items: list[dict] | None) -> list[str]:
-    """Markdown of :func:`default_decision`: the winner against the default, per domain."""
-    rows, verdict = default_decision(df, items)
+def _decision_section(df, items: list[dict] | None, summary: tuple) -> list[str]:
+    """Markdown of :func:`default_decision`: the winner against the default, per domain
+    (``summary``: :func:`ablation_summary`'s result, shared with the ablation section)."""
+    rows, verdict = default_decision(df, items, summary=summary)
     if verdict in (None, "default") and not rows:
         return []
-    _, winner, default = ablation_summary(df)
+    _, winner, default = summary
     head = "| domain | seeds | " + " | ".join(ITEM_METRICS[m].label for m in DECISION_METRICS)
     lines = [head + " |", "|---|---|" + "---|" * len(DECISION_METRICS)]
     for r in rows:
@@ -863,9 +870,10 @@ def render(
         written["items"] = _write_items(out_dir / f"{title}_items.json.gz", items)
         p_md, p_tex = _paired_sections(t1, df, items, reference, metrics, out_dir)
         md, tex = md + p_md, tex + p_tex
-    a_md, a_tex, a_png = _ablation_section(df, reference, out_dir)
+    summary = ablation_summary(df, reference)  # Table 2 across domains: ranked once, read twice
+    a_md, a_tex, a_png = _ablation_section(summary, reference, out_dir)
     md, tex = md + a_md, tex + a_tex
-    md += _decision_section(df, items)
+    md += _decision_section(df, items, summary)
     if a_png:
         written[a_png.stem] = a_png
     costs = cost_table(runs)
@@ -955,12 +963,12 @@ def _paired_sections(
     return md, tex
 
 
-def _ablation_section(df, reference: str, out_dir: Path):
+def _ablation_section(summary: tuple, reference: str, out_dir: Path):
     """Table 2 across domains (:func:`ablation_summary`): Markdown, LaTeX and a heat map of the
     domain-bpb differences (rule x source, one panel per domain), when the runs have ablation runs."""
     import pandas as pd
 
-    table, winner, default = ablation_summary(df, reference)
+    table, winner, default = summary
     if table.empty:
         return [], [], None
     shown = table.copy()
