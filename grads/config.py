@@ -41,7 +41,7 @@ from grads.constants import PATH_ENV, conf_dir
 from grads.identity import STAGES
 
 # Nodes of conf/config.yaml whose knobs are checked against its keys and default types.
-PRIMARY_NODES = ("data", "features", "warmup", "finetune")
+PRIMARY_NODES = ("data", "features", "warmup", "finetune", "select")
 # Group nodes whose keys are the union over their option files (+ what the code declares).
 UNION_GROUPS = ("domain", "eval", "model", "paths", "trainer")
 TRAIN_USES = ("warmup", "finetune")
@@ -149,6 +149,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "features.padding_side": choice_rule("left", "right", None),
     "features.num_threads": int_rule(lo=1, nullable=True),
     "features.representations": _representations_rule,
+    "select.balance": choice_rule(None, "answer", "source"),
     "domain.pool_limit": int_rule(lo=1, nullable=True),
     "domain.pool_seed": int_rule(),
     # max_steps=0 used to mean "no limit" silently; -1 is the documented "off".

@@ -81,6 +81,8 @@ def export_selection(cfg: dict, select_dir: str | Path, out_dir: str | Path) -> 
     if plot.exists():
         with atomic_path(out_dir / "selection.png") as tmp:
             shutil.copyfile(plot, tmp)
+    from grads.selectors.balance import method_name
+
     sel = read_json(select_dir / "selection.json")
     manifest = {
         "rows": len(out),
@@ -89,7 +91,7 @@ def export_selection(cfg: dict, select_dir: str | Path, out_dir: str | Path) -> 
         "jsonl": str(out_dir / "selected.jsonl"),
         "dataset": str(out_dir / "selected"),
         "plot": str(out_dir / "selection.png") if plot.exists() else None,
-        "selector": cfg["selector"].get("name"),
+        "selector": method_name(cfg),
         "budget": cfg["budget"].get("name"),
         "seed": cfg.get("seed"),
         "select_dir": str(select_dir),

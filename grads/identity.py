@@ -8,7 +8,7 @@ default) and replaces every file a stage reads by a hash of its content::
 
     warmup   = H(model + weights, pool files' content, data, trainer(warmup))
     features = H(warmup, features)
-    select   = H(features, selector, budget (unless budget-free), seed)
+    select   = H(features, selector, budget (unless budget-free), seed, select.balance if set)
     finetune = H(select, model + weights, data, trainer(finetune))
     evaluate = H(finetune, eval settings, task lists, task files' content, eval data's content)
 
@@ -84,7 +84,7 @@ NON_SEMANTIC: dict[str, frozenset[str]] = {
 # Top-level sections some stage part reads (every other top-level key must be in NON_SEMANTIC[""]).
 KEYED_SECTIONS = frozenset(
     {"model", "domain", "data", "trainer", "warmup", "finetune", "features", "selector", "budget"}
-    | {"seed", "eval"}
+    | {"seed", "eval", "select"}
 )
 # Eval knobs keyed through what they resolve to (task lists, task files), not as written.
 EVAL_BY_CONTENT = frozenset({"general_tasks", "general_tasks_hub", "include_paths"})
@@ -623,6 +623,17 @@ def _section(name: str) -> Part:
     return part
 
 
+# A part that returns OMIT is left out of the identity: parts added after cache version 2 pinned
+# its keys, keyed only when set, so the keys of every run made before them stay valid.
+OMIT: Any = object()
+
+
+def _balance(cfg: Mapping, fp: Fingerprints) -> Any:
+    """``select.balance`` (grads.selectors.balance), keyed only when set."""
+    by = (cfg.get("select") or {}).get("balance")
+    return by if by else OMIT
+
+
 def _budget(cfg: Mapping, fp: Fingerprints) -> Any:
     """The budget, or ``None`` for selectors whose output ignores it (``budget_free``)."""
     from hydra.utils import get_class
@@ -652,7 +663,9 @@ class StageSpec:
         ident: dict[str, Any] = {"version": CACHE_VERSION, "stage": self.name}
         ident["upstream"] = {u: upstream_keys[u] for u in self.upstream}
         for part, fn in self.parts.items():
-            ident[part] = fn(cfg, fp)
+            value = fn(cfg, fp)
+            if value is not OMIT:
+                ident[part] = value
         return ident
 
     def describe(self, cfg: Mapping) -> dict:
@@ -689,8 +702,9 @@ SPECS: dict[str, StageSpec] = {
             "selector": lambda cfg, fp: _without(cfg.get("selector"), ()),
             "budget": _budget,
             "seed": lambda cfg, fp: cfg.get("seed"),
+            "balance": _balance,
         },
-        (*_COMMON, "selector.name", "budget.name", "seed"),
+        (*_COMMON, "selector.name", "budget.name", "seed", "select.balance"),
     ),
     "finetune": StageSpec(
         "finetune",

@@ -5,7 +5,7 @@ exactly the part of the resolved config the stage depends on, chained through it
 
     warmup   = H(model + weights, pool files' content, data, trainer(warmup))
     features = H(warmup, feature options)
-    select   = H(features, selector, budget, seed)          (budget dropped for budget-free selectors)
+    select   = H(features, selector, budget, seed[, select.balance])  (budget dropped for budget-free selectors)
     finetune = H(select, model + weights, data, trainer(finetune))
     evaluate = H(finetune, eval settings, task lists, task files' and eval data's content)
 
@@ -126,11 +126,15 @@ def run(cfg) -> dict:
     """Run the configured stages for one job; returns (and writes) its ``metrics.json``."""
     from hydra.utils import instantiate
 
+    from grads.selectors import balance
+
     resolved, stages, run_dir = _prepare(cfg)
     tracker = instantiate(resolved["logger"]) if resolved.get("logger") else None
     selector = instantiate(resolved["selector"])  # once per job: features, select, costs
     resolved = resolve_features_cfg(resolved, selector)
     ids = stage_identities(resolved, stages)
+    # select.balance: the pool's groups, checked now rather than after the warm-up
+    labels = balance.preflight(resolved, selector) if "select" in stages else None
     job = Job(
         cfg=resolved,
         selector=selector,
@@ -138,6 +142,7 @@ def run(cfg) -> dict:
         tracker=tracker,
         cache=StageCache(resolved["paths"]["cache_dir"]),
         stages=tuple(stages),
+        labels=labels,
     )
     _start_tracker(job, run_dir)
     try:
@@ -181,10 +186,12 @@ def _prepare(cfg) -> tuple[dict, list[str], Path]:
 def _start_tracker(job: Job, run_dir: Path) -> None:
     if job.tracker is None:
         return
+    from grads.selectors.balance import method_name
+
     cfg = job.cfg
     dom, sel, bud, model = (
         cfg["domain"]["name"],
-        cfg["selector"].get("name", "?"),
+        method_name(cfg),
         cfg["budget"].get("name", "?"),
         cfg["model"]["name"],
     )
@@ -250,6 +257,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def _assemble(job: Job, costs: dict, wall: float) -> dict:
     """The job's ``metrics.json``: identity, headline metrics, costs and where artefacts live."""
+    from grads.selectors.balance import method_name
+
     cfg, keys, dirs, cache = job.cfg, job.keys, job.dirs, job.cache
     # What choosing the subset costs: warm-up + features + select, or the select stage alone for
     # selectors that need no model (random, full), although the pipeline shares features with them.
@@ -257,7 +266,7 @@ def _assemble(job: Job, costs: dict, wall: float) -> dict:
     sel_cost = sum(costs.get(s, {}).get("wall_s", 0.0) for s in cost_stages)
     m: dict[str, Any] = {
         "domain": cfg["domain"]["name"],
-        "selector": cfg["selector"].get("name"),
+        "selector": method_name(cfg),
         "budget": cfg["budget"].get("name"),
         "model": cfg["model"]["name"],
         "seed": cfg["seed"],

@@ -22,6 +22,10 @@ of the domain are computed once, by the first job, and shared by every later job
                 own folder under ``leader_seeds/``).
 * ``default_p50``  the ``grads`` default at 50 % again, when it changed (Table 2's decision) after
                 ``main_p50`` ran the old one; nothing otherwise.
+* ``balanced``  on a label-like pool (legal's Yes/No answers): ``select.balance=answer`` at 5 %,
+                seed 0, for ``random``, ``grads``, ``grads_paper`` and the loss/norm/IFD baselines
+                (each answer gets its pool share of the budget, filled in the selector's order;
+                :mod:`grads.selectors.balance`, an option, not the paper's). Skipped elsewhere.
 * ``cheap``     the cheaper selection variants (RESULTS.md, "Cost of selection") end to end at 5 %,
                 seed 0: ``grads_w5`` = GrADS on a warm-up of 5 % of the pool (``warmup.fraction=0.05``)
                 + the features pass; ``grads_rec`` = the norms recorded during the full warm-up
@@ -69,6 +73,7 @@ PHASES = [
     "leader_seeds",
     "default_p50",
     "cheap",
+    "balanced",
 ]
 # phases whose jobs depend on what has run (plan[phase]: the seeds still to run; empty: skipped)
 TOP_UP = ("leader_seeds", "default_p50")
@@ -79,6 +84,8 @@ CHEAP = {
     "grads_w5": ["warmup.fraction=0.05", *_GRADS_ONLY],
     "grads_rec": ["features.source=warmup", *_GRADS_ONLY],
 }
+# the balanced phase: the selectors whose legal subsets were one class, and their references
+BALANCED = ["random", "grads", "grads_paper", "loss_high", "gradnorm", "ifd"]
 # Table 2 as three sweeps, one per gradient source: the default's cell (conf/selector/grads.yaml's
 # rule and layers) is the `grads` run of main_p5 (same selection; grads.report.with_default_cell
 # puts it in the grid), so it is not trained again. The rules swept by conf/experiment/paper_ablation.yaml:
@@ -143,6 +150,14 @@ def phase_overrides(phase: str, plan: dict) -> list[str]:
             f"selector.rule={plan['leader_rule']}",
             f"seed={','.join(map(str, plan['leader_seeds']))}",
         ]
+    if phase == "balanced":  # plan["balanced"]: the selectors, empty on a pool without labels
+        return [
+            "experiment=paper_main",
+            "budget=p5",
+            "seed=0",
+            "select.balance=answer",
+            f"selector={','.join(plan['balanced'])}",
+        ]
     if phase in CHEAP:
         return [
             "experiment=paper_main",
@@ -195,13 +210,12 @@ def collect_domain(domain: str, runs_dir: Path, results_dir: Path) -> None:
 def selection_views(domain: str, results_dir: Path, sources: dict[str, str] | None = None) -> None:
     """What the subsets are made of (sources, overlap, profile): from the committed selections and
     ``pool_features.csv`` alone (``--views-only``), so they regenerate without the runs."""
-    import pandas as pd
 
     sel_dir, pool_csv = results_dir / "selections", results_dir / "pool_features.csv"
     if sources is None:
         if not pool_csv.is_file():
             raise SystemExit(f"{pool_csv} is missing: collect the domain's runs first")
-        pool = pd.read_csv(pool_csv, dtype={"id": str, "source": str})
+        pool = read_pool_features(pool_csv)
         sources = dict(zip(pool["id"], pool["source"], strict=True))
     source_composition(sel_dir, sources, results_dir, domain)
     selection_overlap(sel_dir, len(sources), results_dir, domain)
@@ -293,10 +307,24 @@ PROFILE = {  # column of the features table -> how a subset is summarised in sub
 }
 
 
+def read_pool_features(pool_csv: Path):
+    """``pool_features.csv`` with id, source and answer as text, as written (an answer "None" or
+    "NA" stays a label) and only the :data:`PROFILE` columns parsed as numbers."""
+    import pandas as pd
+
+    return pd.read_csv(
+        pool_csv,
+        dtype={"id": str, "source": str, "answer": str},
+        keep_default_na=False,
+        na_values={c: ["", "nan", "NaN"] for c in PROFILE},
+    )
+
+
 def publish_pool_features(runs_dir: Path, out_file: Path, sources: dict[str, str]) -> bool:
     """The domain's features table as the warm-up model sees the pool (``main_p5``'s, shared by
-    every selector): id, source and the :data:`PROFILE` columns, a small CSV beside the selections
-    so the subset profiles regenerate without the cache. False if no main_p5 run has one."""
+    every selector): id, source, the answer on a label-like pool (:func:`pool_answers`) and the
+    :data:`PROFILE` columns, a small CSV beside the selections so the subset profiles regenerate
+    without the cache. False if no main_p5 run has one."""
     import pandas as pd
 
     for mfile in sorted((runs_dir / "main_p5").rglob("metrics.json")):
@@ -304,6 +332,9 @@ def publish_pool_features(runs_dir: Path, out_file: Path, sources: dict[str, str
         if f.is_file():
             df = pd.read_parquet(f, columns=["id", *PROFILE])
             df.insert(1, "source", df["id"].map(sources))
+            answers = pool_answers(mfile.parent / "config_resolved.yaml")
+            if answers:  # a label-like pool: which answer each subset holds (subset_profile)
+                df.insert(2, "answer", df["id"].map(answers))
             write_text(out_file, df.to_csv(index=False, float_format="%.5g"))
             return True
     return False
@@ -313,8 +344,8 @@ def subset_profile(
     sel_dir: Path, pool_csv: Path, out_dir: Path, domain: str, budget: str = "p5", seed: int = 0
 ) -> None:
     """What each method picked, in the warm-up model's eyes: per subset at ``budget`` and ``seed``
-    the :data:`PROFILE` summaries against the pool's (first row), with the pool's Spearman
-    correlation of each gradient norm with length; ``profile_<domain>.md`` and a box plot of the
+    the :data:`PROFILE` summaries against the pool's (first row) and, on a label-like pool, the
+    share of each answer, with the pool's Spearman correlation of each gradient norm with length; ``profile_<domain>.md`` and a box plot of the
     subsets' lengths, ``lengths_<domain>.png``."""
     import matplotlib
 
@@ -322,7 +353,7 @@ def subset_profile(
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    pool = pd.read_csv(pool_csv, dtype={"id": str}).set_index("id")
+    pool = read_pool_features(pool_csv).set_index("id")
     subsets = {"pool": pool}
     for name, ids in selected_subsets(sel_dir, budget, seed).items():
         subsets[name] = pool.loc[pool.index.intersection(sorted(ids))]
@@ -336,6 +367,9 @@ def subset_profile(
         }
     ).T
     table["n"] = table["n"].astype(int)
+    if "answer" in pool.columns:  # label-like pool: % of each answer in every subset
+        for a in sorted(pool["answer"].unique()):
+            table[f"% {a}"] = [100 * (df["answer"] == a).mean() for df in subsets.values()]
     varies = pool["n_tokens"].nunique() > 1  # legal: every answer has the same length
     rho = {
         c: pool[c].corr(pool["n_tokens"], method="spearman") if varies else None
@@ -448,6 +482,38 @@ def pool_sources(config_file: Path) -> dict[str, str]:
     cfg = OmegaConf.to_container(OmegaConf.load(config_file), resolve=True)
     records, _ = load_records(cfg["domain"], cfg["data"])
     return {r.id: r.source for r in records}
+
+
+def pool_answers(config_file: Path) -> dict[str, str] | None:
+    """``{record id: answer}`` of a run's pool when its answers are labels (at most
+    ``grads.selectors.balance.MAX_ANSWER_CLASSES`` distinct: legal's Yes/No), else ``None``."""
+    from omegaconf import OmegaConf
+
+    from grads.data import load_records
+    from grads.selectors.balance import group_labels
+
+    if not config_file.is_file():
+        return None
+    cfg = OmegaConf.to_container(OmegaConf.load(config_file), resolve=True)
+    if "domain" not in cfg:  # not a pipeline run's config
+        return None
+    records, _ = load_records(cfg["domain"], cfg.get("data"))
+    try:
+        return group_labels(records, "answer")
+    except ValueError:
+        return None
+
+
+def answer_classes(runs_dir: Path) -> dict[str, int]:
+    """The pool's answers and their counts when they are labels (``{}`` for free text), from any
+    run of the domain (every run shares the pool)."""
+    from collections import Counter
+
+    config = next(iter(sorted((runs_dir / "main_p5").rglob("config_resolved.yaml"))), None)
+    if config is None:
+        raise SystemExit(f"no main_p5 run under {runs_dir}: run that phase first")
+    answers = pool_answers(config)
+    return dict(sorted(Counter(answers.values()).items())) if answers else {}
 
 
 def best_ablation_cell(runs_dir: Path) -> dict:
@@ -589,6 +655,12 @@ def phase_plan(
         )
     elif phase == "default_p50":
         new = default_at_p50(runs_dir)
+    elif phase == "balanced":
+        if dry_run and not (runs_dir / "main_p5").exists():
+            return {"balanced": BALANCED}
+        classes = answer_classes(runs_dir)
+        new = {"balanced": BALANCED if classes else [], "answer_classes": classes}
+        print(f"answers: {classes or 'not label-like (free text): nothing to balance'}")
     else:
         return {}
     plan = {**(read_json(plan_file) if plan_file.is_file() else {}), **new}
@@ -618,6 +690,7 @@ def phase_status(domain: str, runs_dir: Path, plan_file: Path) -> list[tuple[str
             "leader_seeds": [1, 2],
             "default_cell": "<default>",
             "default_p50": [0],
+            "balanced": BALANCED,
         }
         try:
             plan = phase_plan(phase, runs_dir, plan_file, dry_run=True, domain=domain)
@@ -632,6 +705,8 @@ def phase_status(domain: str, runs_dir: Path, plan_file: Path) -> list[tuple[str
         )
         if phase in TOP_UP:  # what ran + what is still lacking
             planned = done + len(plan[phase])
+        elif phase == "balanced" and not plan["balanced"]:
+            planned = 0
         else:
             ov = parser.parse_overrides(phase_overrides(phase, plan))
             planned = len(BasicSweeper.split_arguments(ov, max_batch_size=None)[0])
@@ -672,7 +747,7 @@ def main(argv: list[str] | None = None) -> None:
     for phase in phases:
         check_default_unchanged(phase, runs_dir)
         plan = phase_plan(phase, runs_dir, plan_file, args.dry_run, args.domain)
-        if phase in TOP_UP and not plan[phase]:
+        if (phase in TOP_UP or phase == "balanced") and not plan[phase]:
             print(f"== {phase}: nothing to run here", flush=True)
             continue
         cmd = [

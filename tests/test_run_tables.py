@@ -223,7 +223,7 @@ def test_every_phase_is_a_valid_sweep_of_every_selector(tmp_path):
     rt = _script()
     plan = {"strongest": ["ifd", "less"], "rule": "density", "layers": ["embed", "lm_head"]}
     plan |= {"leader_rule": "stratified", "leader_layers": ["lm_head"], "leader_seeds": [1, 2]}
-    plan |= {"default_cell": "grads.density.embed", "default_p50": [0]}
+    plan |= {"default_cell": "grads.density.embed", "default_p50": [0], "balanced": rt.BALANCED}
     parser = OverridesParser.create()
     for phase in [*rt.PHASES, *rt.ABLATION, *rt.CHEAP]:
         if phase in rt.SUBPHASES:
@@ -450,3 +450,81 @@ def test_status_counts_finished_and_planned_jobs(tmp_path):
     assert status["ablation_seeds"] == (0, 2) and status["grads_rec"] == (0, 1)
     assert list(status) == [p for ph in rt.PHASES for p in rt.SUBPHASES.get(ph, [ph])]
     assert not (tmp_path / "plan.json").exists()  # a status never writes the plan
+
+
+def _pool_run(root, answers):
+    """A main_p5 job whose resolved config points at a small pool with these answers."""
+    root.mkdir(parents=True, exist_ok=True)
+    pool = root / "pool.jsonl"
+    pool.write_text(
+        "".join(json.dumps({"q": f"clause {i}?", "a": a}) + "\n" for i, a in enumerate(answers))
+    )
+    job = root / "runs" / "main_p5" / "0"
+    job.mkdir(parents=True)
+    src = {"name": "mine", "path": str(pool), "prompt": "{q}", "response": "{a}"}
+    cfg = {"domain": {"name": "legal", "sources": [src]}, "data": {"dedup": True}}
+    (job / "config_resolved.yaml").write_text(json.dumps(cfg))
+    return root / "runs"
+
+
+def test_balanced_phase_runs_only_on_a_label_like_pool(tmp_path, capsys):
+    rt = _script()
+    runs = _pool_run(tmp_path / "legal", ["Yes", "No", "None", "Yes"])
+    plan = rt.phase_plan("balanced", runs, tmp_path / "legal" / "plan.json", dry_run=False)
+    assert plan["balanced"] == rt.BALANCED and plan["answer_classes"] == {
+        "No": 1,
+        "None": 1,
+        "Yes": 2,
+    }
+    ov = rt.phase_overrides("balanced", plan)
+    assert "select.balance=answer" in ov and f"selector={','.join(rt.BALANCED)}" in ov
+    free = _pool_run(tmp_path / "medical", [f"answer number {i}" for i in range(25)])
+    plan = rt.phase_plan("balanced", free, tmp_path / "medical" / "plan.json", dry_run=False)
+    assert plan["balanced"] == [] and "not label-like" in capsys.readouterr().out
+    status = dict((p, (d, n)) for p, d, n in rt.phase_status("medical", free, tmp_path / "p.json"))
+    assert status["balanced"] == (0, 0)
+    rt.main(["medical", "--phases", "balanced", "--runs-dir", str(free),
+             "--results-dir", str(tmp_path / "medical" / "res")])  # fmt: skip
+    assert "== balanced: nothing to run here" in capsys.readouterr().out
+
+
+def test_profile_shows_each_answers_share_on_a_label_like_pool(tmp_path):
+    import pandas as pd
+
+    rt = _script()
+    runs = _pool_run(tmp_path, ["Yes"] * 6 + ["No"] * 3 + ["None"])
+    from omegaconf import OmegaConf
+
+    from grads.data import load_records
+
+    cfg = OmegaConf.load(runs / "main_p5" / "0" / "config_resolved.yaml")
+    ids = [r.id for r in load_records(cfg.domain, cfg.data)[0]]
+    feats = tmp_path / "features"
+    feats.mkdir()
+    n = len(ids)
+    pd.DataFrame({"id": ids, "loss": [0.1] * n, "n_tokens": [1] * n, "embed": [1.0] * n,
+                  "lm_head": [2.0] * n}).to_parquet(feats / "features.parquet")  # fmt: skip
+    (runs / "main_p5" / "0" / "metrics.json").write_text(
+        json.dumps({"artefacts": {"features": str(feats)}})
+    )
+    pool_csv = tmp_path / "out" / "pool_features.csv"
+    assert rt.publish_pool_features(runs, pool_csv, {i: "mine" for i in ids})
+    pool = rt.read_pool_features(pool_csv)
+    assert list(pool.columns) == ["id", "source", "answer", *rt.PROFILE]
+    assert pool["answer"].tolist().count("None") == 1  # a label, not a missing value
+    sel = tmp_path / "out" / "selections"
+    sel.mkdir()
+    (sel / "yes_p5_seed0.jsonl").write_text("".join(json.dumps({"id": i}) + "\n" for i in ids[:2]))
+    (sel / "mixed_p5_seed0.jsonl").write_text(
+        "".join(json.dumps({"id": i}) + "\n" for i in ids[5:9])
+    )
+    rt.subset_profile(sel, pool_csv, tmp_path / "out", "legal")
+    lines = (tmp_path / "out" / "profile_legal.md").read_text().splitlines()
+    head = [c.strip() for c in lines[2].split("|")[1:-1]]
+    assert head[-3:] == ["% No", "% None", "% Yes"]
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[4:]
+    }
+    assert [float(v) for v in rows["pool"][-3:]] == [30, 10, 60]
+    assert [float(v) for v in rows["yes"][-3:]] == [0, 0, 100]
+    assert [float(v) for v in rows["mixed"][-3:]] == [75, 0, 25]

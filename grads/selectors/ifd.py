@@ -30,7 +30,7 @@ from grads.selectors.base import (
     take,
     valid_rows,
 )
-from grads.selectors.budget import parse_budget
+from grads.selectors.budget import Budget, parse_budget
 
 
 @dataclass
@@ -59,7 +59,16 @@ class IFDSelector:
         return ("ifd",)
 
     def select(self, table: pd.DataFrame, budget: Any, seed: int) -> Selection:
-        budget = parse_budget(budget)
+        return self._select(table, parse_budget(budget), seed)
+
+    def ranking(self, table: pd.DataFrame, seed: int) -> Selection:
+        """Every sample that passes the IFD filter, ranked (``select.balance`` cuts it per class);
+        ``n_valid`` in its diagnostics is the pool a fraction budget resolves against."""
+        return self._select(table, Budget("fraction", 1.0, name="all"), seed, every_eligible=True)
+
+    def _select(
+        self, table: pd.DataFrame, budget: Budget, seed: int, every_eligible: bool = False
+    ) -> Selection:
         check_columns(table, self.columns, self.name)
         ifd = column(table, "ifd")
         valid, excluded = valid_rows({"ifd": ifd})
@@ -79,6 +88,8 @@ class IFDSelector:
             valid = keep if valid is None else valid[keep]
             ifd = ifd[keep]
         log_exclusions(self.name, excluded, len(table))
+        if every_eligible:
+            k = int(ifd.size)
         if ifd.size < k:
             raise ValueError(
                 f"ifd: budget {budget.name} asks for {k} samples but only {ifd.size} of {n_valid} "

@@ -34,6 +34,7 @@ def run_select(
     features_path: str | os.PathLike,
     out_dir: str | os.PathLike,
     seed: int = 0,
+    balance: tuple[str, Mapping[str, str]] | None = None,
 ) -> dict[str, Any]:
     """Run one selector on ``features.parquet`` and write the selection artefacts.
 
@@ -43,6 +44,8 @@ def run_select(
         features_path: the features table (one row per sample id).
         out_dir: folder for ``selection.{jsonl,json,png}``.
         seed: selection seed (random baseline, stratified sampling).
+        balance: ``(by, {id: group})`` to split the budget over groups in proportion to the pool
+            (:func:`grads.selectors.balance.balanced_select`); ``None``: the selector's own top k.
 
     Returns:
         The summary written to ``selection.json``.
@@ -58,10 +61,17 @@ def run_select(
     table = _read_features(features_path, [ID, *selector.columns])
     names = traits(selector).representations
     t1 = time.perf_counter()
+    reps = None
     if names:  # representation selectors (LESS, RDS+, grads_cover) read the features stage's passes
         from grads.representations import load_representations
 
         reps = load_representations(Path(features_path).parent, names)
+    if balance is not None:
+        from grads.selectors.balance import balanced_select
+
+        by, labels = balance
+        selection = balanced_select(selector, table, budget, seed, labels, by, reps=reps)
+    elif reps is not None:
         selection = selector.select(table, budget, seed, reps=reps)
     else:
         selection = selector.select(table, budget, seed)
@@ -85,6 +95,8 @@ def run_select(
         "diagnostics": d,
         "timings_s": {"read": t1 - t0, "select": t2 - t1, "write": t3 - t2, "plot": t4 - t3},
     }
+    if d.get("balance"):
+        summary["balance"] = d["balance"]
     summary["timings_s"]["total"] = time.perf_counter() - t0
     write_json(out_dir / "selection.json", summary)
     log.info(

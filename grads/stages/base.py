@@ -32,6 +32,8 @@ class Job:
         cache: the stage cache (:class:`grads.cache.StageCache`).
         stages: the stages this job runs.
         dirs: stage -> output folder, filled as stages complete.
+        labels: sample id -> group when ``select.balance`` is set (checked before any stage runs,
+            :func:`grads.selectors.balance.preflight`), else ``None``.
     """
 
     cfg: dict
@@ -41,6 +43,7 @@ class Job:
     cache: Any = None
     stages: tuple[str, ...] = ()
     dirs: dict[str, Path] = dataclasses.field(default_factory=dict)
+    labels: dict[str, str] | None = None
 
     def need(self, stage: str) -> Path:
         """The output folder of ``stage``: run in this job, or already in the cache."""
