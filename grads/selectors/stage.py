@@ -59,22 +59,8 @@ def run_select(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = _read_features(features_path, [ID, *selector.columns])
-    names = traits(selector).representations
     t1 = time.perf_counter()
-    reps = None
-    if names:  # representation selectors (LESS, RDS+, grads_cover) read the features stage's passes
-        from grads.representations import load_representations
-
-        reps = load_representations(Path(features_path).parent, names)
-    if balance is not None:
-        from grads.selectors.balance import balanced_select
-
-        by, labels = balance
-        selection = balanced_select(selector, table, budget, seed, labels, by, reps=reps)
-    elif reps is not None:
-        selection = selector.select(table, budget, seed, reps=reps)
-    else:
-        selection = selector.select(table, budget, seed)
+    selection = _choose(selector, table, budget, seed, Path(features_path).parent, balance)
     t2 = time.perf_counter()
     write_jsonl(out_dir / "selection.jsonl", selection.records())
     t3 = time.perf_counter()
@@ -109,6 +95,32 @@ def run_select(
         summary["timings_s"]["total"],
     )
     return summary
+
+
+def _choose(
+    selector: Selector,
+    table: Any,
+    budget: Budget,
+    seed: int,
+    features_dir: Path,
+    balance: tuple[str, Mapping[str, str]] | None,
+) -> Selection:
+    """The selector's subset: with the features stage's passes for representation selectors
+    (LESS, RDS+, grads_cover), cut per group when ``balance`` is given."""
+    names = traits(selector).representations
+    reps = None
+    if names:
+        from grads.representations import load_representations
+
+        reps = load_representations(features_dir, names)
+    if balance is not None:
+        from grads.selectors.balance import balanced_select
+
+        by, labels = balance
+        return balanced_select(selector, table, budget, seed, labels, by, reps=reps)
+    if reps is not None:
+        return selector.select(table, budget, seed, reps=reps)
+    return selector.select(table, budget, seed)
 
 
 def _read_features(path: str | os.PathLike, columns: list[str]):
