@@ -13,12 +13,14 @@ from hydra.utils import instantiate
 
 from grads.selectors.balance import (
     MAX_ANSWER_CLASSES,
+    answer_shares,
     balanced_select,
     check_balanceable,
     group_labels,
     method_name,
     quotas,
     ranking,
+    warn_if_skewed,
 )
 from grads.selectors.base import Representation, traits
 from grads.selectors.budget import Budget, parse_budget
@@ -166,9 +168,13 @@ def test_balanced_run_end_to_end(tmp_path):
     }
     summary = json.loads((sel_dir / "selection.json").read_text())
     assert summary["balance"]["quotas"] == {"No": 5, "Yes": 15} and len(answers) == 20
-    assert "balance" not in json.loads(
-        (Path(plain["artefacts"]["select"]) / "selection.json").read_text()
-    )
+    plain_summary = json.loads((Path(plain["artefacts"]["select"]) / "selection.json").read_text())
+    assert "balance" not in plain_summary
+    # balanced or not, a label-like pool's subset is reported against the pool's answers
+    assert plain_summary["answers"]["pool"] == {"No": 10, "Yes": 30}
+    assert sum(plain_summary["answers"]["subset"].values()) == 20
+    assert summary["answers"] == {"pool": {"No": 10, "Yes": 30}, "subset": {"No": 5, "Yes": 15},
+                                  "total_variation": 0.0}  # fmt: skip
 
 
 def test_balance_on_a_generative_pool_fails_before_the_warmup(tmp_path):
@@ -182,3 +188,17 @@ def test_bad_balance_value_is_a_config_error(tmp_path):
 
     with pytest.raises(ConfigError, match="select.balance='label'"):
         _run(tmp_path, ["experiment=smoke", *TINY, "select.balance=label"])
+
+
+def test_a_skewed_subset_is_reported_and_warned_about(caplog):
+    labels = {f"s{i}": ("Yes" if i < 48 else "No") for i in range(100)}
+    pool = list(labels)
+    one_class = answer_shares(pool[:10], pool, labels)
+    assert one_class == {"pool": {"No": 52, "Yes": 48}, "subset": {"Yes": 10},
+                         "total_variation": 0.52}  # fmt: skip
+    with caplog.at_level("WARNING"):
+        assert warn_if_skewed(one_class, "grads")
+    assert "'Yes' 100 %" in caplog.text and "select.balance=answer" in caplog.text
+    mixed = answer_shares(pool[40:60], pool, labels)  # 8 Yes / 12 No
+    assert mixed["total_variation"] == 0.08 and not warn_if_skewed(mixed, "random")
+    assert answer_shares([], pool, labels)["total_variation"] == 0.0

@@ -15,10 +15,15 @@ selector:
 :func:`preflight` checks that, the budget and the selector before any stage runs. The run is
 reported as ``<selector>+<by>_balanced`` (:func:`method_name`), so its rows never mix with the
 selector's own.
+
+Balanced or not, on a label-like pool the select stage records the subset's answers against the
+pool's in ``selection.json`` (:func:`answer_shares`) and warns when they are far apart
+(:func:`warn_if_skewed`).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -32,6 +37,10 @@ from grads.selectors.budget import Budget
 
 BALANCE_BY = ("answer", "source")
 MAX_ANSWER_CLASSES = 20  # more distinct answers than this: a generative pool, not a label set
+# total variation between a subset's answers and the pool's above which the select stage warns
+SKEW_WARNING = 0.2
+
+log = logging.getLogger(__name__)
 
 
 def balance_of(cfg: Mapping) -> str | None:
@@ -67,6 +76,58 @@ def group_labels(records: Iterable[Any], by: str) -> dict[str, str]:
             "source (select.balance=source) or not at all (select.balance=null)"
         )
     return labels
+
+
+def answer_labels(cfg: Mapping) -> dict[str, str] | None:
+    """``{sample id: answer}`` of the run's pool when its answers are labels, else ``None`` (free
+    text, or a pool that cannot be read again: the warm-up has read it, so this is only a report)."""
+    from grads.data import load_records
+
+    try:
+        records, _ = load_records(cfg["domain"], cfg["data"])
+        return group_labels(records, "answer")
+    except (ValueError, OSError, KeyError) as exc:
+        log.debug("no answer labels for the select report: %s", exc)
+        return None
+
+
+def answer_shares(selected: Iterable[str], pool: Iterable[str], labels: Mapping[str, str]) -> dict:
+    """How the subset's answers compare with the pool's: counts of each and their total variation
+    distance (0: the pool's shares; 1: disjoint answers)."""
+    in_pool = Counter(labels[i] for i in pool if i in labels)
+    in_subset = Counter(labels[i] for i in selected if i in labels)
+    n_pool, n_sub = sum(in_pool.values()), sum(in_subset.values())
+    tv = (
+        0.5 * sum(abs(in_subset[a] / n_sub - in_pool[a] / n_pool) for a in in_pool)
+        if n_pool and n_sub
+        else 0.0
+    )
+    return {
+        "pool": dict(sorted(in_pool.items())),
+        "subset": dict(sorted(in_subset.items())),
+        "total_variation": round(tv, 4),
+    }
+
+
+def warn_if_skewed(shares: Mapping, selector: str) -> bool:
+    """Log a warning (and return True) when a subset's answers are far from the pool's."""
+    if shares["total_variation"] < SKEW_WARNING:
+        return False
+
+    def pct(counts: Mapping[str, int]) -> str:
+        n = sum(counts.values()) or 1
+        return ", ".join(f"{a!r} {100 * c / n:.0f} %" for a, c in counts.items())
+
+    log.warning(
+        "select %s: the subset's answers (%s) are far from the pool's (%s; total variation %.2f). "
+        "A loss- or gradient-ranked criterion can fill the budget from the class the warm-up fits "
+        "worst; select.balance=answer gives each answer its pool share of the budget",
+        selector,
+        pct(shares["subset"]),
+        pct(shares["pool"]),
+        shares["total_variation"],
+    )
+    return True
 
 
 def quotas(counts: Mapping[str, int], k: int) -> dict[str, int]:

@@ -35,6 +35,7 @@ def run_select(
     out_dir: str | os.PathLike,
     seed: int = 0,
     balance: tuple[str, Mapping[str, str]] | None = None,
+    answers: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run one selector on ``features.parquet`` and write the selection artefacts.
 
@@ -46,6 +47,8 @@ def run_select(
         seed: selection seed (random baseline, stratified sampling).
         balance: ``(by, {id: group})`` to split the budget over groups in proportion to the pool
             (:func:`grads.selectors.balance.balanced_select`); ``None``: the selector's own top k.
+        answers: ``{id: answer}`` of a label-like pool: the subset's answers against the pool's go
+            to ``selection.json`` (``answers``), with a warning when they are far apart.
 
     Returns:
         The summary written to ``selection.json``.
@@ -83,6 +86,11 @@ def run_select(
     }
     if d.get("balance"):
         summary["balance"] = d["balance"]
+    if answers:
+        from grads.selectors.balance import answer_shares, warn_if_skewed
+
+        summary["answers"] = answer_shares(selection.ids, table[ID].astype(str), answers)
+        warn_if_skewed(summary["answers"], summary["criterion"])
     summary["timings_s"]["total"] = time.perf_counter() - t0
     write_json(out_dir / "selection.json", summary)
     log.info(

@@ -17,15 +17,16 @@ class Select(StageBase):
     def run(self, job: Job, work: Path) -> dict:
         from hydra.utils import instantiate
 
-        from grads.selectors.balance import balance_of
+        from grads.selectors.balance import answer_labels, balance_of
         from grads.selectors.stage import run_select
 
         features = self.input_dir(job) / "features.parquet"
         budget = instantiate(job.cfg["budget"])
-        seed = int(job.cfg["seed"])
-        if job.labels is not None:  # select.balance (grads.selectors.balance)
-            by = balance_of(job.cfg)
-            return run_select(
-                job.selector, budget, str(features), str(work), seed, (by, job.labels)
-            )
-        return run_select(job.selector, budget, str(features), str(work), seed) or {}
+        by = balance_of(job.cfg)
+        balance = (by, job.labels) if job.labels is not None else None  # select.balance
+        # on a label-like pool, the subset's answers vs the pool's (selection.json, a warning)
+        answers = job.labels if by == "answer" else answer_labels(job.cfg)
+        summary = run_select(
+            job.selector, budget, str(features), str(work), int(job.cfg["seed"]), balance, answers
+        )
+        return summary or {}
