@@ -24,6 +24,7 @@ import gzip
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 
 from grads.evaluation.metrics import ITEM_METRICS, headline_keys
@@ -1072,15 +1073,30 @@ def read_csvs(paths: list[Path]):
     """Collected CSVs (and their ``<stem>_items.json.gz``) as one frame and one item list.
 
     One CSV is read as is. Several (e.g. one per domain) are concatenated; their job names are
-    prefixed with the CSV's stem so that runs of different sweeps never share a key.
+    prefixed with the CSV's stem so that runs of different sweeps never share a key. A CSV without
+    the collector's ``job`` and ``selector`` columns (``results/tables/*/*.csv`` also matches each
+    domain's ``pool_features.csv``) is skipped with a note on stderr.
+
+    Raises:
+        ValueError: when no CSV is a collected sweep.
     """
     import pandas as pd
 
     frames, items, any_items = [], [], False
-    for path in paths:
+    runs = []
+    for path in map(Path, paths):
         df = pd.read_csv(path)
+        if not {"job", "selector"} <= set(df.columns):
+            print(
+                f"skipped {path}: not a collected sweep (no job/selector columns)", file=sys.stderr
+            )
+            continue
+        runs.append((path, df))
+    if not runs:
+        raise ValueError(f"none of {[str(p) for p in paths]} is a collected sweep CSV")
+    for path, df in runs:
         its = _read_items(path.with_name(f"{path.stem}_items.json.gz"))
-        if len(paths) > 1:
+        if len(runs) > 1:
             df["job"] = [f"{path.stem}/{j}" for j in df["job"]]
             its = [{**it, "job": f"{path.stem}/{it['job']}"} for it in its or []]
         any_items |= its is not None

@@ -534,3 +534,18 @@ def test_default_decision_pairs_the_winner_with_the_default(tmp_path, capsys):
     assert rows[0]["domain_bpb"] is None
     md = (tmp_path / "pending_rep" / "results.md").read_text()
     assert "Decision over legal, medical: **not decided**" in md
+
+
+def test_read_csvs_skips_csvs_that_are_not_collected_sweeps(tmp_path, capsys):
+    """`results/tables/*/*.csv` also matches each domain's pool_features.csv: skipped, said so."""
+    from grads.report import read_csvs
+
+    run = tmp_path / "legal.csv"
+    run.write_text("job,selector,domain\n0,random,legal\n")
+    pool = tmp_path / "pool_features.csv"
+    pool.write_text("id,source,loss\nx,a,0.1\n")
+    df, items = read_csvs([run, pool])
+    assert df["job"].tolist() == [0]  # one sweep left: its job names are not prefixed
+    assert items is None and "skipped" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="collected sweep"):
+        read_csvs([pool])
