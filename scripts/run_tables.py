@@ -489,19 +489,14 @@ def pool_answers(config_file: Path) -> dict[str, str] | None:
     ``grads.selectors.balance.MAX_ANSWER_CLASSES`` distinct: legal's Yes/No), else ``None``."""
     from omegaconf import OmegaConf
 
-    from grads.data import load_records
-    from grads.selectors.balance import group_labels
+    from grads.selectors.balance import answer_labels
 
     if not config_file.is_file():
         return None
     cfg = OmegaConf.to_container(OmegaConf.load(config_file), resolve=True)
     if "domain" not in cfg:  # not a pipeline run's config
         return None
-    records, _ = load_records(cfg["domain"], cfg.get("data"))
-    try:
-        return group_labels(records, "answer")
-    except ValueError:
-        return None
+    return answer_labels(cfg)
 
 
 def answer_classes(runs_dir: Path) -> dict[str, int]:
