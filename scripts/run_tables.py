@@ -52,6 +52,7 @@ a phase after an interruption recomputes only what the stage cache lacks.
 from __future__ import annotations
 
 import argparse
+import shlex
 import subprocess
 import sys
 import time
@@ -149,6 +150,9 @@ def phase_overrides(phase: str, plan: dict) -> list[str]:
             f"selector.layers=[{','.join(plan['leader_layers'])}]",
             f"selector.rule={plan['leader_rule']}",
             f"seed={','.join(map(str, plan['leader_seeds']))}",
+            # a job folder per seed, not per job number: a rerun that runs only the seeds still
+            # missing (say [2] after seed 1 finished) must not write seed 2 into seed 1's folder 0
+            "hydra.sweep.subdir=seed${seed}",
         ]
     if phase == "balanced":  # plan["balanced"]: the selectors, empty on a pool without labels
         return [
@@ -755,7 +759,7 @@ def main(argv: list[str] | None = None) -> None:
             f"hydra.sweep.dir={phase_dir(phase, plan, runs_dir)}",
             *args.overrides,
         ]
-        print(f"== {phase}: {' '.join(cmd[2:])}", flush=True)
+        print(f"== {phase}: {shlex.join(cmd[2:])}", flush=True)  # quoted: pastes into a shell
         if args.dry_run:
             continue
         t0 = time.time()

@@ -140,10 +140,19 @@ def test_leader_seeds_follow_the_cross_domain_leader(tmp_path, monkeypatch, caps
     assert (
         "selector.rule=stratified" in ov and "selector.layers=[lm_head]" in ov and "seed=1,2" in ov
     )
+    # each job folder is named by its seed: a rerun for the seeds still missing (seed 2 after seed
+    # 1 finished) must not write into the first job's folder, as Hydra's job numbers would
+    from omegaconf import OmegaConf
+
+    from tests.conftest import compose
+
+    one_job = [o if not o.startswith("seed=") else "seed=2" for o in ov]
+    hydra_cfg = compose([*one_job, "domain=medical"], return_hydra_config=True)
+    assert OmegaConf.to_container(hydra_cfg.hydra.sweep, resolve=True)["subdir"] == "seed2"
 
     job(f"leader_seeds/{leader}", "0", leader, 0.82, seed=1)  # seed 1 ran: only seed 2 is left
     plan = rt.grid_leader("medical", runs, tables)
-    assert plan["leader_seeds"] == [2] and rt.phase_overrides("leader_seeds", plan)[-1] == "seed=2"
+    assert plan["leader_seeds"] == [2] and "seed=2" in rt.phase_overrides("leader_seeds", plan)
     status = dict((p, (d, n)) for p, d, n in rt.phase_status("medical", runs, plan_file))
     assert status["leader_seeds"] == (1, 2)
     job(f"leader_seeds/{leader}", "1", leader, 0.82, seed=2)
