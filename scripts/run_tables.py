@@ -161,6 +161,7 @@ def phase_overrides(phase: str, plan: dict) -> list[str]:
             "seed=0",
             "select.balance=answer",
             f"selector={','.join(plan['balanced'])}",
+            "hydra.sweep.subdir=${selector.name}",  # a rerun with another list overwrites nothing
         ]
     if phase in CHEAP:
         return [

@@ -487,6 +487,13 @@ def test_balanced_phase_runs_only_on_a_label_like_pool(tmp_path, capsys):
     }
     ov = rt.phase_overrides("balanced", plan)
     assert "select.balance=answer" in ov and f"selector={','.join(rt.BALANCED)}" in ov
+    from omegaconf import OmegaConf
+
+    from tests.conftest import compose
+
+    one_job = [o if not o.startswith("selector=") else "selector=ifd" for o in ov]
+    hydra_cfg = compose([*one_job, "domain=legal"], return_hydra_config=True)
+    assert OmegaConf.to_container(hydra_cfg.hydra.sweep, resolve=True)["subdir"] == "ifd"
     free = _pool_run(tmp_path / "medical", [f"answer number {i}" for i in range(25)])
     plan = rt.phase_plan("balanced", free, tmp_path / "medical" / "plan.json", dry_run=False)
     assert plan["balanced"] == [] and "not label-like" in capsys.readouterr().out
