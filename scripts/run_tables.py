@@ -226,6 +226,7 @@ def selection_views(domain: str, results_dir: Path, sources: dict[str, str] | No
     selection_overlap(sel_dir, len(sources), results_dir, domain)
     if pool_csv.is_file():
         subset_profile(sel_dir, pool_csv, results_dir, domain)
+        selection_map(sel_dir, pool_csv, results_dir, domain)
 
 
 def merge_domains(tables_dir: Path, results_md: Path = REPO_ROOT / "RESULTS.md") -> None:
@@ -405,6 +406,82 @@ def subset_profile(
     fig.tight_layout()
     fig.savefig(out_dir / f"lengths_{domain}.png", dpi=110)
     plt.close(fig)
+
+
+MAP_METHODS = (  # the panels of selection_map, those present in this order
+    "random",
+    "grads",
+    "grads_paper",
+    "grads.stratified.embed+lm_head",
+    "grads.density.embed+lm_head",
+    "loss_high",
+    "less",
+    "rds",
+)
+
+
+def selection_map(
+    sel_dir: Path, pool_csv: Path, out_dir: Path, domain: str, budget: str = "p5", seed: int = 0
+) -> Path | None:
+    """Where each method picks in the pool's gradient-norm plane: one panel per method of
+    :data:`MAP_METHODS` (its ``budget`` subset at ``seed``) over the whole pool (grey), the two
+    norms the GrADS signal combines on log axes, selected samples coloured by their answer on a
+    label-like pool; ``map_<domain>.png``. Shows at a glance whether a rule takes the dense middle,
+    the high-gradient tail or one class."""
+    import matplotlib.pyplot as plt
+
+    pool = read_pool_features(pool_csv).set_index("id")
+    subsets = selected_subsets(sel_dir, budget, seed)
+    subsets = {m: subsets[m] for m in MAP_METHODS if m in subsets}
+    if not subsets:
+        return None
+    fig = map_figure(pool, subsets)
+    fig.suptitle(f"{domain}: the {budget} subsets (seed {seed}) in the pool's gradient-norm plane",
+                 fontsize=9)  # fmt: skip
+    fig.tight_layout()
+    out = out_dir / f"map_{domain}.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def map_figure(pool, subsets: dict[str, set[str]]):
+    """:func:`selection_map`'s figure: per subset a panel, the pool grey (first scatter), then the
+    selected samples, one scatter per answer (one in all on a free-text pool)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
+    x, y = pool["embed"].clip(lower=1e-6), pool["lm_head"].clip(lower=1e-6)
+    classes = sorted(pool["answer"].unique()) if "answer" in pool.columns else [None]
+    cols = min(4, len(subsets))
+    rows = -(-len(subsets) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.8 * rows), sharex=True, sharey=True,
+                             squeeze=False)  # fmt: skip
+    for ax, (name, ids) in zip(axes.flat, subsets.items(), strict=False):
+        ax.scatter(x, y, s=3, c="0.85", linewidths=0)
+        chosen = pool.index.isin(sorted(ids))
+        for i, a in enumerate(classes):
+            mask = chosen & ((pool["answer"] == a).to_numpy() if a is not None else True)
+            ax.scatter(x[mask], y[mask], s=9, color=f"C{i}", label=a, linewidths=0)
+        ax.set(xscale="log", yscale="log", title=f"{name} (n={int(chosen.sum())})")
+        ax.title.set_fontsize(8)
+        for axis in (ax.xaxis, ax.yaxis):  # 1-2-5 ticks as plain numbers: the range is ~1 decade
+            axis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+            axis.set_major_formatter(FormatStrFormatter("%g"))
+            axis.set_minor_formatter(NullFormatter())
+        ax.tick_params(labelsize=7)
+    for ax in axes.flat[len(subsets) :]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("embedding gradient norm", fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("LM-head gradient norm", fontsize=8)
+    if classes != [None]:
+        axes.flat[0].legend(title="answer", fontsize=7, title_fontsize=7, markerscale=1.5)
+    return fig
 
 
 def selection_overlap(

@@ -544,3 +544,48 @@ def test_profile_shows_each_answers_share_on_a_label_like_pool(tmp_path):
     assert [float(v) for v in rows["pool"][-3:]] == [30, 10, 60]
     assert [float(v) for v in rows["yes"][-3:]] == [0, 0, 100]
     assert [float(v) for v in rows["mixed"][-3:]] == [75, 0, 25]
+
+
+def test_selection_map_shows_each_subset_in_the_gradient_norm_plane(tmp_path):
+    """One panel per known method (MAP_METHODS order, others left out): the whole pool grey, then
+    the selected samples coloured by answer on a label-like pool; map_<domain>.png."""
+    import pandas as pd
+
+    rt = _script()
+    ids = [f"x{i}" for i in range(8)]
+    pool = pd.DataFrame(
+        {
+            "id": ids,
+            "source": "s",
+            "answer": ["Yes", "No"] * 4,
+            "n_tokens": 3,
+            "loss": 0.1,
+            "embed": [1.0 + i for i in range(8)],
+            "lm_head": [2.0 + i for i in range(8)],
+        }
+    )
+    out = tmp_path / "out"
+    sel = out / "selections"
+    sel.mkdir(parents=True)
+    pool.to_csv(out / "pool_features.csv", index=False)
+    for name, chosen in (("grads", ids[:3]), ("random", ids[4:6]), ("mystery", ids)):
+        (sel / f"{name}_p5_seed0.jsonl").write_text(
+            "".join(json.dumps({"id": i}) + "\n" for i in chosen)
+        )
+    subsets = rt.selected_subsets(sel, "p5", 0)
+    fig = rt.map_figure(
+        rt.read_pool_features(out / "pool_features.csv").set_index("id"),
+        {m: subsets[m] for m in rt.MAP_METHODS if m in subsets},
+    )
+    panels = [ax for ax in fig.axes if ax.collections]
+    assert [ax.get_title() for ax in panels] == ["random (n=2)", "grads (n=3)"]  # no "mystery"
+    counts = [[len(c.get_offsets()) for c in ax.collections] for ax in panels]
+    assert counts == [[8, 1, 1], [8, 1, 2]]  # pool, then No, Yes: grads took x0 x1 x2 (Y N Y)
+    assert rt.selection_map(sel, out / "pool_features.csv", out, "legal") == out / "map_legal.png"
+    assert (out / "map_legal.png").stat().st_size > 1000
+    pool.drop(columns="answer").to_csv(out / "pool_features.csv", index=False)  # free text
+    fig = rt.map_figure(rt.read_pool_features(out / "pool_features.csv").set_index("id"), subsets)
+    assert [len(c.get_offsets()) for c in fig.axes[0].collections] == [8, 3]  # grads: one colour
+    (sel / "random_p5_seed0.jsonl").unlink()
+    (sel / "grads_p5_seed0.jsonl").unlink()
+    assert rt.selection_map(sel, out / "pool_features.csv", out, "legal") is None
