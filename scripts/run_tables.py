@@ -428,14 +428,14 @@ def selection_map(
     norms the GrADS signal combines on log axes, selected samples coloured by their answer on a
     label-like pool; ``map_<domain>.png``. Shows at a glance whether a rule takes the dense middle,
     the high-gradient tail or one class."""
-    import matplotlib.pyplot as plt
-
     pool = read_pool_features(pool_csv).set_index("id")
     subsets = selected_subsets(sel_dir, budget, seed)
     subsets = {m: subsets[m] for m in MAP_METHODS if m in subsets}
     if not subsets:
         return None
-    fig = map_figure(pool, subsets)
+    fig = map_figure(pool, subsets)  # selects the Agg backend before pyplot is imported
+    import matplotlib.pyplot as plt
+
     fig.suptitle(f"{domain}: the {budget} subsets (seed {seed}) in the pool's gradient-norm plane",
                  fontsize=9)  # fmt: skip
     fig.tight_layout()
