@@ -200,7 +200,8 @@ def paired_tables(
     """Per domain: rows = methods, columns = (budget, metric) paired difference vs ``reference``.
 
     Each method is paired with the reference at the same domain, model, trainer mode and budget,
-    on the seeds both ran and the items both evaluated (:func:`grads.evaluation.stats.paired_bootstrap`).
+    on the seeds both ran and the items both evaluated (:func:`grads.evaluation.stats.paired_bootstrap`);
+    ``full``, which has no budget of its own, at every budget.
     ``raw``, when given, receives each comparison as ``{(domain, budget, method, metric): result}``
     (for :func:`forest_plot`).
     """
@@ -210,11 +211,19 @@ def paired_tables(
 
     metrics = [m for m in (metrics or PAIRED_METRICS) if m in ITEM_METRICS]
     groups: dict[tuple, dict[str, dict]] = {}
+    full: dict[tuple, dict] = {}
     for r in rows:
         if not r.get("items"):
             continue
         key = (r["domain"], r.get("model"), r.get("trainer_mode"), r["budget"])
         groups.setdefault(key, {}).setdefault(r["selector"], {})[r["seed"]] = r
+        if r["selector"] == "full":
+            full.setdefault(key[:3], {}).setdefault(r["seed"], r)
+    # ``full`` ignores the budget (one run, as in :func:`paper_tables`): it is paired with the
+    # reference at every budget, not only the one its sweep job was launched under
+    for key, by_sel in groups.items():
+        if key[:3] in full:
+            by_sel.setdefault("full", full[key[:3]])
     out: dict[str, dict] = {}
     for (domain, _, _, budget), by_sel in sorted(groups.items(), key=lambda kv: str(kv[0])):
         ref = by_sel.get(reference)

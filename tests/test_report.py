@@ -152,6 +152,33 @@ def test_paired_tables_mark_significant_wins_and_losses(tmp_path, capsys):
     assert forest_plot({}, "medical", tmp_path) is None  # nothing paired: no empty figure
 
 
+def test_full_is_paired_with_random_at_every_budget():
+    """``full`` runs once (under the 5 % sweep) but the tables show it at 50 % too: its paired CI
+    against random at 50 % is the one a reader needs to say whether random 50 % reaches the pool."""
+    import numpy as np
+
+    from grads.report import paired_tables
+
+    def row(sel, budget, shift):
+        items = {"tuned": _items(np.random.default_rng(len(sel) + len(budget)), 60, shift)}
+        return {"domain": "medical", "model": "m", "trainer_mode": "lora", "budget": budget,
+                "selector": sel, "seed": 0, "items": items}  # fmt: skip
+
+    rows = [row("random", "p5", 0.0), row("random", "p50", -0.1), row("full", "p5", -0.3)]
+    raw: dict = {}
+    table = paired_tables(rows, "random", ["domain_bpb"], n_boot=200, raw=raw)["medical"]
+    p5, p50 = (
+        raw[("medical", "p5", "full", "domain_bpb")],
+        raw[("medical", "p50", "full", "domain_bpb")],
+    )
+    assert p5.hi < 0 and p50.hi < 0  # lower bpb than random at both budgets
+    assert p50.mean > p5.mean  # random 50 % is closer to the pool than random 5 %
+    assert all(c.endswith("▲") for c in table.loc["full"])
+    # without a reference at a budget there is nothing to pair with
+    one = paired_tables(rows[:1] + rows[2:], "random", ["domain_bpb"], n_boot=200)["medical"]
+    assert list(one.columns.get_level_values(0)) == ["p5"]
+
+
 def test_paired_bootstrap_exact_cases():
     import numpy as np
 
