@@ -234,7 +234,7 @@ def test_every_phase_is_a_valid_sweep_of_every_selector(tmp_path):
     plan |= {"leader_rule": "stratified", "leader_layers": ["lm_head"], "leader_seeds": [1, 2]}
     plan |= {"default_cell": "grads.density.embed", "default_p50": [0], "balanced": rt.BALANCED}
     parser = OverridesParser.create()
-    for phase in [*rt.PHASES, *rt.ABLATION, *rt.CHEAP]:
+    for phase in [*rt.PHASES, *rt.EXTRA_PHASES, *rt.ABLATION, *rt.CHEAP]:
         if phase in rt.SUBPHASES:
             continue
         overrides = parser.parse_overrides(rt.phase_overrides(phase, plan))
@@ -457,7 +457,9 @@ def test_status_counts_finished_and_planned_jobs(tmp_path):
     assert status["main_p5"] == (2, len(rt.MAIN_SELECTORS))
     assert status["seeds_p5"] == (0, 10)  # 5 selectors x 2 seeds, baselines not yet known
     assert status["ablation_seeds"] == (0, 2) and status["grads_rec"] == (0, 1)
-    assert list(status) == [p for ph in rt.PHASES for p in rt.SUBPHASES.get(ph, [ph])]
+    assert status["seeds_p50"] == (0, 4)  # opt-in, but its progress is shown
+    phases = rt.PHASES + rt.EXTRA_PHASES
+    assert list(status) == [p for ph in phases for p in rt.SUBPHASES.get(ph, [ph])]
     assert not (tmp_path / "plan.json").exists()  # a status never writes the plan
 
 
@@ -589,3 +591,28 @@ def test_selection_map_shows_each_subset_in_the_gradient_norm_plane(tmp_path):
     (sel / "random_p5_seed0.jsonl").unlink()
     (sel / "grads_p5_seed0.jsonl").unlink()
     assert rt.selection_map(sel, out / "pool_features.csv", out, "legal") is None
+
+
+def test_seeds_p50_is_opt_in_and_gives_each_job_its_own_folder():
+    """seeds_p50 (more compute): seeds 1 and 2 of random and grads at 50 %, seed 1 of both first,
+    each job in <selector>_seed<k>; not in the default phase list, which stays the 12-hour protocol."""
+    rt = _script()
+    from omegaconf import OmegaConf
+
+    from tests.conftest import compose
+
+    assert "seeds_p50" not in rt.PHASES and "seeds_p50" in rt.EXTRA_PHASES
+    ov = rt.phase_overrides("seeds_p50", {})
+    jobs = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(ov), None)[0]
+    order = [
+        (kv["seed"], kv["selector"]) for kv in (dict(o.split("=", 1) for o in j) for j in jobs)
+    ]
+    assert order == [("1", "random"), ("1", "grads"), ("2", "random"), ("2", "grads")]
+    assert all("budget=p50" in j for j in jobs)
+    folders = set()
+    for job in jobs:
+        cfg = compose([*job, "domain=financial"], return_hydra_config=True)
+        folders.add(OmegaConf.to_container(cfg.hydra.sweep, resolve=True)["subdir"])
+    assert folders == {"random_seed1", "grads_seed1", "random_seed2", "grads_seed2"}
+    with pytest.raises(SystemExit):  # asked for by name only
+        rt.main(["financial", "--phases", "nonsense", "--dry-run"])
