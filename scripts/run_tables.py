@@ -147,7 +147,7 @@ def phase_overrides(phase: str, plan: dict) -> list[str]:
             f"selector.rule={plan['rule']}",
             "seed=1,2",
         ]
-    if phase == "seeds_p50":  # seed first: both selectors' seed 1 finish before any seed 2
+    if phase == "seeds_p50":
         return [
             "experiment=paper_main",
             "budget=p50",
