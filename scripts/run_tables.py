@@ -81,6 +81,7 @@ PHASES = [
 ]
 # more compute, asked for by name (--phases seeds_p50): not part of the 12-hour protocol
 EXTRA_PHASES = ["seeds_p50"]
+ALL_PHASES = PHASES + EXTRA_PHASES
 # phases whose jobs depend on what has run (plan[phase]: the seeds still to run; empty: skipped)
 TOP_UP = ("leader_seeds", "default_p50")
 # selector name -> what differs from the paper's selection (a separate sweep each). Their features
@@ -185,7 +186,7 @@ def phase_overrides(phase: str, plan: dict) -> list[str]:
             f"selector.name={phase}",
             *CHEAP[phase],
         ]
-    raise ValueError(f"unknown phase {phase!r}; choose from {PHASES + EXTRA_PHASES}")
+    raise ValueError(f"unknown phase {phase!r}; choose from {ALL_PHASES}")
 
 
 def strongest_baselines(runs_dir: Path) -> dict:
@@ -768,7 +769,7 @@ def phase_status(domain: str, runs_dir: Path, plan_file: Path) -> list[tuple[str
 
     parser = OverridesParser.create()
     out = []
-    for phase in expand_phases(PHASES + EXTRA_PHASES):
+    for phase in expand_phases(ALL_PHASES):
         # what it depends on may not have finished: any names give the same job count
         stand_in = {
             "strongest": BASELINES[:2],
@@ -807,7 +808,7 @@ def phase_status(domain: str, runs_dir: Path, plan_file: Path) -> list[tuple[str
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("domain", choices=DOMAINS)
-    ap.add_argument("--phases", nargs="+", default=PHASES, choices=PHASES + EXTRA_PHASES,
+    ap.add_argument("--phases", nargs="+", default=PHASES, choices=ALL_PHASES,
                     help=f"default: {' '.join(PHASES)} (opt-in: {' '.join(EXTRA_PHASES)})")  # fmt: skip
     ap.add_argument("--runs-dir", default=None, help="default: <repo>/outputs/tables/<domain>")
     ap.add_argument("--results-dir", default=None, help="default: <repo>/results/tables/<domain>")
