@@ -3,7 +3,7 @@
 Besides the paper-layout table (mean ± std over seeds) it prints, per domain, the paired comparison
 of every method with a reference method (default ``random``) at the same budget and seeds: the mean
 paired difference of the headline metrics with a bootstrap 95 % CI over items and seeds, ▲ / ▼ for
-significant wins / losses (see ``grads.report``).
+significant wins / losses (see ``grads.paper.tables`` and ``grads.report``).
 
 Usage:
     python scripts/make_tables.py outputs/multirun/2026-11-23/12-00-00 --out results/paper_main
@@ -11,7 +11,7 @@ Usage:
     python scripts/make_tables.py <sweep> --reference random --paired-metrics domain_bpb general_kl
 """
 
-from grads.report import main
+from grads.paper.tables import main
 
 if __name__ == "__main__":
     main()

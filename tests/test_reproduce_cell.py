@@ -1,32 +1,19 @@
-"""scripts/reproduce_cell.py: the overrides of a cell, the committed-cell lookup and the verdict
-(inside / outside the committed CI); the re-run itself is the pipeline's, tested elsewhere."""
+"""Re-running a committed cell (``scripts/reproduce_cell.py``, :mod:`grads.paper.reproduce`): the
+overrides of a cell, the committed-cell lookup and the verdict (inside / outside the committed CI);
+the re-run itself is the pipeline's, tested elsewhere."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from grads.paper import reproduce as rc
 from tests.test_report import _items, _paired_sweep
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _script():
-    path = REPO / "scripts" / "reproduce_cell.py"
-    spec = importlib.util.spec_from_file_location("reproduce_cell", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce_cell"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_cell_overrides_name_table1_and_table2_cells():
-    rc = _script()
     assert rc.cell_overrides("legal", "less", "p50", 1) == [
         "experiment=paper_main", "selector=less", "domain=legal", "budget=p50", "seed=1"
     ]  # fmt: skip
@@ -43,7 +30,6 @@ def test_table2_cell_keys_match_the_ablation_sweep(data_dir):
     """The overrides of a Table 2 cell give the keys the paper_ablation sweep gave it."""
     from tests.test_key_stability import CASES, FIXTURE
 
-    rc = _script()
     pinned = json.loads(FIXTURE.read_text())["ablation_med_density_embed"]
     assert CASES["ablation_med_density_embed"][-1] == "selector.layers=[embed]"
     keys = rc.stage_keys(rc.cell_overrides("medical", "grads.density.embed", "p5", 0))
@@ -51,9 +37,8 @@ def test_table2_cell_keys_match_the_ablation_sweep(data_dir):
 
 
 def test_committed_lookup_and_verdict(tmp_path, capsys):
-    from grads.report import main as report_main
+    from grads.paper.tables import main as report_main
 
-    rc = _script()
     _paired_sweep(tmp_path / "sweep")  # medical: random and grads, seeds 0-2, per-item results
     report_main([str(tmp_path / "sweep"), "--out", str(tmp_path / "rep"), "--title", "medical"])
     capsys.readouterr()

@@ -52,7 +52,7 @@ less*). It is a pure ranking, so p5 is nested in p10 ... p50 and a budget sweep 
 size, and it is deterministic and seed-independent. ``stratified`` is the distribution-preserving
 reading and ``adaptive`` the "self-adaptive" one. It was chosen before any measurement; Table 2
 (rule x gradient source on three real domains, RESULTS.md) then kept it by a rule fixed in advance
-(``grads.report.default_decision``): no cell beat it in every domain. The cross-domain leader,
+(``grads.paper.decisions.default_decision``): no cell beat it in every domain. The cross-domain leader,
 ``stratified`` with both sources, is far better on legal (whose Yes/No pool the default reduces to
 one class) and on financial, but worse on medical's held-out bpb over 3 seeds. On a label-like
 pool, set ``select.balance=answer`` or ``rule=stratified``.

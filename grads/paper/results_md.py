@@ -1,0 +1,73 @@
+"""Keep RESULTS.md pointing at the generated tables: links and their verdicts, never pasted copies.
+
+RESULTS.md marks one block per table folder, ``<!-- tables:<key>:begin -->`` …
+``<!-- tables:<key>:end -->`` (``key``: a domain, or ``all`` for the merge across domains). After
+every collection the block is rewritten from the folder: a link to the generated Markdown with its
+section headings, the plots, and, when given, the verdict lines of the tables (Table 2's winner, the
+default decision), so the document never carries a stale copy of a number the tables hold.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from grads.io import write_text
+
+# lines of a generated table that state a verdict: RESULTS.md quotes them next to the links
+VERDICT_PREFIXES = ("Winner of the", "Decision over")
+
+
+def verdict_lines(md_file: Path) -> list[str]:
+    """The verdict lines of a generated Markdown file (:data:`VERDICT_PREFIXES`), in order."""
+    return [line for line in md_file.read_text().splitlines() if line.startswith(VERDICT_PREFIXES)]
+
+
+def _link(path: Path, base: Path, text: str | None = None) -> str:
+    rel = Path(os.path.relpath(path, base)).as_posix()
+    return f"[{text or path.name}]({rel})"
+
+
+def links_block(results_dir: Path, title: str, base: Path, summary: Sequence[str] = ()) -> str:
+    """The Markdown of one block: the generated tables of ``results_dir`` (``<title>.md`` and its
+    ``##`` sections), the other Markdown views, the plots, then ``summary``; links are relative to
+    ``base`` (the folder of RESULTS.md)."""
+    main = results_dir / f"{title}.md"
+    sections = [line[3:] for line in main.read_text().splitlines() if line.startswith("## ")]
+    lines = [
+        f"- Tables: {_link(main, base)} (CSV, LaTeX and per-item results beside it): "
+        + "; ".join(sections)
+        + "."
+    ]
+    views = sorted(p for p in results_dir.glob("*.md") if p != main)
+    if views:
+        lines.append("- Subsets: " + ", ".join(_link(p, base, p.stem) for p in views) + ".")
+    pngs = sorted(results_dir.glob("*.png"))
+    if pngs:
+        lines.append("- Plots: " + ", ".join(_link(p, base, p.stem) for p in pngs) + ".")
+    return "\n".join(lines + ([""] if summary else []) + list(summary)) + "\n"
+
+
+def update_results_md(
+    results_md: Path,
+    key: str,
+    results_dir: Path,
+    summary: Sequence[str] = (),
+    title: str | None = None,
+) -> bool:
+    """Rewrite the block between ``<!-- tables:<key>:begin -->`` and ``<!-- tables:<key>:end -->``
+    of ``results_md`` with :func:`links_block` of ``results_dir`` (tables ``<title>.md``, by default
+    ``<key>.md``) and ``summary``.
+
+    Returns whether the block was found (a RESULTS.md without the markers is left alone).
+    """
+    begin, end = f"<!-- tables:{key}:begin -->", f"<!-- tables:{key}:end -->"
+    text = results_md.read_text()
+    if begin not in text or end not in text:
+        return False
+    block = links_block(results_dir, title or key, results_md.parent, summary)
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    write_text(results_md, f"{head}{begin}\n{block}{end}{tail}")
+    return True
