@@ -1,4 +1,4 @@
-"""Run the real-domain tables (RESULTS.md, "Real-domain tables") for one domain, phase by phase.
+"""Run the real-domain tables (RESULTS.md, "Protocol") for one domain, phase by phase.
 
 Each phase is one ``grads -m`` sweep of ``experiment=paper_main`` or ``paper_ablation``; the phases,
 their order and the decision rules between them are described in ``grads.paper.phases``. After every

@@ -304,7 +304,7 @@ def test_results_md_block_links_the_generated_tables(tmp_path):
     assert "| a |" not in text  # a link, not a pasted table
     assert (
         "- Tables: [legal.md](results/tables/legal/legal.md) (CSV, LaTeX and per-item results "
-        "beside it): legal; cost (seconds)." in text
+        "beside it): Table 1 (legal); cost." in text
     )
     assert "- Subsets: [sources_legal](results/tables/legal/sources_legal.md)." in text
     assert "- Plots: [forest_legal](results/tables/legal/forest_legal.png)." in text
@@ -418,7 +418,8 @@ def test_domains_merge_into_the_cross_domain_block(tmp_path, capsys):
     assert (merged / "all.csv").is_file() and (merged / "all.md").is_file()
     block = md.read_text().split("<!-- tables:all:begin -->")[1].split("<!-- tables:all:end -->")[0]
     assert block.startswith("\n- Tables: [all.md](tables_all/all.md)")
-    assert "; ablation across domains: difference vs random" in block
+    assert "Table 1 (legal, medical); paired difference vs random;" in block
+    assert "; ablation across domains: difference vs random at 5 %;" in block
     assert "| grads.density.embed |" not in block  # the table itself stays in all.md
     # the verdicts: Table 2's winner, then the winner paired with the default (open while legal
     # has no Table 2)

@@ -1,4 +1,4 @@
-"""Run the real-domain tables (RESULTS.md, "Real-domain tables") for one domain, phase by phase.
+"""Run the real-domain tables (RESULTS.md, "Protocol") for one domain, phase by phase.
 
 Phases, in the order the compute is spent (each is one ``grads -m`` sweep; the warm-up and features
 of the domain are computed once, by the first job, and shared by every later job through the cache):

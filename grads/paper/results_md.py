@@ -10,6 +10,7 @@ default decision), so the document never carries a stale copy of a number the ta
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,15 +30,31 @@ def _link(path: Path, base: Path, text: str | None = None) -> str:
     return f"[{text or path.name}]({rel})"
 
 
+def table_sections(md_file: Path) -> list[str]:
+    """What a generated Markdown file holds, in order: its ``##`` headings without their domain
+    and budget prefixes and parentheticals, once each; the per-domain mean ± std tables (headed by
+    the domain's name alone) as one entry, ``Table 1 (<domains>)``."""
+    heads = [line[3:] for line in md_file.read_text().splitlines() if line.startswith("## ")]
+    names = [h for h in heads if re.fullmatch(r"[\w-]+", h)]
+    prefix = re.compile(rf"^(?:{'|'.join(map(re.escape, names))})(?: \S+)?: ") if names else None
+    out = [f"Table 1 ({', '.join(names)})"] if names else []
+    for head in heads:
+        if head in names:
+            continue
+        short = (prefix.sub("", head) if prefix else head).split(" (", 1)[0]
+        if short not in out:
+            out.append(short)
+    return out
+
+
 def links_block(results_dir: Path, title: str, base: Path, summary: Sequence[str] = ()) -> str:
-    """The Markdown of one block: the generated tables of ``results_dir`` (``<title>.md`` and its
-    ``##`` sections), the other Markdown views, the plots, then ``summary``; links are relative to
-    ``base`` (the folder of RESULTS.md)."""
+    """The Markdown of one block: the generated tables of ``results_dir`` (``<title>.md`` and what
+    it holds, :func:`table_sections`), the other Markdown views, the plots, then ``summary``; links
+    are relative to ``base`` (the folder of RESULTS.md)."""
     main = results_dir / f"{title}.md"
-    sections = [line[3:] for line in main.read_text().splitlines() if line.startswith("## ")]
     lines = [
         f"- Tables: {_link(main, base)} (CSV, LaTeX and per-item results beside it): "
-        + "; ".join(sections)
+        + "; ".join(table_sections(main))
         + "."
     ]
     views = sorted(p for p in results_dir.glob("*.md") if p != main)
