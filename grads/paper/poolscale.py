@@ -1,0 +1,153 @@
+"""The paper's question at ten times the pool: the whole financial pool and a data-efficiency curve.
+
+The same protocol as ``experiment=paper_main`` (SmolLM2-135M-Instruct, LoRA, 3 fine-tune epochs,
+held-out bits per byte and KL, paired CIs) on the whole financial pool (``domain.pool_limit=null``:
+10,617 samples after decontamination, dedup and the held-out split) instead of a 1,000-sample draw.
+Every arm trains under bf16 autocast (``trainer.autocast=true``, 1.67x on this CPU's training step)
+to make the compute affordable; the ``bridge`` phase runs ``random`` and ``grads`` at 5 % on the
+1,000-sample pool under the same precision, so the two pool sizes stay comparable.
+
+Phases, in order, each one ``grads -m`` sweep (the first computes the warm-up and the features, every
+later one reads them from the stage cache):
+
+* ``features``  warm-up and features on the whole pool (no selection, no fine-tune).
+* ``main_p5``   5 %, seed 0: ``random``, ``grads``, ``grads_paper`` and the baseline that did best on
+                the financial 1,000-sample pool (``results/tables/financial/plan.json``).
+* ``full``      the whole pool, 3 epochs.
+* ``seeds_p5``  seeds 1 and 2 at 5 % for ``random``, ``grads`` and ``grads_paper``.
+* ``curve``     budgets 1 %, 10 % and 25 % for ``random`` and ``grads`` (seed 0); 5 % and ``full``
+                come from above.
+* ``bridge``    ``random`` and ``grads`` at 5 % on the 1,000-sample pool, bf16 autocast (its own
+                warm-up and features: the precision enters their keys).
+* ``stability`` selection only under a second warm-up seed (``warmup.seed=1``) for ``grads``,
+                ``grads_paper`` and the strongest baseline at 5 %, on the whole pool (bf16, this
+                experiment's precision) and on the 1,000-sample pool (float32, the committed
+                tables' precision): the overlap with the seed-0 subsets says how much of a
+                selection survives another warm-up.
+
+    python scripts/run_poolscale.py                       # every phase, in order
+    python scripts/run_poolscale.py --phases features     # one phase
+    python scripts/run_poolscale.py --dry-run             # print the commands
+    python scripts/run_poolscale.py --collect-only        # re-collect what has finished
+
+Runs go to ``outputs/tables/financial_pool/<phase>``; the collector writes
+``results/tables/financial_pool/`` (phases ``main_p5`` … ``curve``) and
+``results/tables/financial_bridge/`` (the bridge), each with its own paired tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from grads.constants import REPO_ROOT
+from grads.io import read_json
+
+DOMAIN = "financial"
+WHOLE = ["experiment=paper_main", f"domain={DOMAIN}", "domain.pool_limit=null",
+         "trainer.autocast=true", "group=paper_poolscale"]  # fmt: skip
+BRIDGE = ["experiment=paper_main", f"domain={DOMAIN}", "domain.pool_limit=1000",
+          "trainer.autocast=true", "group=paper_poolscale"]  # fmt: skip
+PAPER_1K = ["experiment=paper_main", f"domain={DOMAIN}", "group=paper_poolscale"]
+PHASES = ["features", "main_p5", "full", "seeds_p5", "curve", "bridge", "stability"]
+CURVE_BUDGETS = ["p1", "p10", "p25"]
+# where each phase's runs are collected: the whole pool, or the 1,000-sample pool under bf16
+COLLECTION = {"bridge": "financial_bridge"}
+STABILITY_PARTS = {"stability_whole": WHOLE, "stability_1k": PAPER_1K}
+
+
+def strongest_baseline(plan_file: Path | None = None) -> str:
+    """The baseline with the lowest held-out bpb on the financial 1,000-sample pool at 5 %."""
+    plan_file = plan_file or REPO_ROOT / "results" / "tables" / DOMAIN / "plan.json"
+    if not plan_file.is_file():
+        raise SystemExit(f"{plan_file} is missing: run scripts/run_tables.py {DOMAIN} first")
+    return read_json(plan_file)["strongest"][0]
+
+
+def expand(phases: list[str]) -> list[str]:
+    """The sweeps of ``phases`` in order (``stability`` is one sweep per pool size)."""
+    return [p for ph in phases for p in (list(STABILITY_PARTS) if ph == "stability" else [ph])]
+
+
+def phase_overrides(phase: str, baseline: str) -> list[str]:
+    """The ``grads -m`` overrides of one phase (``baseline``: the strongest at 1,000)."""
+    per_job = "hydra.sweep.subdir=${selector.name}_${budget.name}_seed${seed}"  # reruns overwrite nothing
+    if phase == "features":
+        return [*WHOLE, "selector=random", "budget=p5", "seed=0", "stages=[warmup,features]"]
+    if phase == "main_p5":
+        sels = ["random", "grads", "grads_paper", baseline]
+        return [*WHOLE, "budget=p5", "seed=0", f"selector={','.join(sels)}", per_job]
+    if phase == "full":
+        return [*WHOLE, "budget=p5", "seed=0", "selector=full", per_job]
+    if phase == "seeds_p5":
+        return [*WHOLE, "budget=p5", "seed=1,2", "selector=random,grads,grads_paper", per_job]
+    if phase == "curve":
+        budgets = ",".join(CURVE_BUDGETS)
+        return [*WHOLE, f"budget={budgets}", "seed=0", "selector=random,grads", per_job]
+    if phase == "bridge":
+        return [*BRIDGE, "budget=p5", "seed=0", "selector=random,grads", per_job]
+    if phase in STABILITY_PARTS:
+        sels = ",".join(["grads", "grads_paper", baseline])
+        return [*STABILITY_PARTS[phase], "budget=p5", "seed=0", "warmup.seed=1",
+                f"selector={sels}", "stages=[warmup,features,select]", per_job]  # fmt: skip
+    raise ValueError(f"unknown phase {phase!r}; choose from {PHASES}")
+
+
+def command(phase: str, baseline: str, runs_dir: Path, overrides: list[str] = ()) -> list[str]:
+    """The full command line of one phase's sweep."""
+    return [sys.executable, "-m", "grads.cli", "-m", *phase_overrides(phase, baseline),
+            f"hydra.sweep.dir={runs_dir / phase}", *overrides]  # fmt: skip
+
+
+def collect(runs_dir: Path, results_root: Path) -> None:
+    """Tables, per-item results and selected ids of the finished runs, one folder per collection;
+    the selection-stability summary when both warm-up seeds have selected."""
+    from grads.paper.poolscale_views import collect_runs, stability_report
+
+    groups: dict[str, list[Path]] = {}
+    for phase in expand(PHASES):
+        if phase == "features" or phase in STABILITY_PARTS or not (runs_dir / phase).is_dir():
+            continue
+        groups.setdefault(COLLECTION.get(phase, f"{DOMAIN}_pool"), []).append(runs_dir / phase)
+    for title, dirs in groups.items():
+        collect_runs(dirs, results_root / title, title)
+    stability_report(runs_dir, results_root)
+
+
+def run(phases: list[str], runs_dir: Path, results_root: Path, dry_run: bool, overrides) -> None:
+    """Run ``phases`` in order, collecting after each; stops at a phase with failed jobs."""
+    baseline = strongest_baseline()
+    for phase in expand(phases):
+        cmd = command(phase, baseline, runs_dir, overrides)
+        print(f"== {phase}: {shlex.join(cmd[2:])}", flush=True)
+        if dry_run:
+            continue
+        t0 = time.time()
+        rc = subprocess.run(cmd).returncode
+        minutes = (time.time() - t0) / 60
+        print(f"== {phase} {'done' if rc == 0 else f'FAILED (exit {rc})'} in {minutes:.1f} min")
+        collect(runs_dir, results_root)
+        if rc != 0:
+            raise SystemExit(f"phase {phase} had failed jobs; fix and rerun (the cache resumes)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``scripts/run_poolscale.py``."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--phases", nargs="+", default=PHASES, choices=PHASES)
+    ap.add_argument("--runs-dir", default=None, help="default: <repo>/outputs/tables/financial_pool")
+    ap.add_argument("--results-root", default=None, help="default: <repo>/results/tables")
+    ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    ap.add_argument("--collect-only", action="store_true")
+    ap.add_argument("overrides", nargs="*", help="extra overrides for every phase (key=value)")
+    args = ap.parse_args(argv)
+    runs_dir = Path(args.runs_dir or REPO_ROOT / "outputs" / "tables" / f"{DOMAIN}_pool").resolve()
+    results_root = Path(args.results_root or REPO_ROOT / "results" / "tables").resolve()
+    if args.collect_only:
+        collect(runs_dir, results_root)
+        return
+    run(args.phases, runs_dir, results_root, args.dry_run, args.overrides)

@@ -1,0 +1,200 @@
+"""What the pool-scale experiment (:mod:`grads.paper.poolscale`) writes besides the usual tables.
+
+* :func:`curve_figure`: held-out bpb and KL against the budget (log scale) for ``random`` and
+  ``grads`` (``grads_paper`` at 5 %), ``full`` and the base model as reference lines; the bottom row
+  is each method's paired difference with ``random`` and its 95 % CI.
+* :func:`pool_size_table`: the same 5 % comparisons (method − random, paired) on the committed
+  1,000-sample pool (float32), the 1,000-sample pool under bf16 autocast (the bridge) and the whole
+  pool, side by side: what changes with the pool size, and what does not.
+* :func:`stability_report`: how many of a 5 % subset's samples a second warm-up seed selects again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from grads.io import read_json, read_jsonl, write_json, write_text
+
+METRICS = ("domain_bpb", "general_kl")
+LABELS = {"domain_bpb": "held-out bpb", "general_kl": "KL(base ‖ tuned)"}
+
+
+def collect_runs(sweep_dirs: list[Path], out_dir: Path, title: str) -> None:
+    """The usual tables of the runs under ``sweep_dirs`` (:func:`grads.paper.tables.main`), their
+    selected ids and the pool's features, then the curve figure."""
+    from grads.paper.publish import publish_pool_features, publish_selections
+    from grads.paper.tables import main as report_main
+
+    dirs = [d for d in sweep_dirs if any(d.rglob("metrics.json"))]
+    if not dirs:
+        return
+    report_main([*map(str, dirs), "--out", str(out_dir), "--title", title])
+    sources: dict[str, str] = {}
+    for d in dirs:
+        sources |= publish_selections(d, out_dir / "selections")
+    if sources:
+        publish_pool_features(dirs[0].parent, out_dir / "pool_features.csv", sources)
+    rows = load_rows(out_dir / f"{title}.csv")
+    if rows:
+        curve_figure(rows, out_dir / f"curve_{title}.png")
+
+
+def load_rows(csv: Path) -> list[dict]:
+    """The collected rows of ``csv`` with their per-item results (``items``), as the paired tables
+    read them; ``[]`` when the CSV does not exist."""
+    if not csv.is_file():
+        return []
+    from grads.report.collect import read_csvs
+
+    df, items = read_csvs([csv])
+    by_job = {str(r["job"]): r["items"] for r in items or []}
+    return [{**r, "items": by_job.get(str(r.get("job")))} for r in df.to_dict("records")]
+
+
+def paired_vs_random(rows: list[dict]) -> dict[tuple[str, str, str], object]:
+    """``(budget, method, metric) -> Paired`` (method − random, same budget, seeds and items)."""
+    from grads.report.paired import paired_tables
+
+    raw: dict = {}
+    paired_tables(rows, metrics=list(METRICS), raw=raw)
+    return {(b, s, m): p for (_, b, s, m), p in raw.items()}
+
+
+def _fraction(budget: str) -> float | None:
+    return float(budget[1:]) / 100 if budget.startswith("p") and budget[1:].isdigit() else None
+
+
+def curve_figure(rows: list[dict], out: Path) -> Path | None:
+    """Budget curve: top row absolute bpb / KL per method (mean over seeds, seed std as bars),
+    bottom row the paired difference with ``random`` and its CI; ``full`` and base as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    paired = paired_vs_random(rows)
+    if not rows:
+        return None
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
+    styles = {"random": ("tab:grey", "o"), "grads": ("tab:blue", "s"), "grads_paper": ("tab:orange", "D")}
+    for j, metric in enumerate(METRICS):
+        top, bottom = axes[0][j], axes[1][j]
+        for sel, (colour, marker) in styles.items():
+            pts: dict[float, list[float]] = {}
+            for r in rows:
+                x = _fraction(str(r["budget"]))
+                if r["selector"] == sel and x is not None and r.get(metric) == r.get(metric):
+                    pts.setdefault(x, []).append(float(r[metric]))
+            if not pts:
+                continue
+            xs = sorted(pts)
+            top.errorbar(xs, [np.mean(pts[x]) for x in xs], yerr=[np.std(pts[x]) for x in xs],
+                         color=colour, marker=marker, capsize=3, label=sel)  # fmt: skip
+            diffs = [(x, paired.get((f"p{round(x * 100)}", sel, metric))) for x in xs]
+            diffs = [(x, p) for x, p in diffs if p is not None]
+            if diffs:
+                xd = [x for x, _ in diffs]
+                mean = [p.mean for _, p in diffs]
+                err = [[p.mean - p.lo for _, p in diffs], [p.hi - p.mean for _, p in diffs]]
+                bottom.errorbar(xd, mean, yerr=err, color=colour, marker=marker, capsize=3)
+        _reference_lines(top, rows, metric)
+        bottom.axhline(0, color="tab:grey", lw=1)
+        top.set_title(LABELS[metric])
+        bottom.set_ylabel(f"{LABELS[metric]} − random (95 % CI)")
+        bottom.set_xlabel("budget (fraction of the pool, log scale)")
+        bottom.set_xscale("log")
+    axes[0][0].legend(fontsize=8)
+    n_pool = max(int(r.get("n_pool") or 0) for r in rows)
+    fig.suptitle(f"financial, whole pool ({n_pool:,} samples): learning vs forgetting by budget")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120, metadata={"Software": None})
+    plt.close(fig)
+    return out
+
+
+def _reference_lines(ax, rows: list[dict], metric: str) -> None:
+    """``full`` (mean over its runs) and the base model as horizontal lines."""
+    full = [float(r[metric]) for r in rows if r["selector"] == "full" and r.get(metric) == r.get(metric)]
+    if full:
+        ax.axhline(sum(full) / len(full), color="tab:green", ls="--", lw=1, label="full")
+    base = [r.get(f"base_{metric}") for r in rows]
+    base = [float(b) for b in base if b is not None and b == b]
+    if base:
+        ax.axhline(base[0], color="black", ls=":", lw=1, label="base")
+
+
+def pool_size_table(columns: dict[str, list[dict]], budget: str = "p5") -> str:
+    """Markdown: rows = method x metric, columns = pool (``columns``: name -> collected rows), each
+    cell the paired difference with random at ``budget`` and its 95 % CI."""
+    from grads.report.paired import paired_cell
+
+    paired = {name: paired_vs_random(rows) for name, rows in columns.items()}
+    methods = sorted({s for p in paired.values() for (b, s, _) in p if b == budget})
+    head = "| method | metric | " + " | ".join(columns) + " |"
+    lines = [head, "|" + "---|" * (len(columns) + 2)]
+    for sel in methods:
+        for metric in METRICS:
+            cells = [paired_cell(metric, paired[name].get((budget, sel, metric))) for name in columns]
+            lines.append(f"| {sel} | {LABELS[metric]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _selected(run_dir: Path) -> tuple[str, set[str]] | None:
+    """``(selector, selected ids)`` of a finished job folder (``metrics.json`` → select stage)."""
+    mfile = run_dir / "metrics.json"
+    if not mfile.is_file():
+        return None
+    m = read_json(mfile)
+    sel = Path(m.get("artefacts", {}).get("select", "")) / "selection.jsonl"
+    if not sel.is_file():
+        return None
+    return str(m["selector"]), {r["id"] for r in read_jsonl(sel)}
+
+
+def overlap(a: set[str], b: set[str], n_pool: int) -> dict:
+    """Shared samples of two subsets of one pool, and what two random draws of those sizes share."""
+    k = min(len(a), len(b))
+    return {"k": k, "shared": len(a & b), "fraction": len(a & b) / k if k else None,
+            "chance": k / n_pool if n_pool else None}  # fmt: skip
+
+
+def stability_report(runs_dir: Path, results_root: Path) -> dict | None:
+    """Overlap of each 5 % subset under warm-up seed 1 with its seed-0 subset: on the whole pool
+    (seed 0 from ``main_p5``) and on the 1,000-sample pool (seed 0 from the committed selections
+    of ``results/tables/financial/selections``). Written to ``financial_pool/stability.{json,md}``."""
+    out: dict[str, dict] = {}
+    parts = {"stability_whole": runs_dir / "main_p5", "stability_1k": None}
+    for part, seed0_dir in parts.items():
+        for job in sorted(p.parent for p in (runs_dir / part).rglob("metrics.json")):
+            got = _selected(job)
+            if got is None:
+                continue
+            sel, seed1 = got
+            n_pool = int(read_json(job / "metrics.json").get("n_pool") or 0)
+            seed0 = _seed0(sel, seed0_dir, results_root)
+            if seed0:
+                out.setdefault(part, {})[sel] = overlap(seed0, seed1, n_pool)
+    if not out:
+        return None
+    folder = results_root / "financial_pool"
+    write_json(folder / "stability.json", out)
+    lines = ["| pool | method | shared of k | fraction | two random draws |", "|---|---|---|---|---|"]
+    for part, by_sel in out.items():
+        for sel, o in sorted(by_sel.items()):
+            lines.append(f"| {part.removeprefix('stability_')} | {sel} | {o['shared']} of {o['k']} "
+                         f"| {o['fraction']:.2f} | {o['chance']:.3f} |")  # fmt: skip
+    write_text(folder / "stability.md", "\n".join(lines) + "\n")
+    return out
+
+
+def _seed0(sel: str, seed0_dir: Path | None, results_root: Path) -> set[str] | None:
+    """The seed-0 subset of ``sel`` at 5 %: a job of ``seed0_dir``, or the committed selection."""
+    if seed0_dir is None:
+        f = results_root / "financial" / "selections" / f"{sel}_p5_seed0.jsonl"
+        return {r["id"] for r in read_jsonl(f)} if f.is_file() else None
+    for mfile in sorted(seed0_dir.rglob("metrics.json")):
+        got = _selected(mfile.parent)
+        if got and got[0] == sel:
+            return got[1]
+    return None

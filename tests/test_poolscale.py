@@ -1,0 +1,105 @@
+"""The pool-scale experiment's plan (grads.paper.poolscale) and its views, without training."""
+
+from __future__ import annotations
+
+import pytest
+
+from grads.paper import poolscale
+from grads.paper.poolscale_views import curve_figure, overlap, pool_size_table, stability_report
+from grads.io import write_json, write_jsonl
+
+
+def _jobs(phase: str) -> list[list[str]]:
+    """The job overrides of a phase's sweep, split as Hydra's basic sweeper splits them."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    ov = OverridesParser.create().parse_overrides(poolscale.phase_overrides(phase, "less"))
+    return BasicSweeper.split_arguments(ov, max_batch_size=None)[0]
+
+
+def test_every_phase_uses_the_whole_pool_in_bf16_except_the_references():
+    counts = {p: len(_jobs(p)) for p in poolscale.expand(poolscale.PHASES)}
+    assert counts == {"features": 1, "main_p5": 4, "full": 1, "seeds_p5": 6, "curve": 6,
+                      "bridge": 2, "stability_whole": 3, "stability_1k": 3}  # fmt: skip
+    for phase in counts:
+        ov = poolscale.phase_overrides(phase, "less")
+        assert "experiment=paper_main" in ov and "domain=financial" in ov
+        if phase == "stability_1k":  # the committed 1,000-pool tables ran in float32
+            assert "trainer.autocast=true" not in ov and not any("pool_limit" in o for o in ov)
+        else:
+            assert "trainer.autocast=true" in ov
+            limit = "domain.pool_limit=1000" if phase == "bridge" else "domain.pool_limit=null"
+            assert limit in ov
+
+
+@pytest.mark.parametrize("phase", ["main_p5", "curve", "stability_whole"])
+def test_phase_jobs_compose_and_share_the_warmup_and_features(phase):
+    """Every job of a phase composes and validates; the whole-pool jobs share one warm-up and
+    one features entry with the features phase (the cache computes them once)."""
+    from grads.config import compose_resolved
+    from grads.pipeline import job_identities
+
+    def keys(overrides):
+        ids = job_identities(compose_resolved(list(overrides)))
+        return ids["warmup"].key, ids["features"].key
+
+    shared = keys(_jobs("features")[0])
+    for job in _jobs(phase):
+        cfg = compose_resolved(list(job))
+        assert cfg["domain"]["pool_limit"] is None and cfg["trainer"]["autocast"] is True
+        if phase == "stability_whole":
+            assert cfg["warmup"]["seed"] == 1 and keys(job)[0] != shared[0]
+        else:
+            assert keys(job) == shared
+
+
+def test_curve_budget_p1_exists():
+    from grads.config import compose_resolved
+
+    assert compose_resolved(["budget=p1"])["budget"]["value"] == 0.01
+
+
+def test_overlap_counts_shared_samples_and_chance():
+    o = overlap({"a", "b", "c", "d"}, {"c", "d", "e", "f"}, n_pool=40)
+    assert o == {"k": 4, "shared": 2, "fraction": 0.5, "chance": 0.1}
+
+
+def _job(folder, selector, ids, n_pool=100):
+    sel_dir = folder / "cache_select"
+    write_jsonl(sel_dir / "selection.jsonl", [{"id": i, "rank": k} for k, i in enumerate(ids)])
+    write_json(folder / "metrics.json", {"selector": selector, "n_pool": n_pool,
+                                         "artefacts": {"select": str(sel_dir)}})  # fmt: skip
+
+
+def test_stability_report_pairs_each_selector_with_its_seed0_subset(tmp_path):
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    _job(runs / "main_p5" / "grads_p5_seed0", "grads", ["a", "b", "c", "d"])
+    _job(runs / "stability_whole" / "grads_p5_seed0", "grads", ["a", "b", "x", "y"])
+    write_jsonl(results / "financial" / "selections" / "less_p5_seed0.jsonl",
+                [{"id": i} for i in "pqrs"])  # fmt: skip
+    _job(runs / "stability_1k" / "less_p5_seed0", "less", ["p", "q", "r", "z"], n_pool=1000)
+    out = stability_report(runs, results)
+    assert out["stability_whole"]["grads"]["shared"] == 2
+    assert out["stability_1k"]["less"] == {"k": 4, "shared": 3, "fraction": 0.75, "chance": 0.004}
+    md = (results / "financial_pool" / "stability.md").read_text()
+    assert "| whole | grads | 2 of 4 | 0.50 | 0.040 |" in md
+
+
+def _rows():
+    rows = []
+    for sel, budgets in {"random": ["p1", "p5"], "grads": ["p1", "p5"], "full": ["p5"]}.items():
+        for b in budgets:
+            rows.append({"selector": sel, "budget": b, "domain": "financial", "seed": 0,
+                         "domain_bpb": 0.8, "general_kl": 0.01, "base_domain_bpb": 1.0,
+                         "base_general_kl": 0.0, "n_pool": 10617, "items": None})  # fmt: skip
+    return rows
+
+
+def test_curve_figure_and_pool_table_without_items(tmp_path):
+    """Without per-item results the figure still draws the absolute values, and the table marks
+    every paired cell as missing instead of inventing one."""
+    png = curve_figure(_rows(), tmp_path / "curve.png")
+    assert png.is_file() and png.stat().st_size > 10_000
+    md = pool_size_table({"1,000": _rows(), "whole": _rows()})
+    assert md.startswith("| method | metric | 1,000 | whole |") and "▲" not in md
