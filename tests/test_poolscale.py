@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from grads.io import write_json, write_jsonl
 from grads.paper import poolscale
 from grads.paper.poolscale_views import curve_figure, overlap, pool_size_table, stability_report
-from grads.io import write_json, write_jsonl
 
 
 def _jobs(phase: str) -> list[list[str]]:

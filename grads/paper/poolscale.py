@@ -75,7 +75,9 @@ def expand(phases: list[str]) -> list[str]:
 
 def phase_overrides(phase: str, baseline: str) -> list[str]:
     """The ``grads -m`` overrides of one phase (``baseline``: the strongest at 1,000)."""
-    per_job = "hydra.sweep.subdir=${selector.name}_${budget.name}_seed${seed}"  # reruns overwrite nothing
+    per_job = (
+        "hydra.sweep.subdir=${selector.name}_${budget.name}_seed${seed}"  # reruns overwrite nothing
+    )
     if phase == "features":
         return [*WHOLE, "selector=random", "budget=p5", "seed=0", "stages=[warmup,features]"]
     if phase == "main_p5":
@@ -139,7 +141,9 @@ def main(argv: list[str] | None = None) -> None:
     """``scripts/run_poolscale.py``."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--phases", nargs="+", default=PHASES, choices=PHASES)
-    ap.add_argument("--runs-dir", default=None, help="default: <repo>/outputs/tables/financial_pool")
+    ap.add_argument(
+        "--runs-dir", default=None, help="default: <repo>/outputs/tables/financial_pool"
+    )
     ap.add_argument("--results-root", default=None, help="default: <repo>/results/tables")
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     ap.add_argument("--collect-only", action="store_true")

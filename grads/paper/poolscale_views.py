@@ -77,7 +77,11 @@ def curve_figure(rows: list[dict], out: Path) -> Path | None:
     if not rows:
         return None
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
-    styles = {"random": ("tab:grey", "o"), "grads": ("tab:blue", "s"), "grads_paper": ("tab:orange", "D")}
+    styles = {
+        "random": ("tab:grey", "o"),
+        "grads": ("tab:blue", "s"),
+        "grads_paper": ("tab:orange", "D"),
+    }
     for j, metric in enumerate(METRICS):
         top, bottom = axes[0][j], axes[1][j]
         for sel, (colour, marker) in styles.items():
@@ -115,7 +119,9 @@ def curve_figure(rows: list[dict], out: Path) -> Path | None:
 
 def _reference_lines(ax, rows: list[dict], metric: str) -> None:
     """``full`` (mean over its runs) and the base model as horizontal lines."""
-    full = [float(r[metric]) for r in rows if r["selector"] == "full" and r.get(metric) == r.get(metric)]
+    full = [
+        float(r[metric]) for r in rows if r["selector"] == "full" and r.get(metric) == r.get(metric)
+    ]
     if full:
         ax.axhline(sum(full) / len(full), color="tab:green", ls="--", lw=1, label="full")
     base = [r.get(f"base_{metric}") for r in rows]
@@ -135,7 +141,9 @@ def pool_size_table(columns: dict[str, list[dict]], budget: str = "p5") -> str:
     lines = [head, "|" + "---|" * (len(columns) + 2)]
     for sel in methods:
         for metric in METRICS:
-            cells = [paired_cell(metric, paired[name].get((budget, sel, metric))) for name in columns]
+            cells = [
+                paired_cell(metric, paired[name].get((budget, sel, metric))) for name in columns
+            ]
             lines.append(f"| {sel} | {LABELS[metric]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -179,7 +187,10 @@ def stability_report(runs_dir: Path, results_root: Path) -> dict | None:
         return None
     folder = results_root / "financial_pool"
     write_json(folder / "stability.json", out)
-    lines = ["| pool | method | shared of k | fraction | two random draws |", "|---|---|---|---|---|"]
+    lines = [
+        "| pool | method | shared of k | fraction | two random draws |",
+        "|---|---|---|---|---|",
+    ]
     for part, by_sel in out.items():
         for sel, o in sorted(by_sel.items()):
             lines.append(f"| {part.removeprefix('stability_')} | {sel} | {o['shared']} of {o['k']} "
