@@ -5,10 +5,15 @@ axes, each cheap enough for a pool of millions (one pass, or a bounded sample):
 
 * **groups** (categorical): ``source`` (the pool source, when the domain has several), ``file``
   (the shard, when a custom pool has several) and ``template``: the record's *detected template*,
-  the longest word prefix of its prompt (up to :data:`PREFIX_WORDS` words, lower-cased, digits
-  read as 0; a chat record's first user turn) that at least :data:`MIN_TEMPLATE_SHARE` of the pool
-  (and 3 samples) share. Hand-written pools built from a few templates split into those templates;
-  a diverse pool splits into its common openings ("write a", "what is"), the rest is ``(other)``.
+  a word prefix of its prompt (lower-cased, digits read as 0; a chat record's first user turn),
+  grown word by word up to :data:`PREFIX_WORDS` words while the longer prefix is shared by at least
+  :data:`MIN_TEMPLATE_SHARE` of the pool (and 3 samples) and by at least :data:`BRANCH_SHARE` of
+  the samples with the shorter one. So "What is the capital of {country}?" stops before the
+  country (many values, each a small share), while "What is the capital ..." and "What is the sum
+  ..." become two templates. Hand-written pools built from a few templates split into those
+  templates; a diverse pool splits into its common openings ("write a", "what is"); prompts with
+  no common opening are ``(other)``. A slot filled by only a few values (at least a fifth each)
+  is read as a branch of the template.
   At most :data:`MAX_GROUPS` groups are kept (the largest in the pool; the rest are ``(other)``).
 * **answers**: the answer classes of a label-like pool (at most
   :data:`grads.selectors.balance.MAX_ANSWER_CLASSES` distinct responses), else absent.
@@ -47,6 +52,7 @@ MAX_GROUPS = 20
 OTHER = "(other)"
 PREFIX_WORDS = 6
 MIN_TEMPLATE_SHARE = 0.02
+BRANCH_SHARE = 0.2
 RANDOM_DRAWS = 2000
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 NGRAM = 3
@@ -101,6 +107,7 @@ def composition(
             "random_draws": RANDOM_DRAWS,
             "template_prefix_words": PREFIX_WORDS,
             "template_min_share": MIN_TEMPLATE_SHARE,
+            "template_branch_share": BRANCH_SHARE,
             "near_duplicate": f"word {NGRAM}-gram Jaccard >= {NEAR_JACCARD}",
             "max_duplicate_set": MAX_DUP_SET,
         },
@@ -136,15 +143,22 @@ def _prefix_words(rec: Any) -> tuple[str, ...]:
 
 
 def templates(words: Mapping[str, tuple[str, ...]]) -> dict[str, str]:
-    """Each sample's longest prompt prefix shared by enough of the pool (module docstring)."""
+    """Each sample's template: its prompt prefix, extended word by word while the longer prefix
+    is still shared by enough of the pool and by at least :data:`BRANCH_SHARE` of the samples
+    that share the shorter one (a slot filled by many values stops it; a few templates that start
+    alike branch)."""
     need = max(3, int(np.ceil(MIN_TEMPLATE_SHARE * len(words))))
     counts: Counter = Counter()
     for w in words.values():
         counts.update(w[:n] for n in range(1, len(w) + 1))
     out = {}
     for i, w in words.items():
-        best = next((w[:n] for n in range(len(w), 0, -1) if counts[w[:n]] >= need), None)
-        out[i] = " ".join(best) + " ..." if best else OTHER
+        n = 0
+        while n < len(w) and counts[w[: n + 1]] >= need:
+            if n and counts[w[: n + 1]] < BRANCH_SHARE * counts[w[:n]]:
+                break
+            n += 1
+        out[i] = " ".join(w[:n]) + " ..." if n else OTHER
     return out
 
 
