@@ -160,9 +160,7 @@ def draw_shares(ax: Any, pool: dict, subset: dict, title: str) -> None:
 def draw_quantiles(ax: Any, pool: dict, subset: dict, xlabel: str) -> None:
     """Pool and subset as two boxes from their quantiles (``{"q10", "q25", "q50", "q75", "q90"}``):
     whiskers 10-90 %, box 25-75 %, a bar at the median."""
-    for y, (name, q, color) in enumerate(
-        (("subset", subset, SUBSET_COLOR), ("pool", pool, POOL_COLOR))
-    ):
+    for y, (q, color) in enumerate(((subset, SUBSET_COLOR), (pool, POOL_COLOR))):
         ax.plot([q["q10"], q["q90"]], [y, y], color=color, lw=1.2)
         ax.barh(y, q["q75"] - q["q25"], 0.5, left=q["q25"], color=color, alpha=0.6)
         ax.plot([q["q50"], q["q50"]], [y - 0.25, y + 0.25], color="black", lw=1.5)

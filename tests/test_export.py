@@ -321,3 +321,31 @@ def test_histogram_bins_follow_the_pool_size():
     assert [histogram_bins(n) for n in (100, 10**4, 10**5)] == sorted(
         histogram_bins(n) for n in (100, 10**4, 10**5)
     )
+
+
+def test_answer_classes_and_shards_are_axes_of_a_label_pool(tmp_path):
+    from grads.data import load_records
+    from grads.export.composition import composition
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for shard in ("a", "b"):
+        rows = [
+            {
+                "question": f"Is clause {shard}{i} an exclusivity clause?",
+                "answer": "Yes" if i % 4 else "No",
+            }
+            for i in range(20)
+        ]
+        write_jsonl(folder / f"{shard}.jsonl", rows)
+    cfg = _cfg(folder, "domain.prompt=question", "domain.response=answer")
+    records, _ = load_records(cfg["domain"], cfg["data"])
+    by_id = {r.id: r for r in records}
+    picked = [r.id for r in records if r.response == "No"]  # shard a's and shard b's "No"s
+    summary = composition(by_id, list(by_id), picked)
+    answers = summary["answers"]
+    assert answers["pool"] == {"Yes": 30, "No": 10} and answers["subset"] == {"No": 10}
+    assert answers["concentrated"] and answers["total_variation"] == pytest.approx(0.75)
+    files = summary["groups"]["file"]
+    assert sorted(files["pool"].values()) == [20, 20] and not files["concentrated"]
+    assert any("concentrated by answer" in w for w in summary["warnings"])
