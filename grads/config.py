@@ -41,7 +41,7 @@ from grads.constants import PATH_ENV, conf_dir
 from grads.identity import STAGES
 
 # Nodes of conf/config.yaml whose knobs are checked against its keys and default types.
-PRIMARY_NODES = ("data", "features", "warmup", "finetune", "select")
+PRIMARY_NODES = ("data", "features", "warmup", "finetune", "select", "export")
 # Group nodes whose keys are the union over their option files (+ what the code declares).
 UNION_GROUPS = ("domain", "eval", "model", "paths", "trainer")
 TRAIN_USES = ("warmup", "finetune")
@@ -128,6 +128,12 @@ def _representations_rule(v: Any) -> str | None:
     return f"expected 'auto' or a list drawn from {list(PASSES)}, got {v!r}"
 
 
+def _export_format_rule(v: Any) -> str | None:
+    from grads.export.formats import format_problem
+
+    return format_problem(v)
+
+
 def _stages_rule(v: Any) -> str | None:
     if isinstance(v, list) and v and all(s in STAGES for s in v):
         return None
@@ -150,6 +156,9 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "features.num_threads": int_rule(lo=1, nullable=True),
     "features.representations": _representations_rule,
     "select.balance": choice_rule(None, "answer", "source"),
+    "export.enabled": choice_rule("auto", True, False),
+    "export.format": _export_format_rule,
+    "export.concentration_warning": number_rule(gt=0),
     "domain.pool_limit": int_rule(lo=1, nullable=True),
     "domain.pool_seed": int_rule(),
     # max_steps=0 used to mean "no limit" silently; -1 is the documented "off".

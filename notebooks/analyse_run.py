@@ -33,6 +33,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from grads.plots import draw_gradient_plane, histogram_bins
+
 RUN_DIR = os.environ.get("GRADS_RUN_DIR")
 if RUN_DIR is None:  # newest run under outputs/
     candidates = sorted(Path("outputs").rglob("metrics.json"), key=lambda p: p.stat().st_mtime)
@@ -70,16 +72,9 @@ features.describe().T
 fig, axes = plt.subplots(1, 3, figsize=(14, 4))
 ok = np.isfinite(features["embed"]) & np.isfinite(features["lm_head"])
 f = features[ok]
-ax = axes[0]
-ax.scatter(f.loc[~f.selected, "embed"], f.loc[~f.selected, "lm_head"], s=6, alpha=0.4, label="pool")
-ax.scatter(f.loc[f.selected, "embed"], f.loc[f.selected, "lm_head"], s=10, c="C3", label="selected")
-ax.set_xscale("log")
-ax.set_yscale("log")
-ax.set_xlabel("||dL/dE|| (input embedding)")
-ax.set_ylabel("||dL/dW|| (LM head)")
-ax.legend()
+draw_gradient_plane(axes[0], f["embed"], f["lm_head"], f["selected"])  # as in the export's plot
 for ax, col in zip(axes[1:], ["embed", "lm_head"]):
-    bins = np.logspace(np.log10(f[col].min()), np.log10(f[col].max()), 40)
+    bins = np.logspace(np.log10(f[col].min()), np.log10(f[col].max()), histogram_bins(len(f)) + 1)
     ax.hist(f[col], bins=bins, alpha=0.5, label="pool", density=True)
     ax.hist(f.loc[f.selected, col], bins=bins, alpha=0.7, label="selected", density=True)
     ax.set_xscale("log")
@@ -93,8 +88,9 @@ fig.tight_layout()
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(10, 4))
 for ax, col in zip(axes, ["loss", "n_tokens"]):
-    ax.hist(f[col], bins=40, alpha=0.5, density=True, label="pool")
-    ax.hist(f.loc[f.selected, col], bins=40, alpha=0.7, density=True, label="selected")
+    bins = histogram_bins(len(f))
+    ax.hist(f[col], bins=bins, alpha=0.5, density=True, label="pool")
+    ax.hist(f.loc[f.selected, col], bins=bins, alpha=0.7, density=True, label="selected")
     ax.set_xlabel(col)
     ax.legend()
 fig.tight_layout()
@@ -102,7 +98,7 @@ summary = f.groupby("selected")[["loss", "n_tokens", "embed", "lm_head"]].median
 summary
 
 # %% [markdown]
-# ## The selection plot written by the select stage
+# ## The selection plot written by the select stage, and the export's composition summary
 
 # %%
 from IPython.display import Image, display  # noqa: E402
@@ -110,3 +106,9 @@ from IPython.display import Image, display  # noqa: E402
 png = Path(art["select"]) / "selection.png"
 if png.exists():
     display(Image(filename=str(png)))
+exported = metrics.get("export") or {}  # domain=custom runs and grads-select (grads.export)
+for key in ("plot", "composition_plot"):
+    if exported.get(key) and Path(exported[key]).exists():
+        display(Image(filename=exported[key]))
+for line in exported.get("warnings") or []:
+    print("warning:", line)

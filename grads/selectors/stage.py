@@ -150,8 +150,12 @@ def _knobs(selector: Any) -> dict[str, Any]:
     return {"repr": repr(selector)}
 
 
-def plot_selection(selection: Selection, path: str | os.PathLike, bins: int = 120) -> Path | None:
+def plot_selection(
+    selection: Selection, path: str | os.PathLike, bins: int | None = None
+) -> Path | None:
     """Histogram of the plotted quantity over the valid pool with the selected part shaded.
+
+    ``bins`` defaults to :func:`grads.plots.histogram_bins` of the pool size.
 
     Both histograms are normalised by the pool size, so the shaded area is the selected share and
     the KDE curve (when the selector has one) overlays the pool histogram. Uses matplotlib's Agg
@@ -170,6 +174,10 @@ def plot_selection(selection: Selection, path: str | os.PathLike, bins: int = 12
     lo, hi = float(values.min()), float(values.max())
     if not hi > lo:
         lo, hi = lo - 0.5, hi + 0.5
+    if bins is None:
+        from grads.plots import histogram_bins
+
+        bins = histogram_bins(values.size)
     edges = np.linspace(lo, hi, bins + 1)
     norm = 1.0 / (values.size * (edges[1] - edges[0]))
     pool, _ = np.histogram(values, edges)

@@ -1,0 +1,272 @@
+"""Export a selection: the subset as data other trainers read, and what it is made of.
+
+Written to ``export.dir`` (default ``<run dir>/export``) after the select stage::
+
+    selected.jsonl    one record per line, best first (always)
+    selected/         the same rows as a Hugging Face datasets folder (``export.format``: datasets)
+    trl.jsonl, trl/   TRL prompt-completion records (``export.format``: trl; see .formats)
+    messages.jsonl, messages/   TRL conversational records (``export.format``: messages)
+    scores.parquet    every pool sample: features, score, rank, selected (see .scores)
+    selection.png     the pool in the gradient-norm plane, subset marked, beside the score histogram
+    composition.png   the subset against the pool by source/template, answer, length, duplicates
+    export.json       manifest: rows, files, pool, selector, budget, composition and warnings
+                      (written last)
+
+Rows of a ``domain=custom`` pool keep every original field and gain ``id`` (the sample's content
+hash, as in ``selection.jsonl``), ``score`` (the selector's score) and ``rank`` (0 = best). An
+original field already called ``id``, ``score`` or ``rank`` is kept as ``original_<name>``. Rows of
+a built-in domain hold ``id``, ``score``, ``rank``, ``source``, ``prompt``, ``response``, ``system``
+and ``messages`` (the chat turns the model was trained on).
+
+``export.json``'s ``composition`` (:mod:`grads.export.composition`) compares the subset with the
+pool; ``warnings`` lists every axis on which the subset is far more concentrated than the pool
+(also logged). ``export.enabled=auto`` exports for ``domain=custom`` and for ``grads-select``;
+``true`` / ``false`` force it. Each file is replaced atomically, so a killed export never leaves a
+half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from grads.export.formats import parse_formats
+from grads.io import atomic_path, read_json, read_jsonl, write_json, write_jsonl
+
+log = logging.getLogger(__name__)
+
+ADDED = ("id", "score", "rank")
+
+
+def is_custom(cfg: dict) -> bool:
+    """Whether the domain's pool comes from :mod:`grads.custom_pool` (sources with a builder)."""
+    return any((s or {}).get("builder") for s in cfg["domain"].get("sources") or [])
+
+
+def maybe_export(cfg: dict, select_dir: str | Path, run_dir: str | Path) -> dict:
+    """Export when ``cfg.export.enabled`` says so; returns ``{"export": manifest}`` or ``{}``."""
+    opts = cfg.get("export") or {}
+    enabled = opts.get("enabled", "auto")
+    if enabled not in ("auto", True, False):
+        raise ValueError(f"export.enabled={enabled!r}: expected auto, true or false")
+    if enabled is False or (enabled == "auto" and not is_custom(cfg)):
+        return {}
+    out = Path(str(opts.get("dir") or Path(run_dir) / "export"))
+    return {"export": export_selection(cfg, select_dir, out)}
+
+
+def export_selection(cfg: dict, select_dir: str | Path, out_dir: str | Path) -> dict:
+    """Write the selected records of ``select_dir`` to ``out_dir`` (see the module docstring).
+
+    Args:
+        cfg: the resolved run config (domain, data, selector, budget, seed, export).
+        select_dir: a completed select-stage folder (``selection.jsonl``, ``selection.json``).
+        out_dir: where to write; created if missing. Only the export's own files are replaced.
+
+    Returns:
+        The manifest written to ``export.json``.
+
+    Raises:
+        ValueError: a bad ``export.format``.
+        RuntimeError: selected ids not found in the pool (the pool changed after selection).
+    """
+    select_dir, out_dir = Path(select_dir), Path(out_dir)
+    formats = parse_formats((cfg.get("export") or {}).get("format"))
+    picks = sorted(read_jsonl(select_dir / "selection.jsonl"), key=lambda p: p["rank"])
+    records, rows, pool_info = _pool(cfg, [p["id"] for p in picks], select_dir)
+    out = [_with_selection(rows[p["id"]], p) for p in picks]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out_dir / "selected.jsonl", out)
+    files: dict[str, Any] = {"jsonl": str(out_dir / "selected.jsonl"), "dataset": None}
+    columns = list(dict.fromkeys(k for r in out for k in r))
+    if "datasets" in formats:
+        columns = save_dataset(out, out_dir / "selected")
+        files["dataset"] = str(out_dir / "selected")
+    from grads.export.formats import write_trainer_formats
+
+    files |= write_trainer_formats(formats, [records[p["id"]] for p in picks], out_dir)
+    sel = read_json(select_dir / "selection.json")
+    report = _report(cfg, sel, picks, records, select_dir, out_dir)
+    manifest = _manifest(cfg, sel, out, columns, formats, files, report, select_dir, pool_info)
+    write_json(out_dir / "export.json", manifest)
+    log.info("export: %d of %s records -> %s", len(out), sel.get("pool_size"), out_dir)
+    return manifest
+
+
+def _manifest(
+    cfg: Mapping,
+    sel: Mapping,
+    out: list,
+    columns: list,
+    formats: Sequence[str],
+    files: dict,
+    report: dict,
+    select_dir: Path,
+    pool_info: dict,
+) -> dict:
+    """The ``export.json`` manifest (``jsonl``/``dataset``/``plot`` stay top-level keys)."""
+    from grads.selectors.balance import method_name
+
+    return {
+        "rows": len(out),
+        "pool_size": sel.get("pool_size"),
+        "fields": columns,
+        "formats": list(formats),
+        "jsonl": files.pop("jsonl"),
+        "dataset": files.pop("dataset"),
+        **files,  # trl / messages: {"jsonl", "dataset"}
+        "scores": report["scores"],
+        "plot": report["plot"],
+        "composition_plot": report["composition_plot"],
+        "selector": method_name(cfg),
+        "budget": cfg["budget"].get("name"),
+        "seed": cfg.get("seed"),
+        "select_dir": str(select_dir),
+        "pool": pool_info,
+        "composition": report["composition"],
+        "warnings": report["composition"]["warnings"],
+    }
+
+
+def _pool(
+    cfg: dict, ids: list[str], select_dir: Path
+) -> tuple[dict[str, Any], dict[str, dict], dict]:
+    """The pool's records by id, the export rows of the selected ids and a pool description.
+
+    Records come from :func:`grads.data.load_records`, the loader the warm-up and features stage
+    read the pool with (same templates, system prompt, de-duplication). Rows of a custom pool are
+    its original rows; a built-in domain's are the rendered fields.
+    """
+    from grads.data import load_records, materialise_generated, messages_of
+
+    if cfg["domain"].get("generator"):
+        materialise_generated(cfg["domain"], cfg)
+    loaded, _ = load_records(cfg["domain"], cfg.get("data"))
+    records: dict[str, Any] = {}
+    for r in loaded:
+        records.setdefault(r.id, r)
+    if is_custom(cfg):
+        from grads.custom_pool import describe, selected_rows, to_jsonable
+
+        source = next(s for s in cfg["domain"]["sources"] if s.get("builder"))
+        system = (cfg.get("data") or {}).get("system_prompt")
+        rows = {i: to_jsonable(r) for i, r in selected_rows(source, ids, system).items()}
+        info = describe(source)
+    else:
+        keys = ("source", "prompt", "response", "system")
+        rows = {
+            i: {k: getattr(records[i], k) for k in keys} | {"messages": messages_of(records[i])}
+            for i in ids
+            if i in records
+        }
+        info = {"domain": cfg["domain"].get("name")}
+    missing = [i for i in ids if i not in rows or i not in records]
+    if missing:
+        raise RuntimeError(
+            f"export: {len(missing)} selected ids are not in the pool any more (first: "
+            f"{missing[:3]}); the pool changed after {select_dir} was made: re-run selection"
+        )
+    return records, rows, info
+
+
+def _report(
+    cfg: Mapping,
+    sel: Mapping,
+    picks: list[dict],
+    records: Mapping[str, Any],
+    select_dir: Path,
+    out_dir: Path,
+) -> dict:
+    """``scores.parquet``, the composition summary and the two figures."""
+    from grads.export import scores
+    from grads.export.composition import composition, group_labels
+    from grads.export.figures import composition_figure, selection_figure
+    from grads.selectors.balance import SKEW_WARNING
+
+    seed = int(sel.get("seed", cfg.get("seed")) or 0)
+    path, frame, ranked = scores.features_path(sel), None, None
+    if path is not None:
+        import pandas as pd
+
+        table = pd.read_parquet(path)
+        ranked = scores.rank_pool(cfg, table, seed, path.parent)
+        frame = scores.pool_scores(table, picks, ranked)
+        pool_ids = frame["id"].astype(str).tolist()
+        n_tokens = dict(zip(pool_ids, frame["n_tokens"].tolist())) if "n_tokens" in frame else None
+    else:
+        log.warning(
+            "export: %s names no features table that still exists; scores.parquet and the "
+            "gradient-norm plane are left out",
+            select_dir,
+        )
+        pool_ids, n_tokens = list(records), None
+    opts = cfg.get("export") or {}
+    threshold = float(opts.get("concentration_warning") or SKEW_WARNING)
+    labels = group_labels(records, pool_ids)
+    chosen = [p["id"] for p in picks]
+    comp = composition(records, pool_ids, chosen, n_tokens, threshold, seed, labels=labels)
+    out = {"composition": comp, "scores": None, "plot": None, "composition_plot": None}
+    if frame is not None:
+        scores.add_groups(frame, labels)
+        out["scores"] = str(scores.write_scores(frame, out_dir / "scores.parquet"))
+        out["plot"] = str(
+            selection_figure(frame, ranked, _title(cfg, sel, len(picks)), out_dir / "selection.png")
+        )
+    elif (select_dir / "selection.png").exists():  # no features table: the select stage's plot
+        with atomic_path(out_dir / "selection.png") as tmp:
+            shutil.copyfile(select_dir / "selection.png", tmp)
+        out["plot"] = str(out_dir / "selection.png")
+    plot = composition_figure(comp, out_dir / "composition.png")
+    out["composition_plot"] = str(plot) if plot else None
+    return out
+
+
+def _title(cfg: Mapping, sel: Mapping, k: int) -> str:
+    from grads.selectors.balance import method_name
+
+    return (
+        f"{method_name(cfg)}, budget {cfg['budget'].get('name')}: {k:,} of {sel.get('pool_size')}"
+    )
+
+
+def _with_selection(row: dict, pick: dict) -> dict:
+    """The row with ``id``/``score``/``rank`` added; clashing original fields become ``original_*``."""
+    out = {}
+    for key, value in row.items():
+        out[f"original_{key}" if key in ADDED else key] = value
+    score = pick.get("score")
+    if isinstance(score, float) and not math.isfinite(score):
+        score = None  # JSON has no NaN; a selector that does not score leaves it empty
+    return out | {"id": pick["id"], "score": score, "rank": int(pick["rank"])}
+
+
+def save_dataset(rows: list[dict], path: str | Path) -> list[str]:
+    """``Dataset.save_to_disk`` of ``rows`` (atomically); returns the column names.
+
+    Columns are the union of the rows' keys (a key missing from a row is null there). A column whose
+    values Arrow cannot hold in one type (e.g. numbers in some rows, text in others) is stored as
+    JSON text, with a warning naming it.
+    """
+    import pyarrow as pa
+    from datasets import Dataset
+
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    arrays = {}
+    for col in columns:
+        values = [r.get(col) for r in rows]
+        try:
+            arrays[col] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            log.warning("export: column %r has mixed types; stored as JSON text in %s", col, path)
+            arrays[col] = pa.array(
+                [v if isinstance(v, str) or v is None else json.dumps(v) for v in values]
+            )
+    table = pa.table(arrays) if arrays else pa.table({"id": pa.array([], pa.string())})
+    with atomic_path(path) as tmp:
+        Dataset(table).save_to_disk(str(tmp))
+    return columns
