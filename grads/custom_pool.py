@@ -47,11 +47,11 @@ from grads.data import (
     BadRecordError,
     Record,
     _infer_reader,
-    _undecodable_field,
-    _utf8_error,
     arrow_rows,
+    not_utf8_error,
     sample_id,
     skip_bad_row,
+    undecodable_field,
 )
 
 log = logging.getLogger(__name__)
@@ -418,9 +418,9 @@ def iter_records(
             problem = f"expected an object, got {type(row).__name__}"
             yield row, BadRecordError(file, row_no, None, problem, "not_an_object")
             continue
-        undecodable = _undecodable_field(row)
+        undecodable = undecodable_field(row)
         if undecodable is not None:  # the row travels to the export whole: every field counts
-            yield row, _utf8_error(file, row_no, undecodable, row)
+            yield row, not_utf8_error(file, row_no, undecodable, row)
             continue
         spec = spec or resolve_spec(source, row, file)
         build = _chat_record if spec.mode == "chat" else _template_record

@@ -14,8 +14,9 @@ file, row and field (for bytes that are not UTF-8 also the byte, its offset in t
 line); with ``skip`` every kind of bad row (invalid JSON, bytes that are not UTF-8, a CSV row with
 the wrong number of values, a missing, empty or mistyped field, an unmappable label) is skipped and
 counted per source and kind (``<source>:bad_row:<kind>``), and the first few are logged with file
-and row; the counts travel with the features stage into the run's ``metrics.json`` (``data``). Problems that would make every row bad
-(an empty file, a source whose rows all fail, an empty pool) are errors in either mode.
+and row; the counts travel with the features stage into the run's ``metrics.json`` (``data``).
+Problems that would make every row bad (an empty file, a source whose rows all fail, an empty pool)
+are errors in either mode.
 """
 
 from __future__ import annotations
@@ -90,8 +91,9 @@ DECONTAMINATE_KEYS = (
     "heldout_source",
     "frac",
 )
-# Lone surrogates: where bytes that are not UTF-8 end up after decoding with "surrogateescape".
-_UNDECODABLE = re.compile("[\udc80-\udcff]")
+# Lone surrogates: where bytes that are not UTF-8 end up after decoding with "surrogateescape"
+# (U+DC80..U+DCFF), or a JSON escape such as "\\ud800" put them; neither can be encoded as text.
+_UNDECODABLE = re.compile("[\ud800-\udfff]")
 
 
 class BadRecordError(ValueError):
@@ -120,7 +122,16 @@ class BadRecordError(ValueError):
         )
         where = str(file) + (f", row {row}" if row is not None else "")
         where += f", field '{field_name}'" if field_name else ""
-        super().__init__(f"{where}: {problem}")
+        super().__init__(_printable(f"{where}: {problem}"))
+
+
+def _printable(text: str) -> str:
+    """``text`` with undecodable bytes as ``\\xNN`` (names read from a file may hold them), so
+    that it prints anywhere."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate from a JSON escape
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class Row(dict):
@@ -176,12 +187,13 @@ def _byte_position(row: dict, field_name: str) -> tuple[int, int] | None:
     return start + rel, line + data[:rel].count(b"\n")
 
 
-def _utf8_error(file: str, row_no: int | None, field_name: str, row: dict) -> BadRecordError:
+def not_utf8_error(file: str, row_no: int | None, field_name: str, row: dict) -> BadRecordError:
     """A ``not_utf8`` error for ``row[field_name]`` (or its name) naming the byte, and its offset
     in the file and line where the reader recorded them."""
     value = _text(row.get(field_name))
     m = _UNDECODABLE.search(str(field_name)) or _UNDECODABLE.search(value)
-    byte = f"byte 0x{ord(m.group()) - 0xDC00:02x}" if m else "a byte"
+    code = ord(m.group()) if m else 0
+    byte = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"a lone \\u{code:04x}"
     pos = _byte_position(row, field_name)
     where = f" at byte offset {pos[0]}, line {pos[1]}" if pos else ""
     if not pos and m and m.string == value:
@@ -193,7 +205,7 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
 
 
-def _undecodable_field(row: dict) -> str | None:
+def undecodable_field(row: dict) -> str | None:
     """The first field whose name or text holds bytes that were not UTF-8 (nested values too)."""
     for key, value in row.items():
         if _UNDECODABLE.search(str(key)) or (
@@ -348,7 +360,7 @@ def _read_delimited(path: Path, delimiter: str) -> Iterator[tuple[int, dict | Ba
         bad = next((c for c in columns if _UNDECODABLE.search(c)), None)
         if bad is not None:
             header = Row(dict.fromkeys(columns, ""), (str(path), 0, lines.end, 1))
-            raise _utf8_error(str(path), None, bad, header)
+            raise not_utf8_error(str(path), None, bad, header)
         n, start, line = 0, lines.end, reader.line_num + 1
         for n, row in enumerate(reader, start=1):
             at, start, line = (str(path), start, lines.end, line), lines.end, reader.line_num + 1
@@ -487,9 +499,9 @@ def strict_rows(file: str, rows: Iterator[tuple[int, Any]]) -> Iterator[tuple[in
     for i, row in rows:
         if isinstance(row, BadRecordError):
             raise row
-        bad = _undecodable_field(row)
+        bad = undecodable_field(row)
         if bad is not None:
-            raise _utf8_error(file, i, bad, row)
+            raise not_utf8_error(file, i, bad, row)
         yield i, row
 
 
@@ -644,7 +656,7 @@ def _row_values(row: dict, source: Any, required: list[str], file: str, row_no: 
             problem = f"expected a string, got {type(v).__name__}"
             raise BadRecordError(file, row_no, f, problem, "wrong_type")
         if _UNDECODABLE.search(v):
-            raise _utf8_error(file, row_no, f, row)
+            raise not_utf8_error(file, row_no, f, row)
         if f in maps:
             try:
                 v = str(_label_map(v, maps[f]))
@@ -756,7 +768,7 @@ def _eval_texts(spec: Any) -> set[str]:
             continue
         value = str(value)
         if _UNDECODABLE.search(value):
-            raise _utf8_error(file, row_no, field_name, row)
+            raise not_utf8_error(file, row_no, field_name, row)
         if regex is not None:
             m = regex.search(value)
             if not m:

@@ -109,6 +109,31 @@ def test_two_bad_bytes_in_a_row_point_at_the_field_named(tmp_path):
         records_from_source(src)
 
 
+def test_bad_field_names_and_lone_surrogates_are_bad_rows_too(tmp_path):
+    """A bad byte in a field name is named printably (``\\xe9``); a JSON escape of a lone
+    surrogate cannot be text either: both are ``not_utf8`` rows, not a crash in ``sample_id``."""
+    pool = tmp_path / "pool.jsonl"
+    data = _jsonl(
+        [
+            _good_lines()[0],
+            b'{"instruction": "Say hi.", "output": "x", "caf\xe9": 1}',
+            b'{"instruction": "Say \\ud800.", "output": "x"}',
+        ]
+    )
+    pool.write_bytes(data)
+    offset, _ = _offset(data, 0xE9)
+    with pytest.raises(BadRecordError) as err:
+        records_from_custom(_custom(pool))
+    assert str(err.value) == (
+        f"{pool}, row 2, field 'caf\\xe9': not valid UTF-8 (byte 0xe9 at byte offset {offset}, "
+        "line 2)"
+    )
+    str(err.value).encode("utf-8")  # printable
+    counts = Counter()
+    assert len(records_from_custom(_custom(pool), on_bad_row="skip", counts=counts)) == 1
+    assert counts["custom:bad_row:not_utf8"] == 2
+
+
 def test_undecodable_strings_in_parquet_and_datasets_folders(tmp_path):
     """Arrow strings written unchecked: the row and column are named, not a crash of the table."""
     import datasets
