@@ -486,21 +486,42 @@ def check_domain(cfg: dict) -> list[str]:
                 problems.append(f"domain.sources[{i}].{key}: expected a template string")
     if gen or not {"warmup", "features"} & set(cfg.get("stages") or STAGES):
         return problems  # generated files appear at run time; no stage reads the pool
-    data_dir = (cfg.get("paths") or {}).get("data_dir")
-    if data_dir and not Path(data_dir).is_dir():  # one problem, not one per file
-        return problems + [
+    return problems + _missing_domain_files(domain, (cfg.get("paths") or {}).get("data_dir"))
+
+
+def _missing_domain_files(domain: dict, data_dir: Any) -> list[str]:
+    """The domain's source and decontamination files that do not exist. Only a file under the
+    data root blames the data root; any other (``domain.path``, a path of your own) is named as
+    the missing path it is."""
+    files = [
+        (f"domain.{name}[{i}].path", str(item["path"]))
+        for name in ("sources", "decontaminate")
+        for i, item in enumerate(domain.get(name) or [])
+        if item.get("enabled", True) and item.get("path")
+    ]
+    root = Path(_absolute(data_dir)) if data_dir else None
+    under = [f for f in files if root and Path(_absolute(f[1])).is_relative_to(root)]
+    if root and under and not root.is_dir():  # one problem, not one per file
+        return [
             f"paths.data_dir={data_dir}: not a folder; the domain '{domain.get('name')}' reads its "
             "files from it (set GRADS_DATA_DIR or paths.data_dir; the default is "
             "../shared/data beside the repository)"
         ]
-    for name in ("sources", "decontaminate"):
-        for i, item in enumerate(domain.get(name) or []):
-            path = item.get("path")
-            if item.get("enabled", True) and path and not Path(str(path)).exists():
-                problems.append(
-                    f"domain.{name}[{i}].path: file not found: {path} (paths.data_dir={data_dir}; "
-                    "set GRADS_DATA_DIR or paths.data_dir to the folder holding the shared data)"
-                )
+    problems = []
+    for key, path in files:
+        if Path(path).exists():
+            continue
+        given = domain.get("path")
+        if given and _absolute(given) == _absolute(path):  # the custom domain's pool
+            resolved = "" if str(given) == path else f" ({path})"
+            problems.append(f"domain.path: {given} does not exist{resolved}")
+        elif (key, path) in under:
+            problems.append(
+                f"{key}: file not found: {path} (paths.data_dir={data_dir}; "
+                "set GRADS_DATA_DIR or paths.data_dir to the folder holding the shared data)"
+            )
+        else:
+            problems.append(f"{key}: file not found: {path}")
     return problems
 
 

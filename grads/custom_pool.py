@@ -42,7 +42,17 @@ from pathlib import Path
 from typing import Any
 
 from grads.config import cfg_get
-from grads.data import READERS, BadRecordError, Record, _infer_reader, sample_id
+from grads.data import (
+    READERS,
+    BadRecordError,
+    Record,
+    _infer_reader,
+    arrow_rows,
+    not_utf8_error,
+    sample_id,
+    skip_bad_row,
+    undecodable_field,
+)
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +147,27 @@ def _read_saved(path: Path, split: str | None) -> tuple[str, Iterator[tuple[int,
         ds, where = ds[name], f"{path}[{name}]"
     elif split:
         raise ValueError(f"domain.split={split!r}: {path} holds a single Dataset, not splits")
-    return where, ((i, dict(row)) for i, row in enumerate(ds, start=1))
+    return where, _dataset_rows(ds, where)
+
+
+def _dataset_rows(ds: Any, where: str) -> Iterator[tuple[int, dict | BadRecordError]]:
+    """Rows of a ``Dataset``; from a row whose strings are not UTF-8 on, row by row, so that the
+    row is a ``not_utf8`` error naming its column (:func:`grads.data.arrow_rows`)."""
+    n = 0
+    try:
+        for row in ds:
+            n += 1
+            yield n, dict(row)
+        return
+    except UnicodeDecodeError:
+        pass
+    arrow = ds.with_format("arrow")
+    for i in range(n, len(ds)):
+        try:
+            row = dict(ds[i])
+        except UnicodeDecodeError:
+            row = next(arrow_rows(arrow[i : i + 1], where, i))[1]
+        yield i + 1, row
 
 
 def iter_rows(source: Any) -> Iterator[tuple[str, int, dict]]:
@@ -266,6 +296,7 @@ def _missing(file: str, row_no: int, row: dict, name: str) -> BadRecordError:
         name,
         f"missing field; the file has fields {have} (set domain.prompt / "
         "domain.response to templates over these)",
+        "missing_field",
     )
 
 
@@ -274,10 +305,11 @@ def _text(file: str, row_no: int, name: str, value: Any, optional: bool = False)
     if value is None and optional:
         return ""
     if isinstance(value, bool) or value is None or not isinstance(value, str | int | float):
-        raise BadRecordError(file, row_no, name, f"expected a string, got {type(value).__name__}")
+        problem = f"expected a string, got {type(value).__name__}"
+        raise BadRecordError(file, row_no, name, problem, "wrong_type")
     text = str(value).strip()
     if not text and not optional:
-        raise BadRecordError(file, row_no, name, "empty string")
+        raise BadRecordError(file, row_no, name, "empty string", "empty_field")
     return text
 
 
@@ -291,7 +323,8 @@ def _template_record(spec: PoolSpec, file: str, row_no: int, row: dict, system: 
     response = str(spec.response).format(**values).strip()
     for side, text in (("prompt", prompt), ("response", response)):
         if not text:
-            raise BadRecordError(file, row_no, None, f"the {side} template renders empty")
+            problem = f"the {side} template renders empty"
+            raise BadRecordError(file, row_no, None, problem, "empty_render")
     return Record(
         id=sample_id(prompt, response, system),
         source="custom",
@@ -313,14 +346,18 @@ def chat_turns(file: str, row_no: int, name: str, value: Any) -> tuple[str | Non
         value = value.tolist()
     if not isinstance(value, list) or not value:
         raise BadRecordError(
-            file, row_no, name, f"expected a non-empty list of turns, got {type(value).__name__}"
+            file,
+            row_no,
+            name,
+            f"expected a non-empty list of turns, got {type(value).__name__}",
+            "wrong_type",
         )
     system, turns = None, []
     for i, turn in enumerate(value):
         where = f"{name}[{i}]"
         if not isinstance(turn, dict):
             raise BadRecordError(
-                file, row_no, where, f"expected an object, got {type(turn).__name__}"
+                file, row_no, where, f"expected an object, got {type(turn).__name__}", "wrong_type"
             )
         role_raw = turn.get("role", turn.get("from"))
         role = ROLES.get(str(role_raw).lower()) if role_raw is not None else None
@@ -330,20 +367,22 @@ def chat_turns(file: str, row_no: int, name: str, value: Any) -> tuple[str | Non
                 row_no,
                 f"{where}.role",
                 f"unknown role {role_raw!r}; expected one of {list(ROLES)}",
+                "unknown_role",
             )
         content = _text(file, row_no, f"{where}.content", turn.get("content", turn.get("value")))
         if role == "system":
             if i:
-                raise BadRecordError(file, row_no, where, "a system turn is only allowed first")
+                problem = "a system turn is only allowed first"
+                raise BadRecordError(file, row_no, where, problem, "bad_turn_order")
             system = content
         else:
             turns.append({"role": role, "content": content})
     if not turns or turns[-1]["role"] != "assistant":
-        raise BadRecordError(
-            file, row_no, name, "the last turn must be the assistant's (the supervised response)"
-        )
+        problem = "the last turn must be the assistant's (the supervised response)"
+        raise BadRecordError(file, row_no, name, problem, "bad_turn_order")
     if not any(t["role"] == "user" for t in turns):
-        raise BadRecordError(file, row_no, name, "no user turn before the assistant's")
+        problem = "no user turn before the assistant's"
+        raise BadRecordError(file, row_no, name, problem, "bad_turn_order")
     return system, turns
 
 
@@ -376,10 +415,12 @@ def iter_records(
             yield row, row
             continue
         if not isinstance(row, dict):
-            yield (
-                row,
-                BadRecordError(file, row_no, None, f"expected an object, got {type(row).__name__}"),
-            )
+            problem = f"expected an object, got {type(row).__name__}"
+            yield row, BadRecordError(file, row_no, None, problem, "not_an_object")
+            continue
+        undecodable = undecodable_field(row)
+        if undecodable is not None:  # the row travels to the export whole: every field counts
+            yield row, not_utf8_error(file, row_no, undecodable, row)
             continue
         spec = spec or resolve_spec(source, row, file)
         build = _chat_record if spec.mode == "chat" else _template_record
@@ -394,7 +435,8 @@ def records_from_custom(
 ) -> list[Record]:
     """The ``builder`` of the custom domain's source: same contract as
     :func:`grads.data.records_from_source` (``on_bad_row`` = ``error`` raises the first
-    :class:`~grads.data.BadRecordError`, ``skip`` counts ``<name>:bad_row``)."""
+    :class:`~grads.data.BadRecordError`, ``skip`` counts ``<name>:bad_row`` and
+    ``<name>:bad_row:<kind>`` and logs the first few, :func:`grads.data.skip_bad_row`)."""
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"data.on_bad_row={on_bad_row!r}: expected 'error' or 'skip'")
     counts = counts if counts is not None else Counter()
@@ -404,7 +446,7 @@ def records_from_custom(
         if isinstance(rec, BadRecordError):
             if on_bad_row == "error":
                 raise rec
-            counts[f"{name}:bad_row"] += 1
+            skip_bad_row(rec, name, counts)
             continue
         rec.source = name
         out.append(rec)

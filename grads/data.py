@@ -10,11 +10,13 @@ pipeline is::
 Every sample gets a stable id (a hash of its prompt and response), so selections compare across runs.
 Bad input never raises a bare ``KeyError`` or ``UnicodeDecodeError`` and is never dropped silently:
 with ``data.on_bad_row=error`` (default) the first bad row raises :class:`BadRecordError` naming
-file, row and field; with ``skip`` every kind of bad row (invalid JSON, bytes that are not UTF-8, a
-CSV row with the wrong number of values, a missing, empty or mistyped field, an unmappable label)
-is skipped and counted per source and kind (``<source>:bad_row:<kind>``); the counts travel with the
-features stage into the run's ``metrics.json`` (``data``). Problems that would make every row bad
-(an empty file, a source whose rows all fail, an empty pool) are errors in either mode.
+file, row and field (for bytes that are not UTF-8 also the byte, its offset in the file and its
+line); with ``skip`` every kind of bad row (invalid JSON, bytes that are not UTF-8, a CSV row with
+the wrong number of values, a missing, empty or mistyped field, an unmappable label) is skipped and
+counted per source and kind (``<source>:bad_row:<kind>``), and the first few are logged with file
+and row; the counts travel with the features stage into the run's ``metrics.json`` (``data``).
+Problems that would make every row bad (an empty file, a source whose rows all fail, an empty pool)
+are errors in either mode.
 """
 
 from __future__ import annotations
@@ -89,8 +91,9 @@ DECONTAMINATE_KEYS = (
     "heldout_source",
     "frac",
 )
-# Lone surrogates: where bytes that are not UTF-8 end up after decoding with "surrogateescape".
-_UNDECODABLE = re.compile("[\udc80-\udcff]")
+# Lone surrogates: where bytes that are not UTF-8 end up after decoding with "surrogateescape"
+# (U+DC80..U+DCFF), or a JSON escape such as "\\ud800" put them; neither can be encoded as text.
+_UNDECODABLE = re.compile("[\ud800-\udfff]")
 
 
 class BadRecordError(ValueError):
@@ -98,7 +101,8 @@ class BadRecordError(ValueError):
 
     ``kind`` classifies the problem for the skip-mode counts (``invalid_json``, ``not_utf8``,
     ``not_an_object``, ``column_count``, ``missing_field``, ``wrong_type``, ``empty_field``,
-    ``unmappable``, ``empty_file``, ``all_rows_bad``).
+    ``unmappable``, ``empty_file``, ``all_rows_bad``; custom pools add ``empty_render``,
+    ``unknown_role`` and ``bad_turn_order``).
     """
 
     def __init__(
@@ -118,26 +122,115 @@ class BadRecordError(ValueError):
         )
         where = str(file) + (f", row {row}" if row is not None else "")
         where += f", field '{field_name}'" if field_name else ""
-        super().__init__(f"{where}: {problem}")
+        super().__init__(_printable(f"{where}: {problem}"))
 
 
-def _utf8_problem(text: str) -> str:
-    """Describe the first undecodable byte of a string decoded with ``surrogateescape``."""
-    m = _UNDECODABLE.search(text)
-    byte = ord(m.group()) - 0xDC00 if m else 0
-    return f"not valid UTF-8 (byte 0x{byte:02x} at character {m.start() + 1 if m else '?'})"
+def _printable(text: str) -> str:
+    """``text`` with undecodable bytes as ``\\xNN`` (names read from a file may hold them), so
+    that it prints anywhere."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate from a JSON escape
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class Row(dict):
+    """A row read from a text file whose bytes are not all UTF-8, with where those bytes are.
+
+    ``at`` is ``(file, start, end, line)``: the row's byte span in the file and the line it starts
+    on; ``keyed`` says whether the field names are written inside the span (JSON) or in a header
+    (CSV). Readers return plain dicts for every other row.
+    """
+
+    __slots__ = ("at", "keyed")
+
+    def __init__(self, row: dict, at: tuple[str, int, int, int], keyed: bool = True):
+        super().__init__(row)
+        self.at, self.keyed = at, keyed
+
+
+def _bad_bytes(data: bytes) -> list[int]:
+    """Offsets of the bytes of ``data`` that are not UTF-8 (one per ``surrogateescape`` char)."""
+    out, i = [], 0
+    while True:
+        try:
+            data[i:].decode("utf-8")
+            return out
+        except UnicodeDecodeError as exc:
+            out += range(i + exc.start, i + exc.end)
+            i += exc.end
+
+
+def _n_undecodable(text: str) -> int:
+    return len(_UNDECODABLE.findall(text))
+
+
+def _byte_position(row: dict, field_name: str) -> tuple[int, int] | None:
+    """``(byte offset in the file, line)`` of the first undecodable byte of ``row[field_name]``,
+    where the reader recorded the row's span (:class:`Row`)."""
+    if not isinstance(row, Row):
+        return None
+    file, start, end, line = row.at
+    with open(file, "rb") as fh:
+        fh.seek(start)
+        data = fh.read(end - start)
+    bad = _bad_bytes(data)
+    if not bad:
+        return None
+    # The k-th undecodable char of the row, in the order the file writes keys and values.
+    k, total = None, 0
+    for key, value in row.items():
+        if key == field_name:
+            k = total
+        total += (_n_undecodable(str(key)) if row.keyed else 0) + _n_undecodable(_text(value))
+    rel = bad[k] if k is not None and total == len(bad) else bad[0]
+    return start + rel, line + data[:rel].count(b"\n")
+
+
+def not_utf8_error(file: str, row_no: int | None, field_name: str, row: dict) -> BadRecordError:
+    """A ``not_utf8`` error for ``row[field_name]`` (or its name) naming the byte, and its offset
+    in the file and line where the reader recorded them."""
+    value = _text(row.get(field_name))
+    m = _UNDECODABLE.search(str(field_name)) or _UNDECODABLE.search(value)
+    code = ord(m.group()) if m else 0
+    byte = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"a lone \\u{code:04x}"
+    pos = _byte_position(row, field_name)
+    where = f" at byte offset {pos[0]}, line {pos[1]}" if pos else ""
+    if not pos and m and m.string == value:
+        where = f" at character {m.start() + 1} of the value"
+    return BadRecordError(file, row_no, field_name, f"not valid UTF-8 ({byte}{where})", "not_utf8")
 
 
 def _text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
 
 
-def _undecodable_field(row: dict) -> str | None:
-    """The first field whose text holds bytes that were not UTF-8 (nested values included)."""
+def undecodable_field(row: dict) -> str | None:
+    """The first field whose name or text holds bytes that were not UTF-8 (nested values too)."""
     for key, value in row.items():
-        if isinstance(value, str | dict | list) and _UNDECODABLE.search(_text(value)):
+        if _UNDECODABLE.search(str(key)) or (
+            isinstance(value, str | dict | list) and _UNDECODABLE.search(_text(value))
+        ):
             return str(key)
     return None
+
+
+# Skipped rows logged one by one (file, row, problem); the rest are counted per kind only.
+LOGGED_BAD_ROWS = 5
+
+
+def skip_bad_row(exc: BadRecordError, name: str, counts: Counter) -> None:
+    """Skip mode: count a bad row as ``<name>:bad_row`` and ``<name>:bad_row:<kind>``; the first
+    :data:`LOGGED_BAD_ROWS` of a source are logged with file and row."""
+    counts[f"{name}:bad_row"] += 1
+    counts[f"{name}:bad_row:{exc.kind}"] += 1
+    n = counts[f"{name}:bad_row"]
+    if n <= LOGGED_BAD_ROWS:
+        log.warning("data: %s: skipped a bad row (%s): %s", name, exc.kind, exc)
+    elif n == LOGGED_BAD_ROWS + 1:
+        log.warning(
+            "data: %s: skipping more bad rows; metrics.json counts them per kind (data)", name
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -146,11 +239,12 @@ def _undecodable_field(row: dict) -> str | None:
 # problems with the whole file (empty, not parseable at all) raise.
 # --------------------------------------------------------------------------------------------------
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict | BadRecordError]]:
-    n = 0
+    n, pos = 0, 0
     with open(path, "rb") as fh:
         for i, raw in enumerate(fh, start=1):
-            if i == 1:
-                raw = raw.removeprefix(codecs.BOM_UTF8)
+            start, pos = pos, pos + len(raw)
+            if i == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw, start = raw[len(codecs.BOM_UTF8) :], start + len(codecs.BOM_UTF8)
             line = raw.decode("utf-8", errors="surrogateescape")
             if not line.strip():
                 continue
@@ -158,9 +252,11 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict | BadRecordError]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                extra = (
-                    f"; the line is also {_utf8_problem(line)}" if _UNDECODABLE.search(line) else ""
-                )
+                extra = ""
+                if _UNDECODABLE.search(line):
+                    first = _bad_bytes(raw)[0]
+                    extra = f"; the line is also not valid UTF-8 (byte 0x{raw[first]:02x} at "
+                    extra += f"byte offset {start + first})"
                 yield i, BadRecordError(
                     str(path), i, None, f"invalid JSON ({exc.msg}, column {exc.colno}){extra}",
                     kind="invalid_json",
@@ -170,7 +266,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict | BadRecordError]]:
                 problem = f"expected a JSON object, got {type(obj).__name__}"
                 yield i, BadRecordError(str(path), i, None, problem, kind="not_an_object")
                 continue
-            yield i, obj
+            yield i, Row(obj, (str(path), start, pos, i)) if _UNDECODABLE.search(line) else obj
     if n == 0:
         raise BadRecordError(str(path), None, None, "empty file (no JSON lines)", kind="empty_file")
 
@@ -188,24 +284,86 @@ def _read_json(path: Path) -> Iterator[tuple[int, dict | BadRecordError]]:
             str(path), exc.lineno, None, f"invalid JSON ({exc.msg}, column {exc.colno})",
             kind="invalid_json",
         ) from exc  # fmt: skip
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+    if not isinstance(obj, dict | list):
+        problem = f"expected a list or an object of records, got {type(obj).__name__}"
+        raise BadRecordError(str(path), None, None, problem, "not_an_object")
+    items = list(obj.items() if isinstance(obj, dict) else enumerate(obj))
+    spans = _json_spans(path, text, len(items)) if _UNDECODABLE.search(text) else None
     for i, (key, rec) in enumerate(items, start=1):
         if not isinstance(rec, dict):
             problem = f"expected an object, got {type(rec).__name__}"
             yield i, BadRecordError(str(path), i, None, problem, kind="not_an_object")
             continue
-        yield i, {"_key": str(key), **rec}
+        row = {"_key": str(key), **rec}
+        yield i, Row(row, spans[i - 1]) if spans else row
+
+
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+def _json_spans(path: Path, text: str, n: int) -> list[tuple[str, int, int, int]] | None:
+    """``(file, start byte, end byte, line)`` of each top-level item of a valid JSON list or
+    object (an object's item starts at its key); ``None`` when they do not pair with the
+    ``n`` items read (duplicate keys)."""
+    dec, i = json.JSONDecoder(), _WS.match(text).end()
+    opener = text[i]
+    close, i = "]" if opener == "[" else "}", _WS.match(text, i + 1).end()
+    chars: list[tuple[int, int]] = []
+    while text[i] != close:
+        start = i
+        if opener == "{":  # the key, the colon
+            i = _WS.match(text, dec.raw_decode(text, i)[1]).end() + 1
+            i = _WS.match(text, i).end()
+        i = dec.raw_decode(text, i)[1]
+        chars.append((start, i))
+        i = _WS.match(text, i).end()
+        i = _WS.match(text, i + 1).end() if text[i] == "," else i
+    if len(chars) != n:
+        return None
+    with open(path, "rb") as fh:
+        bom = len(codecs.BOM_UTF8) if fh.read(3) == codecs.BOM_UTF8 else 0
+    spans, byte, line, last = [], bom, 1, 0
+    for a, b in chars:  # characters -> bytes: each undecodable byte is one char
+        byte += len(text[last:a].encode("utf-8", "surrogateescape"))
+        line += text.count("\n", last, a)
+        end = byte + len(text[a:b].encode("utf-8", "surrogateescape"))
+        spans.append((str(path), byte, end, line))
+        line += text.count("\n", a, b)
+        byte, last = end, b
+    return spans
+
+
+class _Lines:
+    """The lines of a binary file decoded with ``surrogateescape`` (``\\n``, ``\\r\\n`` and
+    ``\\r`` end a line, as in universal newlines), with the byte offset after the last one read."""
+
+    def __init__(self, fh):
+        self.fh, self.end = fh, 0
+
+    def __iter__(self) -> Iterator[str]:
+        for i, chunk in enumerate(self.fh):
+            if i == 0 and chunk.startswith(codecs.BOM_UTF8):
+                chunk, self.end = chunk[len(codecs.BOM_UTF8) :], len(codecs.BOM_UTF8)
+            for raw in chunk.splitlines(keepends=True):
+                self.end += len(raw)
+                yield raw.decode("utf-8", errors="surrogateescape")
 
 
 def _read_delimited(path: Path, delimiter: str) -> Iterator[tuple[int, dict | BadRecordError]]:
     """CSV/TSV rows as dicts; a row with more or fewer values than the header has is bad."""
-    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
-        reader = csv.DictReader(fh, delimiter=delimiter)
+    with open(path, "rb") as fh:
+        lines = _Lines(fh)
+        reader = csv.DictReader(lines, delimiter=delimiter)
         columns = reader.fieldnames
         if not columns:
             raise BadRecordError(str(path), None, None, "empty file (no header row)", "empty_file")
-        n = 0
+        bad = next((c for c in columns if _UNDECODABLE.search(c)), None)
+        if bad is not None:
+            header = Row(dict.fromkeys(columns, ""), (str(path), 0, lines.end, 1))
+            raise not_utf8_error(str(path), None, bad, header)
+        n, start, line = 0, lines.end, reader.line_num + 1
         for n, row in enumerate(reader, start=1):
+            at, start, line = (str(path), start, lines.end, line), lines.end, reader.line_num + 1
             extra, short = row.pop(None, None), [c for c in columns if row.get(c) is None]
             if extra or short:
                 got = len(columns) + len(extra or []) - len(short)
@@ -215,15 +373,42 @@ def _read_delimited(path: Path, delimiter: str) -> Iterator[tuple[int, dict | Ba
                 field_name = short[0] if short else None
                 yield n, BadRecordError(str(path), n, field_name, problem, kind="column_count")
                 continue
-            yield n, row
+            undecodable = any(_UNDECODABLE.search(v) for v in row.values())
+            yield n, Row(row, at, keyed=False) if undecodable else row
     if n == 0:
         raise BadRecordError(str(path), None, None, "no data rows under the header", "empty_file")
 
 
-def _read_parquet(path: Path) -> Iterator[tuple[int, dict]]:
+def _read_parquet(path: Path) -> Iterator[tuple[int, dict | BadRecordError]]:
     import pyarrow.parquet as pq
 
-    yield from enumerate(pq.read_table(path).to_pylist(), start=1)
+    yield from arrow_rows(pq.read_table(path), str(path))
+
+
+def arrow_rows(table: Any, file: str, n: int = 0) -> Iterator[tuple[int, dict | BadRecordError]]:
+    """Rows of a ``pyarrow.Table``, numbered from ``n + 1``; a row whose strings are not UTF-8
+    (writers that do not check) is a ``not_utf8`` error naming its column, not a crash."""
+    for batch in table.to_batches(max_chunksize=4096):
+        try:
+            rows = batch.to_pylist()
+        except UnicodeDecodeError:
+            rows = [_arrow_row(batch.slice(r, 1), file, n + r + 1) for r in range(batch.num_rows)]
+        for row in rows:
+            n += 1
+            yield n, row
+
+
+def _arrow_row(one: Any, file: str, row_no: int) -> dict | BadRecordError:
+    """The only row of a one-row ``pyarrow`` table or batch, or the error of its first bad column."""
+    row = {}
+    for name, column in zip(one.schema.names, one.columns, strict=True):
+        try:
+            row[name] = column[0].as_py()
+        except UnicodeDecodeError as exc:
+            byte = exc.object[exc.start]
+            problem = f"not valid UTF-8 (byte 0x{byte:02x} at byte {exc.start} of the value)"
+            return BadRecordError(file, row_no, name, problem, "not_utf8")
+    return row
 
 
 def _read_pubmedqa(path: Path, split: str = "train", test_file: str = "test_ground_truth.json"):
@@ -314,9 +499,9 @@ def strict_rows(file: str, rows: Iterator[tuple[int, Any]]) -> Iterator[tuple[in
     for i, row in rows:
         if isinstance(row, BadRecordError):
             raise row
-        bad = _undecodable_field(row)
+        bad = undecodable_field(row)
         if bad is not None:
-            raise BadRecordError(file, i, bad, _utf8_problem(_text(row[bad])), "not_utf8")
+            raise not_utf8_error(file, i, bad, row)
         yield i, row
 
 
@@ -471,7 +656,7 @@ def _row_values(row: dict, source: Any, required: list[str], file: str, row_no: 
             problem = f"expected a string, got {type(v).__name__}"
             raise BadRecordError(file, row_no, f, problem, "wrong_type")
         if _UNDECODABLE.search(v):
-            raise BadRecordError(file, row_no, f, _utf8_problem(v), "not_utf8")
+            raise not_utf8_error(file, row_no, f, row)
         if f in maps:
             try:
                 v = str(_label_map(v, maps[f]))
@@ -508,7 +693,7 @@ def records_from_source(
     Args:
         source: a ``domain.sources`` entry.
         on_bad_row: ``error`` raises at the first bad row; ``skip`` skips it and counts it in
-            ``counts`` as ``<name>:bad_row`` and ``<name>:bad_row:<kind>``.
+            ``counts`` as ``<name>:bad_row`` and ``<name>:bad_row:<kind>`` (:func:`skip_bad_row`).
         system: optional system prompt (part of the sample id).
         counts: a Counter to add read/filtered/bad counts to.
 
@@ -538,8 +723,7 @@ def records_from_source(
             if on_bad_row == "error":
                 raise
             bad.append(exc)
-            counts[f"{name}:bad_row"] += 1
-            counts[f"{name}:bad_row:{exc.kind}"] += 1
+            skip_bad_row(exc, name, counts)
             continue
         prompt, response = prompt_t.format(**values), response_t.format(**values)
         out.append(
@@ -563,7 +747,8 @@ def records_from_source(
             "all_rows_bad",
         )
     if bad:
-        log.warning("data: %s: skipped %d bad rows (first: %s)", name, len(bad), bad[0])
+        kinds = dict(Counter(b.kind for b in bad))
+        log.warning("data: %s: skipped %d bad rows %s", name, len(bad), kinds)
     return out
 
 
@@ -583,7 +768,7 @@ def _eval_texts(spec: Any) -> set[str]:
             continue
         value = str(value)
         if _UNDECODABLE.search(value):
-            raise BadRecordError(file, row_no, field_name, _utf8_problem(value), "not_utf8")
+            raise not_utf8_error(file, row_no, field_name, row)
         if regex is not None:
             m = regex.search(value)
             if not m:

@@ -408,24 +408,47 @@ def _yaml(path: Path) -> Any:
     return _YAML[key]
 
 
+def _includes(path: Path, raw: Any) -> list[Path]:
+    """The files a task YAML's ``include`` names: a string or a list, each relative to the YAML's
+    folder unless absolute (lm-eval's ``tasks._yaml_loader.load_yaml``)."""
+    inc = raw.get("include") if isinstance(raw, dict) else None
+    names = inc if isinstance(inc, list) else [inc]
+    out = []
+    for name in names:
+        if isinstance(name, str) and name:
+            p = Path(name).expanduser()
+            out.append(p if p.is_absolute() else path.parent / p)
+    return out
+
+
 def _include_chain(path: Path) -> list[Path]:
-    """A task YAML followed by the files its ``include`` chain names."""
-    chain = [Path(path)]
-    while True:
-        raw = _yaml(chain[-1])
-        inc = raw.get("include") if isinstance(raw, dict) else None
-        nxt = chain[-1].parent / inc if isinstance(inc, str) else None
-        if nxt is None or not nxt.exists() or nxt in chain:
-            return chain
-        chain.append(nxt)
+    """A task YAML followed by every file its ``include`` chain names (depth first, each once)."""
+    chain: list[Path] = []
+    seen: set[Path] = set()
+
+    def visit(p: Path) -> None:
+        if p.resolve() in seen or not p.exists():
+            return
+        seen.add(p.resolve())
+        chain.append(p)
+        for inc in _includes(p, _yaml(p)):
+            visit(inc)
+
+    visit(Path(path))
+    return chain
 
 
-def _task_yaml(path: Path) -> dict:
-    """A task YAML with its ``include`` chain merged (the including file's keys win)."""
+def _task_yaml(path: Path, _seen: frozenset[Path] = frozenset()) -> dict:
+    """A task YAML with its ``include`` chain merged as lm-eval merges it: the included files in
+    order, each with its own includes, then the including file's keys (which win)."""
+    raw = _yaml(path)
+    raw = raw if isinstance(raw, dict) else {}
+    seen = _seen | {Path(path).resolve()}
     merged: dict = {}
-    for p in reversed(_include_chain(path)):
-        raw = _yaml(p)
-        merged.update(raw if isinstance(raw, dict) else {})
+    for inc in _includes(path, raw):
+        if inc.exists() and inc.resolve() not in seen:
+            merged.update(_task_yaml(inc, seen))
+    merged.update(raw)
     return merged
 
 
@@ -499,11 +522,19 @@ def eval_data_identity(
 ) -> dict:
     """Content of the data files the local tasks behind ``names`` read.
 
-    Files are found declaratively: the loader's string arguments (the YAML's ``dataset_kwargs``,
-    else the loader's defaults) that name a file or folder under the data root, and the generated
-    files a ``path_key`` points at (synthetic tasks). Never an absolute path.
+    Files are found declaratively, as lm-eval reads them:
+
+    * ``custom_dataset`` loaders: their string arguments (the YAML's ``dataset_kwargs``, else the
+      loader's defaults) that name a file or folder under the data root; for tasks outside the
+      packaged folder also under the task YAML's folder or the working directory. A ``path_key``
+      points at a generated file instead (synthetic tasks).
+    * ``dataset_path`` tasks (``datasets.load_dataset``, e.g. ``dataset_path: json`` with
+      ``dataset_kwargs: {data_files: ...}``): see :func:`_dataset_files`.
+
+    Keys hold content and relative names, never an absolute path.
     """
     from grads.evaluation.harness import data_dir_of
+    from grads.evaluation.tasks import TASKS_DIR
 
     leaves, _, _ = _task_closure(cfg, names)
     memo: dict[Path, str] = {}  # one folder serves many leaves (LegalBench, MMLU)
@@ -528,9 +559,71 @@ def eval_data_identity(
             out[leaf] = content(Path(target)) if target else None
             continue
         fn = _function(task.get("custom_dataset"))
-        files = referenced_files(fn, kwargs, [root])
-        out[leaf] = {_relative(p, [root]): content(p) for p in files} or None
+        if fn is None and task.get("dataset_path"):
+            out[leaf] = _dataset_files(task, content)
+            continue
+        roots = [root]
+        if not _is_under(path, TASKS_DIR):  # a user's task: its own folder, the working directory
+            roots += [Path(path).parent, Path.cwd()]
+        files = referenced_files(fn, kwargs, roots)
+        out[leaf] = {_relative(p, roots): content(p) for p in files} or None
     return out
+
+
+def _is_under(path: Path, folder: Path) -> bool:
+    return Path(path).resolve().is_relative_to(Path(folder).resolve())
+
+
+_GLOB = frozenset("*?[")
+
+
+def _dataset_files(task: Mapping, content: Callable[[Path], str]) -> dict | None:
+    """The local files ``datasets.load_dataset(dataset_path, **dataset_kwargs)`` reads, which is
+    how lm-eval loads a task without ``custom_dataset``.
+
+    Resolved as ``datasets`` resolves them: ``dataset_path`` a local folder (relative to the
+    working directory) is read whole; otherwise (a packaged builder such as ``json``, or a hub id)
+    ``data_files`` are relative to ``dataset_kwargs.data_dir`` or else the working directory, and a
+    ``data_dir`` without ``data_files`` is read whole. ``data_files`` may be a string, a list or a
+    dict of splits, with glob patterns; a URL or a name with no local file (a hub repository's) is
+    kept as written (the YAML's text is keyed already). ``None`` when nothing is local.
+    """
+    import glob
+
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES as PACKAGED
+
+    kwargs = dict(task.get("dataset_kwargs") or {})
+    cwd = Path.cwd()
+    name = str(task["dataset_path"])
+    dataset = Path(name).expanduser()
+    dataset = dataset if dataset.is_absolute() else cwd / dataset
+    data_dir = kwargs.get("data_dir") if isinstance(kwargs.get("data_dir"), str) else None
+    out: dict[str, Any] = {}
+    if name not in PACKAGED and dataset.exists():  # a packaged builder's name wins (as in datasets)
+        out["dataset_path"] = content(dataset)
+        base = dataset / data_dir if data_dir else dataset
+    else:
+        base = (cwd / Path(data_dir).expanduser()) if data_dir else cwd
+        if data_dir and base.is_dir() and kwargs.get("data_files") is None:
+            out["data_dir"] = content(base)
+
+    def files(spec: Any) -> Any:
+        if isinstance(spec, Mapping):
+            return {str(k): files(v) for k, v in spec.items()}
+        if isinstance(spec, list | tuple):
+            return [files(v) for v in spec]
+        if not isinstance(spec, str) or "://" in spec:
+            return spec
+        p = Path(spec).expanduser()
+        p = p if p.is_absolute() else base / p
+        if _GLOB & set(spec):
+            found = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
+            return {_relative(f, [base]): content(f) for f in found} if found else spec
+        return content(p) if p.exists() else spec
+
+    if kwargs.get("data_files") is not None:
+        out["data_files"] = files(kwargs["data_files"])
+    return out or None
 
 
 def _relative(path: Path, roots: Iterable[Path]) -> str:
