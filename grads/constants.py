@@ -63,7 +63,7 @@ def budget_label(kind: str, value: Any) -> str:
     ``${grads.budget_label:${.kind},${.value}}`` in ``conf/budget`` makes the label follow the value
     actually used (``budget=n100 budget.value=15`` is ``n15``); the budget files' own values give
     their file names, so their labels (and the cache keys that hash them) are unchanged. A value
-    that is not a valid budget still gets a label: the config validation names the problem.
+    that is not a valid budget gets ``<kind>=<value>`` (the config validation names the problem).
     """
     if kind == "auto":
         return "auto"
