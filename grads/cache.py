@@ -9,7 +9,10 @@ Safe under concurrent jobs (joblib, SLURM arrays) sharing one cache folder:
   who it waits for, and then reuses the first job's result.
 * **A private work folder per attempt**, ``<key>.<host>-<pid>-<nonce>.partial``. An attempt left by
   a killed or interrupted job is adopted (renamed) by the next holder of the lock, so training stages
-  resume from their checkpoints; nobody else ever writes into it.
+  resume from their checkpoints; nobody else ever writes into it. An attempt that *fails* (the
+  stage raises an ``Exception``: bad data, a bad budget, a bug) is removed at once, unless it holds
+  a training checkpoint (:data:`RESUMABLE`): what a stopped stage (``StageInterrupted``), Ctrl-C
+  or a kill leaves is what the same command resumes from, nothing else is left behind.
 * **Done is written last.** On completion the attempt gets ``stage.json``, ``identity.json`` (what
   the key hashes, with a readable summary) and ``manifest.json`` (size and SHA-256 of every file);
   every file and folder is fsynced, then ``DONE`` is written and synced, and the folder is renamed
@@ -20,8 +23,9 @@ Safe under concurrent jobs (joblib, SLURM arrays) sharing one cache folder:
 * **A hit is checked**: every manifest file must exist with its size; an entry that fails is moved
   aside and recomputed (``grads-cache verify`` re-hashes the content).
 
-``hits`` / ``misses`` count per instance; ``<root>/events.jsonl`` records every hit, miss, wait and
-stale owner across jobs. ``grads-cache ls|verify|gc`` (:func:`main`) lists, checks and cleans it.
+``hits`` / ``misses`` count per instance; ``<root>/events.jsonl`` records every hit, miss, wait,
+failure (and whether its folder was kept) and stale owner across jobs. ``grads-cache ls|verify|gc``
+(:func:`main`) lists, checks and cleans it; a missing cache folder is an error, not an empty cache.
 """
 
 from __future__ import annotations
