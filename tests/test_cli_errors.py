@@ -173,7 +173,7 @@ def test_grads_cache_on_a_missing_root_fails(tmp_path, cmd):
 
 
 def test_grads_report_user_errors(tmp_path):
-    report = _script("grads-report", "grads.report")
+    report = _script("grads-report", "grads.paper.tables")
     res = _run([*report, str(tmp_path / "no_sweep")], tmp_path)
     assert res.returncode == 1 and "no such folder" in res.stderr
     res = _run([*report, "--from-csv", str(tmp_path / "missing.csv")], tmp_path)
