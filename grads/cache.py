@@ -9,7 +9,10 @@ Safe under concurrent jobs (joblib, SLURM arrays) sharing one cache folder:
   who it waits for, and then reuses the first job's result.
 * **A private work folder per attempt**, ``<key>.<host>-<pid>-<nonce>.partial``. An attempt left by
   a killed or interrupted job is adopted (renamed) by the next holder of the lock, so training stages
-  resume from their checkpoints; nobody else ever writes into it.
+  resume from their checkpoints; nobody else ever writes into it. An attempt that *fails* (the
+  stage raises an ``Exception``: bad data, a bad budget, a bug) is removed at once, unless it holds
+  a training checkpoint (:data:`RESUMABLE`): what a stopped stage (``StageInterrupted``), Ctrl-C
+  or a kill leaves is what the same command resumes from, nothing else is left behind.
 * **Done is written last.** On completion the attempt gets ``stage.json``, ``identity.json`` (what
   the key hashes, with a readable summary) and ``manifest.json`` (size and SHA-256 of every file);
   every file and folder is fsynced, then ``DONE`` is written and synced, and the folder is renamed
@@ -20,8 +23,9 @@ Safe under concurrent jobs (joblib, SLURM arrays) sharing one cache folder:
 * **A hit is checked**: every manifest file must exist with its size; an entry that fails is moved
   aside and recomputed (``grads-cache verify`` re-hashes the content).
 
-``hits`` / ``misses`` count per instance; ``<root>/events.jsonl`` records every hit, miss, wait and
-stale owner across jobs. ``grads-cache ls|verify|gc`` (:func:`main`) lists, checks and cleans it.
+``hits`` / ``misses`` count per instance; ``<root>/events.jsonl`` records every hit, miss, wait,
+failure (and whether its folder was kept) and stale owner across jobs. ``grads-cache ls|verify|gc``
+(:func:`main`) lists, checks and cleans it; a missing cache folder is an error, not an empty cache.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from grads.errors import UserError, reported
 from grads.io import read_json, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -50,6 +55,19 @@ EVENTS = "events.jsonl"
 LOCKS = ".locks"
 PARTIAL = ".partial"
 BASE_EVAL = "eval_base"
+# A failed attempt holding one of these (relative to its work folder) is kept for the next attempt
+# to resume: the pointer to the last complete training checkpoint (grads.training.checkpoints,
+# written under grads.training.settings.CKPT_DIR).
+RESUMABLE = ("checkpoints/latest",)
+
+
+def resumable_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` interrupted a stage rather than failed it: the stages' ``StageInterrupted``
+    (stopped early, e.g. ``stop_after_steps``) or a ``BaseException`` that is not an ``Exception``
+    (``KeyboardInterrupt`` from Ctrl-C, ``SystemExit``)."""
+    from grads.stages.base import StageInterrupted
+
+    return not isinstance(exc, Exception) or isinstance(exc, StageInterrupted)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,7 +322,9 @@ class StageCache:
         """Return the completed folder for ``(stage, key)``, running ``fn(work_dir)`` on a miss.
 
         ``identity`` (what the key hashes, plus a ``summary``) is saved as ``identity.json``.
-        If ``fn`` raises, its work folder is kept for the next attempt to resume.
+        If ``fn`` raises, its work folder is kept for the next attempt to resume when the attempt
+        was interrupted or holds a training checkpoint, and removed otherwise (see
+        :meth:`_after_failure`).
         """
         final = self.final(stage, key)
         if self._usable(stage, key):
@@ -323,10 +343,26 @@ class StageCache:
             try:
                 info = fn(work) or {}
             except BaseException as exc:
-                self.event(stage, key, "failed", error=type(exc).__name__)
+                kept = self._after_failure(stage, work, exc)
+                self.event(stage, key, "failed", error=type(exc).__name__, kept=kept)
                 raise
             self._publish(stage, key, work, info, identity, time.time() - t0)
         return final
+
+    def _after_failure(self, stage: str, work: Path, exc: BaseException) -> bool:
+        """Keep the work folder of an interrupted or resumable attempt, remove a failed one.
+
+        Kept (the same command resumes from it): an interruption (a stage's
+        ``StageInterrupted``, Ctrl-C, ``SystemExit``: anything :func:`resumable_failure` accepts)
+        and an attempt holding a resumable training checkpoint (:data:`RESUMABLE`). Any other
+        exception is a failure whose half-written folder nothing would reuse: it is removed.
+        Returns whether the folder was kept.
+        """
+        if resumable_failure(exc) or any((work / rel).exists() for rel in RESUMABLE):
+            log.warning("[%s] keeping %s: the same command resumes from it", stage, work)
+            return True
+        shutil.rmtree(work, ignore_errors=True)
+        return False
 
     def _usable(self, stage: str, key: str) -> bool:
         """Done and intact (every manifest file present with its size); else quarantined."""
@@ -540,6 +576,9 @@ def cmd_ls(root: Path, stage: str | None) -> int:
 
 
 def cmd_verify(root: Path, stage: str | None, keys: list[str]) -> int:
+    unknown = sorted(set(keys) - {r["key"] for r in scan(root)})
+    if unknown:
+        raise UserError(f"no cache entry with key {', '.join(unknown)} in {root}")
     bad = 0
     table = []
     for r in scan(root):
@@ -578,10 +617,16 @@ def referenced_keys(
             from omegaconf import OmegaConf
 
             refs |= _config_refs(OmegaConf.to_container(OmegaConf.load(c), resolve=True), str(c))
+    from hydra.errors import HydraException
+
     from grads.config import compose_resolved
 
     for overrides in configs:
-        refs |= _config_refs(compose_resolved(overrides.split(), validate=False), overrides)
+        try:
+            resolved = compose_resolved(overrides.split(), validate=False)
+        except HydraException as exc:  # an unknown option or a malformed override
+            raise UserError(f"--config {overrides!r}: {exc}") from exc
+        refs |= _config_refs(resolved, overrides)
     return refs
 
 
@@ -649,6 +694,9 @@ def cmd_gc(root: Path, runs: list[Path], configs: list[str], yes: bool) -> int:
     return 0
 
 
+_DEFAULT_ROOT = "$GRADS_CACHE_DIR, else $GRADS_OUTPUT_DIR/cache, else ./outputs/cache"
+
+
 def default_root() -> Path:
     """``$GRADS_CACHE_DIR``, else ``$GRADS_OUTPUT_DIR/cache``, else ``./outputs/cache`` (as the
     ``paths`` config resolves them)."""
@@ -659,8 +707,30 @@ def default_root() -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """``grads-cache ls|verify|gc``: list, check and clean the stage cache."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    with reported("grads-cache", args.verbose):
+        root = args.root or default_root()
+        if not root.is_dir():
+            how = "--root" if args.root else "the default: " + _DEFAULT_ROOT
+            raise UserError(f"no cache folder at {root} ({how}): nothing to {args.cmd}")
+        if args.cmd == "ls":
+            return cmd_ls(root, args.stage)
+        if args.cmd == "verify":
+            return cmd_verify(root, args.stage, args.keys)
+        missing = [str(r) for r in args.runs if not Path(r).exists()]
+        if missing:  # a typo must not make every entry look unreferenced
+            raise UserError(f"--runs: no such folder {', '.join(missing)}")
+        return cmd_gc(root, args.runs, args.config, args.yes)
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="grads-cache", description=main.__doc__)
-    p.add_argument("--root", type=Path, default=None, help="cache folder (default: %(default)s)")
+    p.add_argument(
+        "--root", type=Path, default=None, help=f"cache folder (default: {_DEFAULT_ROOT})"
+    )
+    verbose = "show the traceback of a user error (a missing folder, a bad --config)"
+    p.add_argument("-v", "--verbose", action="store_true", help=verbose)
     sub = p.add_subparsers(dest="cmd", required=True)
     ls = sub.add_parser("ls", help="entries with their config summary and size; event counts")
     ls.add_argument("--stage")
@@ -668,6 +738,8 @@ def main(argv: list[str] | None = None) -> int:
     ver.add_argument("--stage")
     ver.add_argument("keys", nargs="*")
     gc = sub.add_parser("gc", help="remove partial/corrupt/legacy entries and unreferenced ones")
+    for cmd in (ls, ver, gc):  # -v after the command too; unset there, the top-level value stays
+        cmd.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
     gc.add_argument(
         "--runs",
         type=Path,
@@ -682,14 +754,7 @@ def main(argv: list[str] | None = None) -> int:
         help='Hydra overrides of a config whose entries are kept, e.g. "experiment=demo"',
     )
     gc.add_argument("--yes", action="store_true", help="delete (default: dry run)")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    root = args.root or default_root()
-    if args.cmd == "ls":
-        return cmd_ls(root, args.stage)
-    if args.cmd == "verify":
-        return cmd_verify(root, args.stage, args.keys)
-    return cmd_gc(root, args.runs, args.config, args.yes)
+    return p
 
 
 if __name__ == "__main__":

@@ -3,6 +3,10 @@
 Nothing heavy is imported here, so ``grads --help`` and ``grads --cfg job ...`` stay instant. Library
 modules never import this one: the config folder and the repository root live in
 :mod:`grads.constants`.
+
+User errors (:mod:`grads.errors`: a bad config value, a malformed record, a missing file) print
+as their message alone and exit with status 1 (:func:`grads.errors.hydra_reported`);
+``HYDRA_FULL_ERROR=1`` shows their traceback. Other errors keep Hydra's traceback.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 from grads.constants import conf_dir
+from grads.errors import hydra_reported
 
 # An absolute path: Hydra would otherwise resolve a relative one as a Python module when the app is
 # started through the console script. GRADS_CONF_DIR points elsewhere (see grads.constants).
@@ -22,9 +27,10 @@ def _app(cfg: DictConfig) -> float | tuple[float, ...] | None:
     from grads.objective import check_objective, objective_value
     from grads.pipeline import run
 
-    check_objective(cfg)  # a bad objective fails before the run, not after training
-    # The configured metric(s) of metrics.json, for sweepers that optimise (hydra/sweeper=optuna).
-    return objective_value(cfg, run(cfg))
+    with hydra_reported():
+        check_objective(cfg)  # a bad objective fails before the run, not after training
+        # The configured metric(s) of metrics.json, for sweepers that optimise (hydra/sweeper=optuna).
+        return objective_value(cfg, run(cfg))
 
 
 def main() -> None:

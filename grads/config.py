@@ -38,6 +38,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from grads.constants import PATH_ENV, conf_dir
+from grads.errors import UserError
 from grads.identity import STAGES
 
 # Nodes of conf/config.yaml whose knobs are checked against its keys and default types.
@@ -64,7 +65,7 @@ def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """One or more config problems; the message lists each as ``key: problem (allowed ...)``."""
 
     def __init__(self, problems: list[str]):

@@ -8,15 +8,18 @@
 * :data:`IGNORE_INDEX`: the label of tokens without loss (prompt, padding), as in PyTorch's
   ``cross_entropy(ignore_index=-100)`` and Hugging Face's collators.
 
-Importing this module registers the ``grads.repo_root`` OmegaConf resolver that ``conf/paths``
-uses, so any code that composes the config (the CLI, tests, scripts) resolves paths the same way.
-Nothing heavy is imported here.
+Importing this module registers the OmegaConf resolvers the configs use (``grads.repo_root`` in
+``conf/paths``, ``grads.budget_label`` in ``conf/budget``, ``grads.join``), so any code that
+composes the config (the CLI, tests, scripts) resolves it the same way. Nothing heavy is imported
+here.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -54,6 +57,25 @@ def conf_dir() -> Path:
     return path
 
 
+def budget_label(kind: str, value: Any) -> str:
+    """A budget's short label: ``p<percent>`` (fraction), ``n<count>`` (count) or ``auto``.
+
+    ``${grads.budget_label:${.kind},${.value}}`` in ``conf/budget`` makes the label follow the value
+    actually used (``budget=n100 budget.value=15`` is ``n15``); the budget files' own values give
+    their file names, so their labels (and the cache keys that hash them) are unchanged. A value
+    that is not a valid budget gets ``<kind>=<value>`` (the config validation names the problem).
+    """
+    if kind == "auto":
+        return "auto"
+    number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if kind == "count" and number and value >= 1 and float(value).is_integer():
+        return f"n{int(value)}"
+    if kind == "fraction" and number and 0 < value <= 1:
+        pct = float(value) * 100
+        return f"p{int(pct)}" if pct.is_integer() else f"p{pct:g}"
+    return f"{kind}={value}"
+
+
 if not OmegaConf.has_resolver("grads.repo_root"):
     # ${grads.repo_root:} in conf/paths/default.yaml: defaults that do not depend on where grads
     # is started from (the data beside the checkout, one output/cache folder for every run).
@@ -63,3 +85,6 @@ if not OmegaConf.has_resolver("grads.join"):
     # ${grads.join:${selector.layers}} -> "embed+lm_head": readable method names for sweeps over a
     # list-valued knob (conf/experiment/paper_ablation.yaml names each rule x source combination).
     OmegaConf.register_new_resolver("grads.join", lambda items, sep="+": sep.join(map(str, items)))
+
+if not OmegaConf.has_resolver("grads.budget_label"):
+    OmegaConf.register_new_resolver("grads.budget_label", budget_label)

@@ -36,6 +36,7 @@ from typing import Any
 
 from grads.config import cfg_get
 from grads.constants import IGNORE_INDEX
+from grads.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ DECONTAMINATE_KEYS = (
 _UNDECODABLE = re.compile("[\ud800-\udfff]")
 
 
-class BadRecordError(ValueError):
+class BadRecordError(UserError, ValueError):
     """A record that cannot be turned into a training sample; the message names file, row and field.
 
     ``kind`` classifies the problem for the skip-mode counts (``invalid_json``, ``not_utf8``,

@@ -32,6 +32,7 @@ from typing import Any
 
 from grads.config import cfg_get
 from grads.data import Record, decontaminate, normalise_text, records_from_source, sample_id
+from grads.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ DEFAULT_SALT = "grads-heldout-v1"
 HELDOUT_VERSION = 1
 
 
-class HeldoutConfigError(ValueError):
+class HeldoutConfigError(UserError, ValueError):
     """A domain's ``heldout`` block is malformed (the message names the key)."""
 
 

@@ -339,12 +339,29 @@ class Projector:
 # --------------------------------------------------------------------------------------------------
 # Passes over a list of tokenised samples
 # --------------------------------------------------------------------------------------------------
-def _batches(samples: Sequence[dict], batch_size: int):
-    """Longest-first batches of ``(positions, samples)`` (little padding, stable order)."""
+def _batches(samples: Sequence[dict], batch_size: int, progress: str | None = None):
+    """Longest-first batches of ``(positions, samples)`` (little padding, stable order).
+
+    ``progress``: the description of a tqdm bar (samples done, rate, ETA), or ``None`` for none.
+    The bar advances when the caller asks for the next batch, i.e. after a batch is processed.
+    """
+    from tqdm.auto import tqdm
+
     order = sorted(range(len(samples)), key=lambda i: (-len(samples[i]["input_ids"]), i))
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        yield idx, [samples[i] for i in idx]
+    bar = tqdm(
+        total=len(order),
+        desc=progress,
+        unit="sample",
+        disable=progress is None,
+        dynamic_ncols=True,
+    )
+    try:
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            yield idx, [samples[i] for i in idx]
+            bar.update(len(idx))
+    finally:
+        bar.close()
 
 
 def lora_grad_matrix(
@@ -355,6 +372,7 @@ def lora_grad_matrix(
     batch_size: int = 8,
     adam: tuple[Any, Any, Sequence[float], float] | None = None,
     buffer_bytes: int = 1 << 28,
+    progress: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Projected, unit-normalised LoRA gradients of ``samples`` (rows in input order).
 
@@ -367,6 +385,7 @@ def lora_grad_matrix(
         adam: ``(m, v, betas, eps)`` to Adam-precondition (LESS's pool gradients) or ``None``.
         buffer_bytes: dense projection: per-sample gradients are buffered up to this size so each
             generated projection block serves many samples.
+        progress: description of the progress bar (``None``: no bar).
 
     Returns:
         ``(matrix, norms)``: float32 ``[n, d]`` unit rows (NaN for samples without supervised
@@ -397,7 +416,7 @@ def lora_grad_matrix(
         pending.clear()
 
     buffered = 0
-    for idx, batch in _batches(samples, batch_size):
+    for idx, batch in _batches(samples, batch_size, progress):
         b = collate(batch, pad_id, "right")
         g, n_tok = per_sample_lora_grads(model, **b)
         if adam is not None:
@@ -442,13 +461,19 @@ def pooled_hidden(model, input_ids, attention_mask, pooling: str = "weighted_mea
 
 
 def hidden_matrix(
-    model, samples: Sequence[dict], pad_id: int, batch_size: int = 8, pooling: str = "weighted_mean"
+    model,
+    samples: Sequence[dict],
+    pad_id: int,
+    batch_size: int = 8,
+    pooling: str = "weighted_mean",
+    progress: str | None = None,
 ) -> np.ndarray:
-    """:func:`pooled_hidden` of every sample, float32 ``[n, D]`` in input order (not normalised)."""
+    """:func:`pooled_hidden` of every sample, float32 ``[n, D]`` in input order (not normalised);
+    ``progress``: description of the progress bar (``None``: no bar)."""
     from grads.data import collate
 
     out: np.ndarray | None = None
-    for idx, batch in _batches(samples, batch_size):
+    for idx, batch in _batches(samples, batch_size, progress):
         b = collate(batch, pad_id, "right")
         rep = pooled_hidden(model, b["input_ids"], b["attention_mask"], pooling).cpu().numpy()
         if out is None:
@@ -562,6 +587,15 @@ def _pad_id(tok) -> int:
     return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
+def _bar_label(cfg: dict, what: str):
+    """``part -> bar description`` for a pass over ``part`` (pool or target), or ``None`` for no
+    bar: bars are shown on rank 0 when ``features.progress`` is on, as the features pass does."""
+    from grads.dist import rank
+
+    show = bool((cfg.get("features") or {}).get("progress", True)) and rank() == 0
+    return lambda part: f"{what} ({part})" if show else None
+
+
 def _lora_pass(cfg: dict, warmup_dir, pool: list[dict], target: list[dict] | None, s: dict):
     """LESS's gradient features of pool (Adam-preconditioned when possible) and target (plain)."""
     from grads.selectors.base import Representation
@@ -588,12 +622,15 @@ def _lora_pass(cfg: dict, warmup_dir, pool: list[dict], target: list[dict] | Non
             adam = (m, v, ws.betas, ws.eps)
     t_load = time.perf_counter() - t0
     kw = {"batch_size": int(s["batch_size"]), "buffer_bytes": int(s["buffer_bytes"])}
+    bar = _bar_label(cfg, "LESS LoRA gradients")
     (pool_m, pool_norm), t_pool = timed(
-        lora_grad_matrix, model, pool, _pad_id(tok), proj, adam=adam, **kw
+        lora_grad_matrix, model, pool, _pad_id(tok), proj, adam=adam, progress=bar("pool"), **kw
     )
     tgt_m, t_tgt = None, 0.0
     if target is not None:
-        (tgt_m, _), t_tgt = timed(lora_grad_matrix, model, target, _pad_id(tok), proj, **kw)
+        (tgt_m, _), t_tgt = timed(
+            lora_grad_matrix, model, target, _pad_id(tok), proj, progress=bar("target"), **kw
+        )
     meta = {
         "lora_source": source,
         "n_lora_params": proj.dim,
@@ -636,9 +673,12 @@ def _hidden_pass(cfg: dict, pool: list[dict], target: list[dict] | None, s: dict
     model.to(_device()).eval()
     t_load = time.perf_counter() - t0
     kw = {"batch_size": int(s["batch_size"]), "pooling": s["pooling"]}
-    pool_m, t_pool = timed(hidden_matrix, model, pool, _pad_id(tok), **kw)
+    bar = _bar_label(cfg, "RDS+ hidden states")
+    pool_m, t_pool = timed(hidden_matrix, model, pool, _pad_id(tok), progress=bar("pool"), **kw)
     tgt_m, t_tgt = (
-        (None, 0.0) if target is None else timed(hidden_matrix, model, target, _pad_id(tok), **kw)
+        (None, 0.0)
+        if target is None
+        else timed(hidden_matrix, model, target, _pad_id(tok), progress=bar("target"), **kw)
     )
     meta = {
         "model": "base",

@@ -6,7 +6,8 @@ The practitioner's path: bring a pool, take the subset GrADS picks as files a tr
 
 It composes the same config as ``grads`` (every override works: ``model=``, ``selector=``,
 ``budget=``, ``trainer=``...), runs only the first three stages (sharing their cache with ``grads``)
-and always exports (:mod:`grads.export`). Nothing heavy is imported at module level.
+and always exports (:mod:`grads.export`). Nothing heavy is imported at module level. User errors
+print as one message, as in ``grads`` (:func:`grads.errors.hydra_reported`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import hydra
 from omegaconf import DictConfig
 
 from grads.constants import conf_dir
+from grads.errors import hydra_reported
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,8 @@ def select(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
 def _app(cfg: DictConfig) -> None:
-    select(cfg)
+    with hydra_reported():  # a user error prints as one message
+        select(cfg)
 
 
 def main() -> None:

@@ -38,11 +38,12 @@ from pathlib import Path
 from typing import Any
 
 from grads.config import cfg_get
+from grads.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class TargetConfigError(ValueError):
+class TargetConfigError(UserError, ValueError):
     """A target set that is missing, malformed, or would use evaluation test items."""
 
 

@@ -23,6 +23,7 @@ from grads.cache import (
     main,
     scan,
 )
+from grads.errors import UserError
 from tests.conftest import REPO
 
 # A stage that appends one log row per step (resuming after the rows already written), counts its
@@ -106,20 +107,49 @@ def test_a_killed_holder_is_named_and_its_attempt_resumed(tmp_path):
     assert event_counts(tmp_path / "cache")["warmup"]["stale_owner"] == 1
 
 
-def test_a_failed_stage_keeps_its_work_folder_quietly(tmp_path, caplog):
+def test_a_failed_stage_leaves_no_work_folder(tmp_path, caplog):
     cache = StageCache(tmp_path)
 
     def boom(work: Path):
         (work / "half.txt").write_text("x")
-        raise RuntimeError("interrupted")
+        raise RuntimeError("bad input")
 
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="bad input"):
         cache.get_or_run("select", "k", boom)
+    assert not list((tmp_path / "select").glob("*.partial"))  # nothing left to resume or clean
     assert not (tmp_path / "select" / ".locks" / "k.owner.json").exists()  # released cleanly
+    assert event_counts(tmp_path, by_key=True)[("select", "k")] == {"miss": 1, "failed": 1}
     seen = []
     out = cache.get_or_run("select", "k", lambda w: seen.append(sorted(os.listdir(w))))
-    assert seen == [["half.txt"]] and (out / DONE).exists()
-    assert "stale" not in caplog.text
+    assert seen == [[]] and (out / DONE).exists()  # the next attempt starts from scratch
+    assert "stale" not in caplog.text and "resuming" not in caplog.text
+
+
+@pytest.mark.parametrize("stop", ["interrupted", "ctrl-c", "checkpointed failure"])
+def test_an_interrupted_or_checkpointed_stage_keeps_its_work_folder_to_resume(tmp_path, stop):
+    from grads.stages import StageInterrupted
+
+    cache = StageCache(tmp_path)
+    raised = {
+        "interrupted": StageInterrupted("stopped after 2 steps"),
+        "ctrl-c": KeyboardInterrupt(),
+        "checkpointed failure": RuntimeError("the node went away"),
+    }[stop]
+
+    def stops(work: Path):
+        (work / "checkpoints").mkdir()
+        if stop == "checkpointed failure":  # a published training checkpoint (Checkpoints.save)
+            (work / "checkpoints" / "latest").write_text("step_2\n")
+        (work / "train_log.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+        raise raised
+
+    with pytest.raises(type(raised)):
+        cache.get_or_run("finetune", "k", stops)
+    assert len(list((tmp_path / "finetune").glob("k.*.partial"))) == 1
+    seen = []
+    out = cache.get_or_run("finetune", "k", lambda w: seen.append(_rows(w)))
+    assert seen == [[1, 2]] and (out / DONE).exists()  # the same command resumed the attempt
+    assert not list((tmp_path / "finetune").glob("*.partial"))
 
 
 def test_entry_layout_and_damaged_entries_are_recomputed(tmp_path, caplog):
@@ -195,6 +225,32 @@ def test_cli_ls_verify_gc(tmp_path, capsys):
     assert left == {("warmup", "w1"), ("features", "f1"), ("select", "s1")}  # s1 and its inputs
     assert (root / "synthetic" / "seed0").exists()
     assert main(["--root", str(root), "verify"]) == 0
+
+
+@pytest.mark.parametrize("cmd", [["ls"], ["verify"], ["gc"]])
+def test_cli_fails_on_a_missing_root(tmp_path, capsys, cmd):
+    missing = tmp_path / "nonexistent"
+    with pytest.raises(SystemExit) as exit_:
+        main(["--root", str(missing), *cmd])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert f"grads-cache: error: no cache folder at {missing} (--root)" in err
+    assert "Traceback" not in err and not missing.exists()
+    with pytest.raises(UserError, match="no cache folder"):  # -v: the exception itself
+        main(["--root", str(missing), *cmd, "-v"])
+
+
+def test_cli_rejects_a_missing_runs_folder_and_an_unknown_key(tmp_path, capsys):
+    root = tmp_path / "cache"
+    StageCache(root).get_or_run("select", "s1", lambda w: (w / "x.txt").write_text("1") and None)
+    for argv, problem in (
+        (["gc", "--runs", str(tmp_path / "typo"), "--yes"], "--runs: no such folder"),
+        (["verify", "s9"], "no cache entry with key s9"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--root", str(root), *argv])
+        assert exit_.value.code == 1 and problem in capsys.readouterr().err
+    assert [r["key"] for r in scan(root)] == ["s1"]  # the typo deleted nothing
 
 
 # --------------------------------------------------------------------------------------------------

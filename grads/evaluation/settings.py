@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from grads.config import as_dict
+from grads.errors import UserError
 from grads.evaluation.tasks import TASKS_DIR
 
 # Generated tasks and the key of their file in grads.synthetic.materialise()'s result.
@@ -45,7 +46,7 @@ EVAL_DEFAULTS: dict[str, Any] = {
 }
 
 
-class TaskConfigError(ValueError):
+class TaskConfigError(UserError, ValueError):
     """A requested evaluation task that is unknown, malformed, or whose data cannot be loaded."""
 
 

@@ -15,6 +15,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from grads.errors import UserError, reported
 from grads.evaluation.metrics import ITEM_METRICS
 from grads.io import write_text
 from grads.paper.decisions import DECISION_METRICS, ablation_summary, default_decision
@@ -310,8 +311,6 @@ def ablation_tables(paired: dict[str, object], metric_label: str) -> dict[str, o
 
 def main(argv: list[str] | None = None) -> None:
     """``grads-report SWEEP_DIR [--out DIR]`` or ``grads-report --from-csv results.csv``."""
-    import pandas as pd
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
         "sweep_dir", nargs="*", help="sweep/run folders to collect (searched recursively)"
@@ -333,16 +332,29 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--paired-metrics", nargs="+", default=None, help=f"default: {' '.join(PAIRED_METRICS)}"
     )
+    ap.add_argument(
+        "-v", "--verbose", action="store_true", help="show the traceback of a user error"
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not args.from_csv and not args.sweep_dir:
+        ap.error("give a sweep folder or --from-csv")
+    with reported("grads-report", args.verbose):  # a missing folder or CSV: one message
+        _report(args)
+
+
+def _report(args: argparse.Namespace) -> None:
+    """:func:`main` after parsing: collect (or read the CSVs), filter, render, print."""
+    import pandas as pd
+
     if args.from_csv:
         df, items = read_csvs([Path(p) for p in args.from_csv])
         out = Path(args.out or Path(args.from_csv[0]).parent)
     else:
-        if not args.sweep_dir:
-            ap.error("give a sweep folder or --from-csv")
         rows, missing = [], []
         for d in args.sweep_dir:
+            if not Path(d).is_dir():
+                raise UserError(f"no such folder: {d}")
             r, m = collect(d, keep_items=True)
             rows += r
             missing += m

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import numpy as np
 import pandas as pd
 
-from grads.selectors.budget import Budget, parse_budget
+from grads.selectors.budget import Budget, BudgetError, parse_budget
 
 log = logging.getLogger(__name__)
 
@@ -339,12 +339,12 @@ def resolve_size(
     """Turn a budget into a sample count for a selector.
 
     Raises:
-        ValueError: for ``auto`` with a selector that cannot choose its size, or for budgets that
+        BudgetError: for ``auto`` with a selector that cannot choose its size, or for budgets that
             do not fit the valid pool (see :meth:`Budget.resolve`).
     """
     if budget.is_auto:
         if not supports_auto:
-            raise ValueError(
+            raise BudgetError(
                 f"budget=auto is only valid for selectors that choose their own size (the adaptive "
                 f"KDE rule, selector=grads_adaptive, or selector=full); selector {selector!r} needs "
                 f"a fraction or count budget such as budget=p5"
@@ -352,7 +352,7 @@ def resolve_size(
         if auto_size is None:
             raise ValueError(f"selector {selector!r} did not provide an automatic size")
         if auto_size < 1:
-            raise ValueError(f"selector {selector!r} chose an empty subset under budget=auto")
+            raise BudgetError(f"selector {selector!r} chose an empty subset under budget=auto")
         return int(auto_size)
     return budget.resolve(n_valid)
 

@@ -14,7 +14,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from grads.constants import budget_label
+from grads.errors import UserError
+
 KINDS = ("fraction", "count", "auto")
+
+
+class BudgetError(UserError, ValueError):
+    """A budget that is malformed or that the pool cannot satisfy (the message names the value)."""
 
 
 @dataclass(frozen=True)
@@ -29,7 +36,7 @@ class Budget:
             derived from ``kind``/``value`` when omitted.
 
     Raises:
-        ValueError: on an unknown kind, a missing/extra value, a fraction outside (0, 1] or a
+        BudgetError: on an unknown kind, a missing/extra value, a fraction outside (0, 1] or a
             count below 1, with the offending value in the message.
     """
 
@@ -39,25 +46,25 @@ class Budget:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"budget kind must be one of {KINDS}, got {self.kind!r}")
+            raise BudgetError(f"budget kind must be one of {KINDS}, got {self.kind!r}")
         value = self.value
         if self.kind == "auto":
             if value is not None:
-                raise ValueError(f"budget kind 'auto' takes no value, got value={value!r}")
+                raise BudgetError(f"budget kind 'auto' takes no value, got value={value!r}")
         elif value is None or isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"budget kind {self.kind!r} needs a numeric value, got {value!r}")
+            raise BudgetError(f"budget kind {self.kind!r} needs a numeric value, got {value!r}")
         elif self.kind == "fraction":
             if not (math.isfinite(value) and 0 < value <= 1):
-                raise ValueError(
+                raise BudgetError(
                     f"fraction budget must be in (0, 1] (a share of the pool), got {value!r}; "
                     "use kind=count for an absolute number of samples"
                 )
             object.__setattr__(self, "value", float(value))
         else:  # count
             if not (math.isfinite(value) and float(value).is_integer()):
-                raise ValueError(f"count budget must be a whole number, got {value!r}")
+                raise BudgetError(f"count budget must be a whole number, got {value!r}")
             if value < 1:
-                raise ValueError(f"count budget must be >= 1 sample, got {value!r}")
+                raise BudgetError(f"count budget must be >= 1 sample, got {value!r}")
             object.__setattr__(self, "value", int(value))
         if self.name is None:
             object.__setattr__(self, "name", _default_name(self.kind, self.value))
@@ -74,19 +81,19 @@ class Budget:
         at least one sample.
 
         Raises:
-            ValueError: for an empty pool, a count larger than the pool, or ``auto`` (which only
+            BudgetError: for an empty pool, a count larger than the pool, or ``auto`` (which only
                 a selector that chooses its own size can resolve).
         """
         if n_pool < 1:
-            raise ValueError(f"budget {self.name}: the pool is empty (0 valid samples)")
+            raise BudgetError(f"budget {self.name}: the pool is empty (0 valid samples)")
         if self.kind == "auto":
-            raise ValueError(
+            raise BudgetError(
                 "budget 'auto' cannot be resolved to a size by itself: only selectors that pick "
                 "their own size accept it (selector=grads_adaptive or selector=full)"
             )
         if self.kind == "count":
             if self.value > n_pool:
-                raise ValueError(
+                raise BudgetError(
                     f"count budget {self.name} asks for {self.value} samples but the pool has only "
                     f"{n_pool} valid samples; use a smaller count or a fraction"
                 )
@@ -98,12 +105,7 @@ class Budget:
 
 
 def _default_name(kind: str, value: float | int | None) -> str:
-    if kind == "auto":
-        return "auto"
-    if kind == "count":
-        return f"n{value}"
-    pct = value * 100
-    return f"p{pct:g}" if not float(pct).is_integer() else f"p{int(pct)}"
+    return budget_label(kind, value)  # the one definition: conf/budget's labels use it too
 
 
 _SHORT = re.compile(r"^(?:(?P<p>p)(?P<pv>\d+(?:\.\d+)?)|(?P<n>n)(?P<nv>\d+))$")
@@ -117,7 +119,7 @@ def parse_budget(spec: Budget | Mapping | str | float | int) -> Budget:
     or an int >= 1 (count).
 
     Raises:
-        ValueError: on anything else, naming what was given.
+        BudgetError: on anything else, naming what was given.
     """
     if isinstance(spec, Budget):
         return spec
@@ -133,12 +135,12 @@ def parse_budget(spec: Budget | Mapping | str | float | int) -> Budget:
         try:
             num = float(s)
         except ValueError:
-            raise ValueError(
+            raise BudgetError(
                 f"cannot parse budget {spec!r}: expected p<percent>, n<count>, auto or a number"
             ) from None
         return parse_budget(int(num) if num.is_integer() and num > 1 else num)
     if isinstance(spec, bool):
-        raise ValueError(f"cannot parse budget {spec!r}")
+        raise BudgetError(f"cannot parse budget {spec!r}")
     if isinstance(spec, int):
         return Budget("count", spec)
     if isinstance(spec, float):
@@ -147,8 +149,8 @@ def parse_budget(spec: Budget | Mapping | str | float | int) -> Budget:
         d = {str(k): spec[k] for k in spec if str(k) != "_target_"}
         unknown = set(d) - {"kind", "value", "name"}
         if unknown:
-            raise ValueError(f"unknown budget keys {sorted(unknown)}; expected kind, value, name")
+            raise BudgetError(f"unknown budget keys {sorted(unknown)}; expected kind, value, name")
         if "kind" not in d:
-            raise ValueError(f"budget config needs a 'kind' ({', '.join(KINDS)}), got {d}")
+            raise BudgetError(f"budget config needs a 'kind' ({', '.join(KINDS)}), got {d}")
         return Budget(d["kind"], d.get("value"), d.get("name"))
-    raise ValueError(f"cannot parse budget of type {type(spec).__name__}: {spec!r}")
+    raise BudgetError(f"cannot parse budget of type {type(spec).__name__}: {spec!r}")
