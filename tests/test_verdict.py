@@ -146,6 +146,19 @@ def test_plan_sets_a_heldout_split_aside_and_shares_warmup_and_features(tmp_path
     assert len({k["select"] for k in keys}) == len(jobs)  # selector x seed x budget
 
 
+def test_the_reference_runs_at_each_compared_size():
+    from grads.verdict.runner import reference_jobs
+
+    base = {"selector": {"name": "grads"}, "seed": 0, "budget": {"name": "p5"}}
+    ref = {"_target_": "grads.selectors.random.RandomSelector", "name": "random"}
+    jobs = reference_jobs(base, ref, [0, 1], {"grads": 50, "ifd": 27}, ref_size=50)
+    assert [j.name for j in jobs] == ["random-n27-s0", "random-n27-s1", "random-s0", "random-s1"]
+    assert [j.size for j in jobs] == [27, 27, 50, 50]
+    assert jobs[2].cfg["budget"] == {"name": "p5"}  # the composed budget where it gives that size
+    assert jobs[0].cfg["budget"]["kind"] == "count" and jobs[0].cfg["budget"]["value"] == 27
+    assert all(j.cfg["select"]["balance"] is None and j.role == "reference" for j in jobs)
+
+
 def test_a_domain_with_its_own_heldout_keeps_it_and_eval_none_is_refused(tmp_path):
     cfg = compose_verdict(
         ["domain=synthetic", "model=tiny", f"paths.output_dir={tmp_path}", "verdict.heldout=5"]
@@ -173,6 +186,59 @@ def test_heldout_split_of_a_custom_pool_holds_its_own_records(tmp_path):
     assert len(held) == 24 and all((r.prompt, r.response) in rows for r in held)
     assert not {r.id for r in held} & {r.id for r in pool}
     assert all(r.prompt != GARBAGE_PROMPT for r in held)  # the planted cluster stays in the pool
+
+
+def test_cost_estimate_counts_the_runs_left_and_their_tokens(tmp_path):
+    from grads.verdict import cost
+
+    cfg = _custom(tmp_path, ["verdict.selectors=[length]", "budget=n100", "finetune.epochs=2"])
+    s = verdict_settings(cfg)
+    base, nodes, ref, info = plan.prepare_base(cfg, s)
+    profile = cost.pool_profile(base)
+    assert profile["n_pool"] == 211  # 235 distinct samples less the 24 held out
+    per = profile["tokens_per_sample"]
+    assert 20 < per < 256 and profile["pool_tokens"] == pytest.approx(211 * per)
+    jobs = [plan.make_job(base, n, seed, "compared") for n in [*nodes, ref] for seed in (0, 1)]
+    tokens = cost.token_plan(base, jobs, profile, info)
+    assert tokens["warmup"] == {"runs": 1, "tokens": pytest.approx(211 * per), "cached": False}
+    assert tokens["features"]["tokens"] == pytest.approx(211 * per)  # one pass: no IFD, no LESS
+    assert tokens["finetune"]["runs"] == 4
+    assert tokens["finetune"]["tokens"] == pytest.approx(4 * 100 * 2 * per)
+    rates = {k: {"tok_s": v, "source": "test"} for k, v in s.tok_s.items()}
+    secs = cost.seconds(tokens, rates)
+    assert secs["finetune"] == pytest.approx(4 * 100 * 2 * per / s.tok_s["finetune"])
+    assert secs["total"] == pytest.approx(sum(v for k, v in secs.items() if k != "total"))
+    assert "4 run(s)" in cost.describe(tokens, rates, profile, "estimate")
+
+
+def test_measured_cost_adds_up_what_the_jobs_computed():
+    from grads.verdict.cost import measured
+
+    runs = [
+        {"cost": {"warmup": {"wall_s": 10.0, "tokens": 5, "cached": False}}},
+        {"cost": {"warmup": {"wall_s": 10.0, "tokens": 5, "cached": True},
+                  "finetune": {"wall_s": 2.5, "tokens": 7, "cached": False}}},
+        {"cost": {"finetune": {"wall_s": 1.5, "tokens": 3, "cached": False}}},
+    ]  # fmt: skip
+    out = measured(runs, 20.0)
+    assert out["stages"]["warmup"] == {"computed": 1, "wall_s": 10.0, "cached": 1, "tokens": 5}
+    assert out["stages"]["finetune"] == {"computed": 2, "wall_s": 4.0, "cached": 0, "tokens": 10}
+
+
+def test_cfg_job_is_instant_and_shows_the_verdict_block():
+    code = (
+        "import sys\n"
+        "sys.argv = ['grads-verdict', '--cfg', 'job', 'experiment=paper_main', 'domain=financial',"
+        " 'verdict.selectors=[grads,grads_paper]']\n"
+        "from grads.verdict.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'deepspeed', 'lm_eval', 'transformers') if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY []" in out.stdout, out.stdout[-500:]
+    assert "- grads\n  - grads_paper\n" in out.stdout and "group: paper_main" in out.stdout
 
 
 # --------------------------------------------------------------------------------------------------
@@ -332,3 +398,29 @@ def test_verdict_reports_the_rigged_selector_worse_than_random(tmp_path):
     assert cost["estimate"]["plan"]["finetune"]["runs"] == 4
     assert cost["measured"]["stages"]["finetune"]["computed"] == 4
     assert cost["measured"]["stages"]["warmup"]["computed"] == 1
+
+
+@pytest.mark.slow
+def test_verdict_leaderboard_on_a_builtin_domain_with_its_own_heldout(tmp_path):
+    """Two selectors and three seeds on the synthetic domain (its generated held-out split)."""
+    out = _cli(
+        [
+            "domain=synthetic",
+            "domain.pool_limit=200",
+            "budget=p25",
+            "verdict.selectors=[grads,length]",
+            *TINY_VERDICT,
+            f"paths.output_dir={tmp_path / 'out'}",
+        ],
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(next((tmp_path / "out" / "runs").rglob("verdict.json")).read_text())
+    assert report["heldout"] == {"n": 200, "source": "domain"} and report["seeds"] == [0, 1, 2]
+    assert [r["selector"] for r in report["selectors"]] == ["grads", "length"]
+    assert len(report["jobs"]) == 9 and report["cache"]["all_shared"]
+    for row in report["selectors"]:
+        assert row["domain_bpb"]["n_seeds"] == 3 and row["domain_bpb"]["n_items"] > 0
+        assert row["loss_verdict"] in ("beats random", "ties random", "worse than random")
+        assert row["mdd"]["domain_bpb"] is not None
+    assert Path(report["files"]["figure"]).exists()

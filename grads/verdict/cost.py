@@ -5,8 +5,9 @@ A simple model, one rate per stage (tokens per second of wall time)::
     warm-up     pool tokens x warm-up epochs (x warmup.fraction)            / tok_s.warmup
     features    pool tokens x passes (gradient norms, + IFD, + each LESS/RDS+ pass) / tok_s.features
     fine-tune   subset tokens x fine-tune epochs, per job                    / tok_s.finetune
-    evaluate    (held-out items + 3 x KL items) x tokens per sample, per job  / tok_s.evaluate
-                (the KL items run through lm-eval, then the base and the tuned model again)
+    evaluate    held-out items x tokens per sample + 3 x KL items x 200, per job / tok_s.evaluate
+                (the KL items, AlpacaEval answers cut at 400 + 400 characters, run through
+                lm-eval, then the base and the tuned model again)
 
 Tokens per sample: the mean over an evenly spaced sample of at most 256 pool records, tokenised as
 the trainer does (chat template, prompt + response cut at ``data.max_seq_len``). Rates:
@@ -29,6 +30,7 @@ from grads.io import read_json
 log = logging.getLogger(__name__)
 
 SAMPLE = 256  # records tokenised to measure tokens per sample
+REF_TOKENS = 200  # an AlpacaEval reference item (instruction + answer, <= 400 + 400 characters)
 TOKEN_STAGES = ("warmup", "features", "finetune")
 PLAN_STAGES = ("warmup", "features", "finetune", "evaluate")
 
@@ -183,7 +185,10 @@ def token_plan(base: dict, jobs: list, profile: dict, info: dict) -> dict[str, d
     for job in jobs:
         done = cached_stages(job.cfg)
         size = job.size or subset_size(job.cfg, n)
-        each = {"finetune": _trained(size, fine) * per, "evaluate": (held + 3 * kl) * per}
+        each = {
+            "finetune": _trained(size, fine) * per,
+            "evaluate": held * per + 3 * kl * REF_TOKENS,
+        }
         for stage, tokens in each.items():
             if stage in done:
                 plan[stage]["cached"] += 1

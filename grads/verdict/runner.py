@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from grads.io import write_json
-from grads.verdict import analysis, cost, plan
+from grads.verdict import analysis, cost, plan, summary
 from grads.verdict.plan import ALL_STAGES, SELECT_STAGES, Job
 from grads.verdict.settings import VerdictSettings, verdict_settings
 
@@ -123,6 +123,8 @@ def run_verdict(cfg) -> dict:
     tokens = cost.token_plan(base, compared + guess, profile, info)
     estimate = {"plan": tokens, "rates": rates, "seconds": cost.seconds(tokens, rates)}
     print(cost.describe(tokens, rates, profile, _title(base, s, nodes, seeds)), flush=True)
+    if s.dry_run:
+        return {"estimate": estimate, "jobs": [j.name for j in compared + guess], "info": info}
 
     sizes, ref_size, select_runs = selection_phase(base, nodes, ref_node, seeds[0], out_dir)
     refs = reference_jobs(base, ref_node, seeds, sizes, ref_size)
@@ -132,14 +134,18 @@ def run_verdict(cfg) -> dict:
     left = cost.token_plan(base, compared + refs, profile, info)
     print(cost.describe(left, rates2, title="verdict: fine-tunes and evaluations left"), flush=True)
 
+    estimate["after_selection"] = {
+        "plan": left,
+        "rates": rates2,
+        "seconds": cost.seconds(left, rates2),
+    }
+
     results = [(job, run_job(job, out_dir, ALL_STAGES)) for job in compared + refs]
     report = _report(base, s, info, seeds, results, out_dir)
     report["cost"] = {
         "estimate": estimate,
         "measured": cost.measured(select_runs + [m for _, m in results], time.time() - t0),
     }
-    from grads.verdict import summary
-
     return summary.finish(report, base, s, results, out_dir)
 
 

@@ -38,6 +38,7 @@ class VerdictSettings:
         export: ``winner`` or ``none``.
         n_boot: bootstrap resamples.
         tok_s: default tokens per second of each stage for the cost estimate.
+        dry_run: print the jobs and the cost estimate, run nothing.
     """
 
     selectors: tuple[str, ...]
@@ -48,6 +49,7 @@ class VerdictSettings:
     export: str
     n_boot: int
     tok_s: dict[str, float]
+    dry_run: bool = False
 
     def seed_list(self, base_seed: int) -> list[int]:
         """The seeds every selector runs: ``base_seed .. base_seed + seeds - 1``."""
@@ -109,6 +111,8 @@ def _check_values(block: dict) -> list[str]:
     for key, allowed in (("eval", EVAL_MODES), ("export", EXPORT_MODES)):
         if block.get(key) not in allowed:
             problems.append(f"verdict.{key}={block.get(key)!r}: expected one of {list(allowed)}")
+    if not isinstance(block.get("dry_run"), bool):
+        problems.append(f"verdict.dry_run={block.get('dry_run')!r}: expected true or false")
     if not _is_int(block.get("n_boot")) or block["n_boot"] < 100:
         problems.append(f"verdict.n_boot={block.get('n_boot')!r}: expected an integer >= 100")
     rates = block.get("tok_s")
@@ -149,4 +153,5 @@ def verdict_settings(cfg: Any) -> VerdictSettings:
         export=block["export"],
         n_boot=int(block["n_boot"]),
         tok_s={k: float(v) for k, v in block["tok_s"].items()},
+        dry_run=block["dry_run"],
     )
