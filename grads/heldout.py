@@ -143,7 +143,12 @@ def candidates(domain: Any, data_cfg: Any = None) -> list[Record]:
     for source in cfg_get(domain, "sources") or []:
         if cfg_get(source, "enabled", True) is False:
             continue
-        records += records_from_source(source, on_bad_row=on_bad_row, system=system, counts=counts)
+        build = records_from_source
+        if cfg_get(source, "builder"):  # a source with its own reader (the custom domain's)
+            from hydra.utils import get_method
+
+            build = get_method(str(cfg_get(source, "builder")))
+        records += build(source, on_bad_row=on_bad_row, system=system, counts=counts)
     records = decontaminate(records, domain, counts)
     seen, unique = set(), []
     for rec in records:
