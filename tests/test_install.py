@@ -150,6 +150,17 @@ def test_installed_smoke_runs_in_the_working_directory(site, tmp_path, data_dir)
     assert _files(site) == before  # nothing written into the installed package
     assert not (tmp_path / "torch_extensions").exists(), "a single-process run built an op"
     assert "op build" not in log and "shm_comm" not in log
+    # The rerun is all cache hits and pays no model, no lm-eval task loading (and, without a GPU
+    # driver to ask, no torch): -X importtime lists every module it imported.
+    rerun = [sys.executable, "-X", "importtime", *_console(site, "grads")[1:], "experiment=smoke"]
+    res = subprocess.run(rerun, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert (res.stdout + res.stderr).count("cache hit") == 5
+    imported = {line.rsplit("|", 1)[-1].strip() for line in res.stderr.splitlines() if "|" in line}
+    assert not {"lm_eval", "transformers", "deepspeed"} & imported
+    if not any(Path("/dev").glob(p) for p in ("nvidia*", "kfd", "dxg")):
+        assert "torch" not in imported
+    assert _files(site) == before
 
 
 def test_installed_config_copy_is_a_new_option(site, tmp_path):
