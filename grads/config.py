@@ -535,6 +535,23 @@ def _env_problems() -> list[str]:
     ]
 
 
+def _unset_data_dir(cfg: Any) -> list[str]:
+    """An installed grads has no default data folder (``grads.constants.default_data_dir``): a
+    domain whose files live under ``${paths.data_dir}`` needs ``GRADS_DATA_DIR``, said before the
+    paths turn into ``None/...``. Synthetic and custom pools do not refer to it."""
+    if not isinstance(cfg, DictConfig) or OmegaConf.select(cfg, "paths.data_dir") is not None:
+        return []
+    node = cfg.get("domain")
+    domain = OmegaConf.to_container(node, resolve=False) if isinstance(node, DictConfig) else {}
+    if "paths.data_dir" not in str(domain):
+        return []
+    return [
+        f"paths.data_dir is not set: the domain '{domain.get('name')}' reads its files from it, and "
+        "an installed grads has no default data folder; set GRADS_DATA_DIR=/path/to/data (or "
+        "paths.data_dir=/path/to/data) to the folder holding the domains' data"
+    ]
+
+
 def _absolute(value: Any) -> str:
     return os.path.abspath(os.path.expanduser(str(value)))
 
@@ -560,6 +577,8 @@ def absolute_paths(cfg: Any) -> Any:
         paths = cfg.get("paths") or {}
         for key in list(paths.keys()):
             value = paths[key]
+            if value is None and key == "data_dir":
+                continue  # installed and GRADS_DATA_DIR unset: only runs that read data need it
             if value is None or not str(value).strip():
                 problems.append(f"paths.{key}={value!r}: expected a folder path")
             else:
@@ -587,7 +606,7 @@ def validate_config(cfg: Any) -> Any:
     Raises:
         ConfigError: every problem found, each naming the key and what is allowed.
     """
-    problems = _env_problems()
+    problems = _env_problems() + _unset_data_dir(cfg)
     if problems:
         raise ConfigError(problems)
     cfg = absolute_paths(cfg)

@@ -1,9 +1,22 @@
 """Where grads lives and the few constants every module shares (the single owner of each).
 
-* :data:`REPO_ROOT`: the checkout that holds the ``grads`` package (grads runs from an editable
-  install, so the package's parent folder is the repository).
-* :func:`conf_dir`: the Hydra config folder, ``$GRADS_CONF_DIR`` when set, else ``<repo>/conf``. The
+grads runs either from a **checkout** (an editable install, or the repository on ``PYTHONPATH``) or
+**installed** (``pip install .`` or a wheel). What differs is where its defaults point:
+
+* configs: ``<repo>/conf`` in a checkout; installed, ``grads/conf`` inside the package (the wheel
+  ships the repository's ``conf/`` as the package ``grads.conf``).
+* outputs, caches, models, W&B files: ``$GRADS_HOME/outputs``, else ``<repo>/outputs`` in a
+  checkout and ``outputs/`` in the directory ``grads`` is started in when installed (never the
+  package).
+* data of the real domains: ``$GRADS_DATA_DIR``, else ``<repo>/../shared/data`` in a checkout;
+  installed there is no default (a run that reads data names the variable before anything runs).
+
+* :data:`REPO_ROOT`: the package's parent folder (the repository in a checkout).
+* :data:`CHECKOUT`: whether that folder is a repository (``setup.cfg`` and ``conf/config.yaml``).
+* :func:`conf_dir`: the Hydra config folder, ``$GRADS_CONF_DIR`` when set, else the one above. The
   CLI, the DeepSpeed JSON templates and every script read it through this function.
+* :func:`home_dir`: the folder ``paths.root_dir`` (outputs) hangs off when no variable sets it.
+* :func:`default_data_dir`: the data folder when ``GRADS_DATA_DIR`` is unset (None when installed).
 * :data:`DEFAULT_DATA_DIR`: ``<repo>/../shared/data``, the data folder beside the checkout.
 * :data:`IGNORE_INDEX`: the label of tokens without loss (prompt, padding), as in PyTorch's
   ``cross_entropy(ignore_index=-100)`` and Hugging Face's collators.
@@ -23,12 +36,16 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_ROOT = PACKAGE_DIR.parent
+# The configs inside an installed package (setup.cfg maps the repository's conf/ to grads.conf).
+PACKAGE_CONF = PACKAGE_DIR / "conf"
+CHECKOUT = (REPO_ROOT / "setup.cfg").is_file() and (REPO_ROOT / "conf" / "config.yaml").is_file()
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 IGNORE_INDEX = -100
 # Path knobs that an environment variable may set (conf/paths/default.yaml reads them with oc.env).
 PATH_ENV = {
-    "root_dir": "GRADS_ROOT",
+    "root_dir": "GRADS_HOME",
     "data_dir": "GRADS_DATA_DIR",
     "output_dir": "GRADS_OUTPUT_DIR",
     "cache_dir": "GRADS_CACHE_DIR",
@@ -36,20 +53,35 @@ PATH_ENV = {
 }
 
 
+def shipped_conf_dir() -> Path:
+    """The configs that come with grads: ``<repo>/conf`` in a checkout, else the package's own.
+
+    Raises:
+        FileNotFoundError: neither holds a ``config.yaml`` (a broken install).
+    """
+    for path in (REPO_ROOT / "conf", PACKAGE_CONF) if CHECKOUT else (PACKAGE_CONF,):
+        if (path / "config.yaml").is_file():
+            return path
+    raise FileNotFoundError(
+        f"no grads configs in {PACKAGE_CONF}: this install lacks its package data; reinstall "
+        "grads (pip install .) or set GRADS_CONF_DIR to a config folder"
+    )
+
+
 def conf_dir() -> Path:
     """The config folder: ``$GRADS_CONF_DIR`` (absolute, relative to the working directory), else
-    the repository's ``conf/``.
+    :func:`shipped_conf_dir`.
 
     Raises:
         ValueError: ``GRADS_CONF_DIR`` is set but empty or not a folder.
     """
     env = os.environ.get("GRADS_CONF_DIR")
     if env is None:
-        return REPO_ROOT / "conf"
+        return shipped_conf_dir()
     if not env.strip():
         raise ValueError(
-            "GRADS_CONF_DIR is set but empty: unset it to use the repository's conf/ "
-            f"({REPO_ROOT / 'conf'}) or point it at a config folder"
+            "GRADS_CONF_DIR is set but empty: unset it to use the shipped configs "
+            f"({shipped_conf_dir()}) or point it at a config folder"
         )
     path = Path(os.path.abspath(os.path.expanduser(env)))
     if not (path / "config.yaml").is_file():
@@ -76,10 +108,29 @@ def budget_label(kind: str, value: Any) -> str:
     return f"{kind}={value}"
 
 
+def home_dir() -> Path:
+    """Where ``outputs/`` goes by default (``paths.root_dir`` when ``GRADS_HOME`` is unset): the
+    repository in a checkout, the working directory when installed (never the package)."""
+    return REPO_ROOT if CHECKOUT else Path.cwd()
+
+
+def default_data_dir() -> str | None:
+    """``paths.data_dir`` when ``GRADS_DATA_DIR`` is unset: ``<repo>/../shared/data`` in a checkout;
+    None when installed (grads.config then names the variable to set if a run reads data)."""
+    return str(DEFAULT_DATA_DIR) if CHECKOUT else None
+
+
 if not OmegaConf.has_resolver("grads.repo_root"):
-    # ${grads.repo_root:} in conf/paths/default.yaml: defaults that do not depend on where grads
-    # is started from (the data beside the checkout, one output/cache folder for every run).
+    # ${grads.repo_root:}: the package's parent folder (the repository in a checkout).
     OmegaConf.register_new_resolver("grads.repo_root", lambda: str(REPO_ROOT))
+
+if not OmegaConf.has_resolver("grads.home"):
+    # ${grads.home:} in conf/paths/default.yaml: the repository in a checkout (the same folder from
+    # any working directory), the working directory when installed.
+    OmegaConf.register_new_resolver("grads.home", lambda: str(home_dir()))
+
+if not OmegaConf.has_resolver("grads.data_dir"):
+    OmegaConf.register_new_resolver("grads.data_dir", default_data_dir)
 
 if not OmegaConf.has_resolver("grads.join"):
     # ${grads.join:${selector.layers}} -> "embed+lm_head": readable method names for sweeps over a

@@ -132,7 +132,7 @@ def run(cfg) -> dict:
     tracker = instantiate(resolved["logger"]) if resolved.get("logger") else None
     selector = instantiate(resolved["selector"])  # once per job: features, select, costs
     resolved = resolve_features_cfg(resolved, selector)
-    ids = stage_identities(resolved, stages)
+    ids = _identities_and_task_check(resolved, stages)
     # select.balance: the pool's groups, checked now rather than after the warm-up
     labels = balance.preflight(resolved, selector) if "select" in stages else None
     job = Job(
@@ -176,11 +176,26 @@ def _prepare(cfg) -> tuple[dict, list[str], Path]:
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
     write_json(run_dir / "run_info.json", run_info())
-    if "evaluate" in stages:
-        from grads.evaluation import validate_tasks
-
-        validate_tasks(resolved)  # bad task files fail here, before any model is loaded
     return resolved, stages, run_dir
+
+
+def _identities_and_task_check(resolved: dict, stages: list[str]) -> dict[str, StageId]:
+    """The stage keys, then the evaluation tasks checked (bad task files fail here, before any
+    model is loaded) unless the evaluate stage is already in the cache: its key hashes every task
+    file and data file, so a hit was checked when it ran, and a cached rerun skips lm-eval's
+    task loading (seconds)."""
+    from grads.evaluation import validate_tasks
+
+    try:
+        ids = stage_identities(resolved, stages)
+    except Exception:
+        if "evaluate" in stages:
+            validate_tasks(resolved)  # a broken task file: say which, not where hashing stopped
+        raise
+    cache = StageCache(resolved["paths"]["cache_dir"])
+    if "evaluate" in stages and not cache.done("evaluate", ids["evaluate"].key):
+        validate_tasks(resolved)
+    return ids
 
 
 def _start_tracker(job: Job, run_dir: Path) -> None:

@@ -1,24 +1,30 @@
-"""Download the wheels that the GPU machine lacks, for CPython 3.12 on manylinux x86-64.
+"""Prepare the CUDA checks of an offline GPU node: download the wheels it lacks, on a connected machine.
 
-The GPU machine has no network but already holds PyTorch, transformers, peft, pandas, pyarrow,
-matplotlib and more (``PRESENT`` below: its image's package list). This script starts from the
-packages ``scripts/gpu_check.py`` and the pipeline import (``ROOTS``), follows their ``Requires-Dist``
-(markers evaluated for CPython 3.12 on Linux x86-64, no extras) and fetches every package of that
-closure which is not in ``PRESENT``: a binary wheel from PyPI where one exists, else a wheel built
-here from the sdist (only pure-Python ones are accepted: antlr4, deepspeed with its ops left to JIT,
-rouge-score, sqlitedict, word2number). Versions are pinned to this environment's, i.e. the versions
-the test suite runs against. The folder must stay under ``--max-mib`` (the device tool carries at
-most 64 MiB, the working tree included); ``MANIFEST.json`` lists each wheel, its size and why it is
-there.
+A GPU node often has no network but a Python with PyTorch and the usual stack already installed.
+This script runs on a machine *with* network and builds the missing part for the node's Python
+(default CPython 3.12 on manylinux x86-64): it starts from the packages ``scripts/gpu_check.py`` and
+the pipeline import (``ROOTS``), follows their ``Requires-Dist`` (markers evaluated for the target,
+no extras) and fetches every package of that closure which the node does not have: a binary wheel
+from PyPI where one exists, else a wheel built here from the sdist (only pure-Python ones are
+accepted: antlr4, deepspeed with its ops left to JIT, rouge-score, sqlitedict, word2number).
+Versions are pinned to this environment's, i.e. the versions the test suite runs against.
 
-On the GPU machine ``scripts/gpu_run.sh`` installs the folder with
-``pip install --no-index --no-deps --target`` and puts the target first on ``PYTHONPATH``.
+What the node has: ``--present FILE``, the output of ``pip list --format=freeze`` run on the node
+(exact: only what is missing is bundled). Without it, ``PRESENT`` below is assumed: a typical CUDA
+deep-learning image (PyTorch, transformers, peft, accelerate, pandas, pyarrow, matplotlib, ...).
+``MANIFEST.json`` lists each wheel, its size and why it is there. The folder must stay under
+``--max-mib``: a much larger bundle means the node lacks PyTorch or CUDA libraries itself, which
+are better installed from its own channel than carried.
+
+Carry the folder to the node with a copy of this repository; there ``scripts/gpu_run.sh`` installs
+it with ``pip install --no-index --no-deps --target`` (no network needed), puts the target first on
+``PYTHONPATH`` and runs the check.
 
 Usage::
 
-    make gpu-bundle                                   # -> .gpu-wheels/
-    python scripts/gpu_bundle.py --out .gpu-wheels --with wandb
-    python scripts/gpu_bundle.py --present gpu-pip-freeze.txt   # the box's own `pip list --format=freeze`
+    make gpu-bundle                                          # -> .gpu-wheels/
+    python scripts/gpu_bundle.py --present node-freeze.txt   # the node's `pip list --format=freeze`
+    python scripts/gpu_bundle.py --out .gpu-wheels --with wandb --python-version 3.11
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-# What grads needs beyond the GPU image (setup.cfg's install_requires minus PRESENT), less what the
+# What grads needs beyond a CUDA image (setup.cfg's install_requires minus PRESENT), less what the
 # check never imports: gguf (the SmolLM2 GGUF does not travel) and wandb (loggers are off; --with).
 ROOTS = (
     "hydra-core",
@@ -46,7 +52,7 @@ ROOTS = (
     "hydra-joblib-launcher",
     "hydra-submitit-launcher",
 )
-# The GPU image's Python packages (device KINDS.md, read on 2026-11-17). Override with --present.
+# A typical CUDA deep-learning image's Python packages, assumed when --present is not given.
 PRESENT = """
 absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch
 build certifi charset-normalizer chex click cloudpickle cmake colorama contourpy coverage
@@ -149,7 +155,7 @@ def requirements(wheel: Path) -> list[tuple[str, str]]:
 
 
 def read_present(path: str | None) -> dict[str, str | None]:
-    """Packages on the GPU machine: ``--present`` file (``name`` or ``name==version`` lines)."""
+    """Packages on the GPU node: ``--present`` file (``name`` or ``name==version`` lines)."""
     if path is None:
         return {norm(n): None for n in PRESENT.split()}
     present: dict[str, str | None] = {}
@@ -201,9 +207,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--with", dest="extra", action="append", default=[], help="extra root, e.g. wandb"
     )
-    ap.add_argument("--present", default=None, help="file of the GPU machine's packages")
-    ap.add_argument("--max-mib", type=float, default=48.0, help="fail above this folder size")
-    ap.add_argument("--python-version", default="3.12", help="target CPython (the GPU image's)")
+    ap.add_argument(
+        "--present", default=None, help="the node's `pip list --format=freeze` (default: PRESENT)"
+    )
+    ap.add_argument(
+        "--max-mib", type=float, default=48.0, help="fail above this folder size (a size guard)"
+    )
+    ap.add_argument("--python-version", default="3.12", help="the node's CPython version")
     args = ap.parse_args(argv)
     TARGET_ENV["python_version"] = args.python_version
     TARGET_ENV["python_full_version"] = f"{args.python_version}.0"

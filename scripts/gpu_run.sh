@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# Run scripts/gpu_check.py on a CUDA machine without network, from a copy of this repository.
+# Run the CUDA checks (scripts/gpu_check.py) on an offline GPU node, from a copy of this repository.
 #
-# The packages the GPU image lacks travel as wheels: build them here with `make gpu-bundle`
-# (-> .gpu-wheels/, ~18 MiB), carry that folder along, then on the GPU machine:
+# On a machine with network, build the wheels the node lacks (scripts/gpu_bundle.py):
 #
-#     bash scripts/gpu_run.sh --out "$OUT"          # extra arguments go to gpu_check.py
+#     make gpu-bundle                                  # -> .gpu-wheels/ (~18 MiB for a typical CUDA image)
+#     make gpu-bundle GPU_PRESENT=node-freeze.txt      # exact: the node's `pip list --format=freeze`
 #
-# (device tool: command `bash scripts/gpu_run.sh --out "$OUT"`, carry [".gpu-wheels"], timeout_s 600;
-# the table comes back in $OUT/gpu_check.md and .json). The wheels are installed with
-# `pip install --no-index --no-deps --target` into $GRADS_SITE, which goes first on PYTHONPATH
-# together with the repository (grads is not installed, only imported from here).
+# carry the repository with .gpu-wheels/ to the node, then there:
+#
+#     bash scripts/gpu_run.sh --out results/gpu        # extra arguments go to gpu_check.py
+#
+# The wheels are installed without network (`pip install --no-index --no-deps --target`) into
+# $GRADS_SITE, which goes first on PYTHONPATH together with the repository (grads itself is imported
+# from the checkout, not installed). The table lands in <out>/gpu_check.md and gpu_check.json,
+# rewritten after every row. Knobs: PYTHON (the node's interpreter), GRADS_WHEELS (the carried
+# folder), GRADS_SITE (the install target), GRADS_CHECK_TIMEOUT (seconds, default 560), MAX_JOBS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -18,7 +23,7 @@ WHEELS=${GRADS_WHEELS:-.gpu-wheels}
 # else by value instead of by reference.
 SITE=${GRADS_SITE:-/tmp/grads/site-packages}
 if ! compgen -G "$WHEELS/*.whl" >/dev/null; then
-  echo "no wheels in $WHEELS/: run 'make gpu-bundle' here and carry the folder" >&2
+  echo "no wheels in $WHEELS/: build them with 'make gpu-bundle' on a machine with network and carry the folder here" >&2
   exit 2
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true

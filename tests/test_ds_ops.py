@@ -78,6 +78,7 @@ class FakeBuilder:
 
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
     d = tmp_path / "ext" / "py_cpu" / "deepspeed_shm_comm"
     b = FakeBuilder(d)
     monkeypatch.setattr(ds_ops, "_comm_builder", lambda: b)
@@ -97,6 +98,83 @@ def test_ensure_clears_a_stale_lock_then_builds(fake, caplog):
     ds_ops.ensure_comm_op()
     assert fake.loads == 1 and not (fake.build_dir / "lock").exists()
     assert "removing the stale build lock" in caplog.text
+
+
+# --------------------------------------------------------------------------------------------------
+# One build folder per environment; none for a single process
+# --------------------------------------------------------------------------------------------------
+def test_a_set_torch_extensions_dir_is_used_as_it_is(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "mine"))
+    assert ds_ops.extensions_dir() == tmp_path / "mine"
+    assert ds_ops.use_environment_extensions_dir() == tmp_path / "mine"
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "mine")
+
+
+def test_the_default_folder_is_inside_the_environment(monkeypatch, tmp_path):
+    """Unset: <sys.prefix>/torch_extensions/<python + torch tag>, exported for the workers."""
+    from importlib.metadata import version
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "venv"))
+    (tmp_path / "venv").mkdir()
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{version('torch')}"
+    assert ds_ops.environment_tag() == tag
+    want = tmp_path / "venv" / "torch_extensions" / tag
+    assert ds_ops.use_environment_extensions_dir() == want
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(want)
+    assert ds_ops.build_directory("deepspeed_shm_comm") == want / "deepspeed_shm_comm"
+
+
+def test_a_read_only_prefix_gets_a_cache_folder_per_interpreter(monkeypatch, tmp_path):
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(ds_ops.os, "access", lambda path, mode: False)
+    folders = set()
+    for exe in ("/opt/a/bin/python3", "/opt/b/bin/python3"):
+        monkeypatch.setattr(sys, "executable", exe)
+        folder = ds_ops.extensions_dir()
+        assert folder.parent == tmp_path / "cache" / "torch_extensions"
+        assert folder.name.startswith(ds_ops.environment_tag() + "_")
+        assert ds_ops.extensions_dir() == folder  # stable for one interpreter
+        folders.add(folder)
+    assert len(folders) == 2  # never shared between two environments
+
+
+def test_a_single_process_neither_builds_nor_loads_the_comm_op(monkeypatch, tmp_path):
+    """comm_op_for(1) turns DeepSpeed's own build inside init_distributed into a no-op (and puts
+    it back after); a world of several processes goes through ensure_comm_op."""
+    import importlib
+
+    backend = importlib.import_module("deepspeed.comm.torch")
+    original = backend.build_shm_op
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    calls = []
+    monkeypatch.setattr(ds_ops, "ensure_comm_op", lambda: calls.append("ensure"))
+    with ds_ops.comm_op_for(1):
+        assert backend.build_shm_op() is None
+    assert backend.build_shm_op is original and calls == []
+    with ds_ops.comm_op_for(2):
+        assert backend.build_shm_op is original
+    assert calls == ["ensure"] and not (tmp_path / "ext").exists()
+
+
+def test_single_process_training_does_not_call_the_build(monkeypatch, tmp_path):
+    """run_train's setup (grads.training.recipe._start) for one process: DeepSpeed initialises
+    without building the op; ensure_comm_op is never called."""
+    import importlib
+
+    from grads.config import compose_resolved
+    from grads.training import recipe
+
+    cfg = compose_resolved(["experiment=smoke", f"paths.output_dir={tmp_path}"])
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(ds_ops, "ensure_comm_op", lambda: pytest.fail("ensure_comm_op called"))
+    seen = []
+    backend = importlib.import_module("deepspeed.comm.torch")
+    # stands for deepspeed.init_distributed: what its TorchBackend would get from build_shm_op
+    monkeypatch.setattr(recipe, "_ensure_dist", lambda: seen.append(backend.build_shm_op()))
+    run = recipe._start(cfg, "warmup", tmp_path)
+    assert seen == [None] and run.world == 1
 
 
 HOLD_GUARD = r"""

@@ -146,14 +146,14 @@ def _start(cfg: Any, use: str, out: Path) -> _Run:
 
     from grads import dist
     from grads.config import as_dict
-    from grads.ds_ops import ensure_comm_op
+    from grads.ds_ops import comm_op_for
 
     cfg = as_dict(cfg)
     s = TrainerSettings.from_cfg(cfg, use)
     record = use == "warmup" and _features_source(cfg) == "warmup"  # validates before loading
     _import_deepspeed()
-    ensure_comm_op()  # never hang silently on a build lock left by a killed run
-    _ensure_dist()
+    with comm_op_for(dist.world_size()):  # one process needs no comm op: neither built nor loaded
+        _ensure_dist()
     rank, world = dist.rank(), dist.world_size()
     on_cuda = torch.cuda.is_available()
     if not on_cuda and world > 1:

@@ -131,10 +131,8 @@ class TrainerSettings:
 
     def resolved_dtype(self) -> str:
         """``float32`` or ``bf16``; ``auto`` is bf16 on CUDA and float32 elsewhere."""
-        import torch
-
         if self.dtype == "auto":
-            return "bf16" if torch.cuda.is_available() else "float32"
+            return "bf16" if _cuda_available() else "float32"
         return "bf16" if self.dtype in ("bf16", "bfloat16") else "float32"
 
     def autocast_dtype(self):
@@ -142,16 +140,40 @@ class TrainerSettings:
 
         Only float32 weights are autocast: with ``dtype=bf16`` the weights already compute in bf16.
         """
+        if not (self.autocast and self.resolved_dtype() == "float32"):
+            return None
         import torch
 
-        return torch.bfloat16 if self.autocast and self.resolved_dtype() == "float32" else None
+        return torch.bfloat16
 
     def resolved_procs(self) -> int:
-        import torch
-
         if self.procs == "auto":
+            if not _cuda_available():
+                return 1
+            import torch
+
             return max(1, torch.cuda.device_count())
         return int(self.procs)
+
+
+def _cuda_available() -> bool:
+    """``torch.cuda.is_available()``, without importing torch on a Linux machine that has no GPU
+    driver device (no ``/dev/nvidia*``, ``/dev/kfd`` or ``/dev/dxg``): there torch would say False,
+    and a fully cached rerun, whose stage keys ask this, then never loads torch (seconds)."""
+    import sys
+
+    if "torch" not in sys.modules and sys.platform.startswith("linux"):
+        import glob
+
+        if (
+            not glob.glob("/dev/nvidia*")
+            and not glob.glob("/dev/kfd")
+            and not glob.glob("/dev/dxg")
+        ):
+            return False
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
