@@ -317,3 +317,22 @@ class ObjectiveCheck(Callback):
         problem = unproducible_message(config, metrics)
         if problem and _required(config, optimising):
             raise SystemExit(f"Error: {problem}")
+
+
+class StudyStorage(Callback):
+    """Hydra callback of the hpo_* experiments: prepares an RDB study storage
+    (``hydra.sweeper.storage=sqlite:///hpo.db``) before the Optuna sweeper opens it.
+
+    The sweeper's Optuna (< 3, pinned by hydra-optuna-sweeper) stamps the schema version of a new
+    database on a connection that SQLAlchemy 2 never commits, so opening the fresh file fails with
+    an ``AssertionError`` in ``get_current_version``. Creating the storage once on an autocommit
+    engine stamps it; the sweeper then creates or resumes its study there as usual.
+    """
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        url = OmegaConf.select(config, "hydra.sweeper.storage", default=None)
+        if not isinstance(url, str) or not url.strip():
+            return
+        from optuna.storages import RDBStorage
+
+        RDBStorage(url, engine_kwargs={"isolation_level": "AUTOCOMMIT"})

@@ -252,3 +252,23 @@ def test_custom_pool_sweep_with_an_impossible_objective_stops_before_trial_one(t
     assert "domain_acc needs domain accuracy tasks" in res.stderr
     assert "'domain_bpb'" in res.stderr  # what the run does produce
     assert not (tmp_path / "sweep").exists()  # no trial was started, no stage ran
+
+
+def test_a_new_sqlite_study_storage_opens(tmp_path):
+    """``hydra.sweeper.storage=sqlite:///...``: the sweeper's Optuna cannot stamp a new database
+    under SQLAlchemy 2 on its own; the hpo_* experiments' StudyStorage callback prepares it."""
+    import optuna
+
+    from grads.objective import StudyStorage
+
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    cfg = compose(
+        ["experiment=hpo_finetune", f"hydra.sweeper.storage={url}"], return_hydra_config=True
+    )
+    assert cfg.hydra.callbacks.study_storage._target_ == "grads.objective.StudyStorage"
+    StudyStorage().on_multirun_start(cfg)
+    for n in (1, 2):  # created, then resumed
+        study = optuna.create_study(storage=url, study_name="s", load_if_exists=True)
+        study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+        assert len(study.trials) == n
+    StudyStorage().on_multirun_start(compose(["experiment=hpo_finetune"], True))  # no storage
