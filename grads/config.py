@@ -30,6 +30,7 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +41,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from grads.constants import PATH_ENV, conf_dir
 from grads.errors import UserError
 from grads.identity import STAGES
+
+log = logging.getLogger(__name__)
 
 # Nodes of conf/config.yaml whose knobs are checked against its keys and default types.
 PRIMARY_NODES = ("data", "features", "warmup", "finetune", "select", "export")
@@ -481,7 +484,16 @@ def check_domain(cfg: dict) -> list[str]:
         from grads.synthetic import materialise
 
         problems += _bind("domain.generator", materialise, dict(gen))
+    from grads.heldout import HeldoutConfigError, heldout_config
+
+    try:
+        heldout_config(domain)
+    except HeldoutConfigError as exc:
+        problems.append(f"domain.heldout: {exc}")
     for i, src in enumerate(domain.get("sources") or []):
+        if src.get("builder"):  # its own reader checks its own knobs (templates may be detected)
+            problems += _builder_problems(f"domain.sources[{i}]", src)
+            continue
         for key in ("prompt", "response"):
             if not isinstance(src.get(key), str) or not src[key].strip():
                 problems.append(f"domain.sources[{i}].{key}: expected a template string")
@@ -524,6 +536,23 @@ def _missing_domain_files(domain: dict, data_dir: Any) -> list[str]:
         else:
             problems.append(f"{key}: file not found: {path}")
     return problems
+
+
+def _builder_problems(where: str, src: dict) -> list[str]:
+    """A source with its own ``builder``: the builder must import, and its module's
+    ``check_source(source) -> [problem, ...]`` (when it has one) checks the source's knobs without
+    reading the pool, e.g. :func:`grads.custom_pool.check_source` (templates are optional there:
+    left null, they are detected from the pool's fields, or the records are chat turns)."""
+    import importlib
+
+    module, _, func = str(src["builder"]).rpartition(".")
+    try:
+        mod = importlib.import_module(module)
+        getattr(mod, func)
+    except (ImportError, AttributeError, ValueError) as exc:
+        return [f"{where}.builder={src['builder']!r}: cannot import ({exc})"]
+    check = getattr(mod, "check_source", None)
+    return list(check(src)) if check else []  # its problems name the keys users set
 
 
 def _env_problems() -> list[str]:
@@ -620,17 +649,44 @@ def validate_config(cfg: Any) -> Any:
         problems += check_eval(resolved)
     if problems:
         raise ConfigError(problems)
+    return resolve_heldout(cfg, resolved)
+
+
+def resolve_heldout(cfg: Any, resolved: dict) -> Any:
+    """Settle ``domain.heldout`` for this run (:func:`grads.heldout.resolve_for_run`): a split kept
+    only where it is measured (the custom domain's) becomes a plain block or null, in ``cfg``."""
+    from grads.heldout import resolve_for_run
+
+    domain = resolved.get("domain")
+    if not isinstance(domain, dict) or "heldout" not in domain:
+        return cfg
+    value = resolve_for_run(resolved)
+    if value == domain["heldout"]:
+        return cfg
+    domain["heldout"] = value
+    if isinstance(cfg, DictConfig):
+        with read_write(cfg), open_dict(cfg):
+            cfg.domain.heldout = value
+    else:
+        cfg["domain"]["heldout"] = value
     return cfg
 
 
 def compose_resolved(overrides: list[str], validate: bool = True) -> dict:
     """The pipeline config for ``overrides`` composed outside a Hydra app (scripts, ``grads-cache``):
     the config folder of :func:`grads.constants.conf_dir`, checked and with absolute paths by
-    :func:`validate_config` (unless ``validate=False``), resolved to a plain dict."""
+    :func:`validate_config` (unless ``validate=False``: then only ``domain.heldout`` is settled, as
+    :func:`resolve_heldout` does for a run), resolved to a plain dict."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     if validate:
         cfg = validate_config(cfg)
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    resolved: dict = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    if not validate:  # unchecked, but the pool is the one a run would build (its cache keys)
+        try:
+            resolve_heldout(resolved, resolved)
+        except ValueError as exc:  # a bad eval block: the run itself would report it
+            log.debug("held-out split not settled: %s", exc)
+    return resolved

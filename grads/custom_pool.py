@@ -242,6 +242,42 @@ def _as_template(value: Any, key: str) -> str | None:
     return text
 
 
+def check_source(source: Any) -> list[str]:
+    """The custom source's knobs, checked before anything is read (``grads.config`` calls it).
+
+    Templates are optional: left null (``domain.mode=auto``), chat turns or a known field pair are
+    detected from the pool's first row. Returns one problem per bad knob, naming the ``domain.*``
+    key the user sets.
+    """
+    problems = []
+    for key, allowed in (("mode", MODES), ("format", FORMATS)):
+        value = cfg_get(source, key, "auto")
+        if value not in allowed:
+            problems.append(f"domain.{key}={value!r}: expected one of {list(allowed)}")
+    given = {}
+    for key in ("prompt", "response"):
+        value = cfg_get(source, key)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            problems.append(f"domain.{key}={value!r}: expected a template string or null")
+            continue
+        try:
+            given[key] = _as_template(value, key)
+        except ValueError as exc:
+            problems.append(str(exc))
+    if len(given) == 2 and (given["prompt"] is None) != (given["response"] is None):
+        problems.append(
+            "domain.prompt / domain.response: set both (templates) or neither (detected from "
+            "the pool's fields, or chat records)"
+        )
+    chat_field = cfg_get(source, "messages_field")
+    if chat_field is not None and (not isinstance(chat_field, str) or not chat_field.strip()):
+        problems.append(f"domain.messages_field={chat_field!r}: expected a field name or null")
+    optional = cfg_get(source, "optional_fields", [])
+    if not isinstance(optional, list | tuple) or not all(isinstance(f, str) for f in optional):
+        problems.append(f"domain.optional_fields={optional!r}: expected a list of field names")
+    return problems
+
+
 def _fields(template: str | None) -> list[str]:
     return [name for _, name, _, _ in _FORMATTER.parse(template or "") if name]
 

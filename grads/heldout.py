@@ -13,6 +13,14 @@ and de-duplicated (``grads.data.load_records``), the held-out split is chosen *b
 can build (any ``pool_limit``, any ``pool_seed``, with or without ``data.dedup``) contains a
 held-out key. The choice depends only on the candidate records' content and the salt.
 
+Two optional keys size and place the split for pools of any size (the custom domain sets both):
+``max_frac`` caps it at that fraction of the distinct candidate samples (at least one sample of a
+pool of two or more), and ``only_when_measured: true`` keeps it only in runs that score it (the
+evaluate stage runs with ``grads_heldout`` in ``eval.domain_loss_tasks``): :func:`resolve_for_run`,
+called by ``grads.config.validate_config``, then drops the block (``heldout: null``) from any
+other run, e.g. ``grads-select``, so that every record stays a candidate there. A block that still
+carries the flag (a config that skipped validation) sets nothing aside.
+
 The synthetic domain has ``heldout: {n, from_generated: eval_mc}`` instead: its held-out samples are
 the generator's evaluation phrasings (question -> correct answer), which no train phrasing uses.
 
@@ -63,7 +71,54 @@ def heldout_config(domain: Any) -> dict | None:
         raise HeldoutConfigError(
             f"domain '{name}': heldout.from_generated={gen!r}: only 'eval_mc' is supported"
         )
-    return {"n": n, "salt": str(spec.get("salt") or DEFAULT_SALT), "from_generated": gen}
+    frac = spec.get("max_frac")
+    if frac is not None and (
+        isinstance(frac, bool) or not isinstance(frac, int | float) or not 0 < frac < 1
+    ):
+        raise HeldoutConfigError(
+            f"domain '{name}': heldout.max_frac={frac!r} must be a fraction in (0, 1) or null"
+        )
+    flag = spec.get("only_when_measured", False)
+    if not isinstance(flag, bool):
+        raise HeldoutConfigError(
+            f"domain '{name}': heldout.only_when_measured={flag!r} must be true or false"
+        )
+    if flag:  # not resolved for a run (grads.config.validate_config does): nothing is set aside
+        return None
+    salt = str(spec.get("salt") or DEFAULT_SALT)
+    return {"n": n, "salt": salt, "from_generated": gen, "max_frac": frac}
+
+
+def measured(cfg: Any) -> bool:
+    """Whether a run scores the held-out split: its evaluate stage runs (``stages``,
+    ``eval.enabled``) with a held-out task (``grads_heldout``) in ``eval.domain_loss_tasks``."""
+    from grads.evaluation.settings import HELDOUT_TASKS, eval_settings
+    from grads.identity import STAGES
+
+    if "evaluate" not in (cfg_get(cfg, "stages") or STAGES):
+        return False
+    ev = eval_settings(cfg)
+    return bool(ev["enabled"]) and bool(set(HELDOUT_TASKS) & set(ev["domain_loss_tasks"] or []))
+
+
+def resolve_for_run(cfg: dict) -> Any:
+    """The ``domain.heldout`` value a run uses: a block with ``only_when_measured: true`` becomes
+    the block without the flag when the run scores the split (:func:`measured`), else None. Any
+    other value is returned as it is. ``cfg`` is the resolved run config (a plain dict)."""
+    spec = (cfg.get("domain") or {}).get("heldout")
+    if not isinstance(spec, dict) or spec.get("only_when_measured") is not True:
+        return spec
+    if not measured(cfg):
+        return None
+    return {k: v for k, v in spec.items() if k != "only_when_measured"}
+
+
+def target_size(spec: dict, n_candidates: int) -> int:
+    """Samples to set aside: ``n``, capped at ``max_frac`` of the candidates (at least 1 of 2+)."""
+    n = int(spec["n"])
+    if spec.get("max_frac") is not None:
+        n = min(n, max(int(spec["max_frac"] * n_candidates), 1 if n_candidates >= 2 else 0))
+    return n
 
 
 def key_of(rec: Record) -> str:
@@ -109,7 +164,10 @@ def split(records: list[Record], domain: Any) -> tuple[list[Record], list[Record
     spec = heldout_config(domain)
     if spec is None or spec["from_generated"]:
         return list(records), []
-    keys = choose_keys(records, spec["n"], spec["salt"])
+    n = target_size(spec, len({r.id for r in records}))
+    if n < 1:
+        return list(records), []
+    keys = choose_keys(records, n, spec["salt"])
     pool, held, seen = [], [], set()
     for rec in records:
         if key_of(rec) in keys:
@@ -187,6 +245,11 @@ def heldout_records(cfg: Any) -> list[Record]:
     """
     domain = cfg_get(cfg, "domain")
     spec = heldout_config(domain)
+    if spec is None and cfg_get(cfg_get(domain, "heldout"), "only_when_measured"):
+        raise HeldoutConfigError(
+            f"domain '{cfg_get(domain, 'name', '?')}': heldout.only_when_measured is not resolved "
+            "for this run (grads.config.validate_config does it)"
+        )
     if spec is None:
         raise HeldoutConfigError(
             f"domain '{cfg_get(domain, 'name', '?')}' has no `heldout` block: add "

@@ -66,7 +66,7 @@ def build_report(
     entity: str,
     project: str,
     group: str,
-    objective: str = "domain_acc",
+    objective: str = "domain_bpb",
     params: Sequence[str] = DEFAULT_PARAMS,
     tags: Sequence[str] = (),
     title: str | None = None,
@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--entity", required=True)
     ap.add_argument("--project", default="grads")
     ap.add_argument("--group", required=True, help="the sweep's group (experiment name)")
-    ap.add_argument("--objective", default="domain_acc", help="the sweep's objective.metric")
+    ap.add_argument("--objective", default="domain_bpb", help="the sweep's objective.metric")
     ap.add_argument("--param", action="append", help="searched config key (repeatable)")
     ap.add_argument("--tag", action="append", default=[], help="keep runs with this tag too")
     ap.add_argument("--title", default=None)

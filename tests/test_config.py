@@ -389,3 +389,65 @@ def test_importorskip_of_a_required_dependency_fails(tmp_path):
     )  # fmt: skip
     assert "1 failed, 1 skipped" in out.stdout, out.stdout[-2000:]
     assert "required dependency 'peft' cannot be imported" in out.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# The custom domain: templates are optional, the held-out split is settled per run
+# --------------------------------------------------------------------------------------------------
+def _custom(tmp_path, *over):
+    pool = tmp_path / "pool.jsonl"
+    if not pool.exists():
+        pool.write_text('{"instruction": "q", "input": "", "output": "a"}\n')
+    return compose(["domain=custom", f"domain.path={pool}", *over])
+
+
+def test_custom_pool_validates_without_templates(tmp_path):
+    """Null templates mean "detect them from the pool's fields" (or chat records), not an error."""
+    from grads.config import validate_config
+
+    cfg = validate_config(_custom(tmp_path))
+    assert cfg.domain.sources[0].prompt is None and cfg.domain.sources[0].response is None
+    validate_config(_custom(tmp_path, "domain.mode=chat"))  # a messages pool, nothing else set
+
+
+@pytest.mark.parametrize(
+    ("over", "message"),
+    [
+        (["domain.prompt=instruction"], r"domain\.prompt / domain\.response: set both"),
+        (["domain.prompt='{}'", "domain.response=output"], r"domain\.prompt='\{\}'.*named fields"),
+        (
+            ["domain.mode=xml"],
+            r"domain\.mode='xml': expected one of \['auto', 'template', 'chat'\]",
+        ),
+        (["domain.format=xlsx"], r"domain\.format='xlsx': expected one of"),
+        (["domain.prompt=''", "domain.response=output"], r"domain\.prompt='': expected a template"),
+        (
+            ["domain.heldout.max_frac=2"],
+            r"domain\.heldout: .*heldout\.max_frac=2 must be a fraction",
+        ),
+    ],
+)
+def test_bad_custom_pool_knobs_fail_before_the_pool_is_read(tmp_path, over, message):
+    from grads.config import ConfigError, validate_config
+
+    with pytest.raises(ConfigError, match=message):
+        validate_config(_custom(tmp_path, *over))
+
+
+def test_custom_heldout_split_only_in_runs_that_score_it(tmp_path):
+    from grads.config import validate_config
+
+    def heldout(*over):
+        return OmegaConf.to_container(validate_config(_custom(tmp_path, *over)).domain)["heldout"]
+
+    split = {"n": 300, "max_frac": 0.05, "salt": "grads-heldout-v1"}
+    assert heldout() == split  # the evaluate stage scores grads_heldout (eval=quick)
+    assert heldout("stages=[warmup,features,select]") is None  # grads-select's stages
+    assert heldout("eval=none") is None
+    assert heldout("eval.domain_loss_tasks=[]") is None
+    fixed = heldout("domain.heldout.only_when_measured=false", "eval=none")
+    assert fixed == {**split, "only_when_measured": False}
+    assert heldout("domain.heldout=null") is None
+    # Shipped domains keep their fixed split whatever the run does.
+    legal = validate_config(compose(["domain=legal", "stages=[warmup]"]))
+    assert legal.domain.heldout.n == 300

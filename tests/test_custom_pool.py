@@ -274,6 +274,34 @@ def test_cache_key_follows_the_pool_content(tmp_path):
         stage_keys(OmegaConf.to_container(compose(["domain=custom"]), resolve=True))
 
 
+def test_heldout_split_of_a_custom_pool(tmp_path):
+    """Runs that evaluate set 5 % of the distinct samples (at most 300) aside, chosen by content,
+    and write them for the grads_heldout task; the pool loses exactly those."""
+    from grads.config import validate_config
+    from grads.heldout import materialise
+
+    pool = write_jsonl(tmp_path / "pool.jsonl", alpaca_rows())
+    over = ["domain=custom", f"domain.path={pool}", f"paths.output_dir={tmp_path / 'out'}"]
+    cfg = OmegaConf.to_container(validate_config(compose(over)), resolve=True)
+    assert cfg["domain"]["heldout"] == {"n": 300, "max_frac": 0.05, "salt": "grads-heldout-v1"}
+    recs, stats = load_records(cfg["domain"], cfg["data"])
+    assert len(recs) == N_POOL - 2 and stats["heldout_for_domain_loss"] == 2
+    held = [json.loads(x) for x in materialise(cfg).read_text().splitlines()]
+    assert len(held) == 2 and not {h["id"] for h in held} & {r.id for r in recs}
+    assert {h["response"] for h in held} <= {r["output"] for r in alpaca_rows()}
+    # A cap below 5 %: heldout.n wins; grads-select's stages: nothing is set aside.
+    small = validate_config(compose([*over, "domain.heldout.n=1"]))
+    assert (
+        len(load_records(OmegaConf.to_container(small.domain, resolve=True), cfg["data"])[0])
+        == N_POOL - 1
+    )
+    select = validate_config(compose([*over, "stages=[warmup,features,select]"]))
+    assert (
+        len(load_records(OmegaConf.to_container(select.domain, resolve=True), cfg["data"])[0])
+        == N_POOL
+    )
+
+
 def _fake_selection(select_dir: Path, ids: list[str]) -> None:
     from grads.io import write_json, write_jsonl
 
@@ -457,4 +485,9 @@ def test_grads_select_stops_after_select_and_exports_where_asked(cli_run):
     runs = sorted((tmp / "out" / "runs").rglob("metrics.json"), key=lambda p: p.stat().st_mtime)
     m = json.loads(runs[-1].read_text())
     assert m["stages"] == ["warmup", "features", "select"]
-    assert m["cache_hits"] == ["warmup", "features"]  # shared with the `grads` run above
+    # The `grads` run above evaluated, so it set 5 % of the pool aside for the held-out loss; this
+    # run does not evaluate and keeps every record a candidate (its own warm-up).
+    full = json.loads(runs[0].read_text())
+    assert full["data"]["heldout_for_domain_loss"] == 2 and full["n_pool"] == N_POOL - 2
+    assert m["n_pool"] == N_POOL and "heldout_for_domain_loss" not in m["data"]
+    assert m["cache_hits"] == []

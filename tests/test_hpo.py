@@ -65,19 +65,22 @@ def test_hpo_experiments_compose_with_the_optuna_sweeper():
 
     cfg = compose(["experiment=hpo_finetune"], return_hydra_config=True)
     sweeper = cfg.hydra.sweeper
-    assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
+    assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "minimize"
+    assert (cfg.objective.metric, cfg.objective.direction) == ("domain_bpb", "minimize")
+    assert cfg.hydra.callbacks.objective_check._target_ == "grads.objective.ObjectiveCheck"
     assert set(sweeper.params) == {"finetune.lr", "finetune.lora.r", "budget"}
     assert cfg.finetune.lr and cfg.finetune.lora.r  # the searched keys exist (no `+` needed)
     pareto = compose(["experiment=hpo_pareto"], return_hydra_config=True)
-    assert list(pareto.hydra.sweeper.direction) == ["maximize", "minimize"]
+    assert list(pareto.objective.metric) == ["domain_bpb", "general_kl"]
+    assert list(pareto.hydra.sweeper.direction) == ["minimize", "minimize"]
     assert pareto.hydra.sweeper.sampler._target_.endswith("NSGAIISampler")
     # A sweeper direction that contradicts the objective's is refused before any work.
     bad = compose(
-        ["experiment=hpo_finetune", "hydra.sweeper.direction=minimize"], return_hydra_config=True
+        ["experiment=hpo_finetune", "hydra.sweeper.direction=maximize"], return_hydra_config=True
     )
     HydraConfig.instance().set_config(bad)
     try:
-        with pytest.raises(ValueError, match=r"hydra.sweeper.direction=\['minimize'\]"):
+        with pytest.raises(ValueError, match=r"hydra.sweeper.direction=\['maximize'\]"):
             check_objective(bad)
     finally:
         HydraConfig.instance().cfg = None
@@ -148,7 +151,7 @@ def test_three_optuna_trials_end_to_end(sweep):
     metrics = [json.loads(t.read_text()) for t in trials]
     best = OmegaConf.load(sweep / "sweep" / "optimization_results.yaml")
     assert best.name == "optuna"
-    assert best.best_value == max(m["domain_acc"] for m in metrics)
+    assert best.best_value == min(m["domain_bpb"] for m in metrics)  # the default objective
     for t, m in zip(trials, metrics):
         trial_cfg = OmegaConf.load(t.parent / "config_resolved.yaml")
         # Each trial ran with the knobs Optuna chose: the budget, and the fine-tune's own lr.
@@ -163,7 +166,7 @@ def test_three_optuna_trials_end_to_end(sweep):
         assert len(entries) == 1, entries
 
 
-def test_sweep_with_a_missing_objective_metric_fails_clearly(sweep):
+def test_sweep_with_a_missing_objective_metric_fails_before_the_first_trial(sweep):
     res = _sweep(
         sweep,
         "hydra.sweeper.n_trials=1",
@@ -173,4 +176,99 @@ def test_sweep_with_a_missing_objective_metric_fails_clearly(sweep):
         f"hydra.sweep.dir={sweep / 'sweep_missing'}",
     )
     assert res.returncode != 0
-    assert "objective.metric ['no_such_metric'] not in this run's metrics" in res.stderr
+    assert "objective.metric ['no_such_metric'] cannot come from this run" in res.stderr
+    assert "no_such_metric is not a key grads writes to metrics.json" in res.stderr
+    assert not list((sweep / "sweep_missing").glob("[0-9]*"))  # no trial was started
+
+
+# --------------------------------------------------------------------------------------------------
+# Which metrics a run can produce: decided from the config, before the first trial
+# --------------------------------------------------------------------------------------------------
+def _pool(tmp_path: Path, n: int = 30) -> Path:
+    rows = [{"instruction": f"q{i} ?", "input": "", "output": f"a{i} ."} for i in range(n)]
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return pool
+
+
+def test_producible_metrics_follow_stages_tasks_and_the_heldout_split(tmp_path):
+    from grads.objective import producible
+
+    custom = ["experiment=hpo_finetune", "domain=custom", f"domain.path={_pool(tmp_path)}"]
+    have = producible(compose(custom))
+    assert {"domain_bpb", "domain_loss", "general_kl", "text_bpb", "n_pool"} <= set(have)
+    assert not {"domain_acc", "domain_gain", "general_acc", "forgetting"} & set(have)
+    assert "domain_bpb" not in producible(compose([*custom, "domain.heldout=null"]))
+    assert producible(compose([*custom, "eval=none"])) == [
+        "n_pool",
+        "n_selected",
+        "seed",
+        "selection_cost_s",
+        "wall_s",
+    ]
+    assert "n_pool" not in producible(compose([*custom, "stages=[warmup]"]))
+    synthetic = producible(compose(["experiment=hpo_finetune"]))
+    assert {"domain_acc", "domain_gain", "domain_bpb", "forgetting"} <= set(synthetic)
+    assert "tasks/grads_synthetic/acc" in synthetic
+
+
+@pytest.mark.parametrize(
+    ("metric", "reason"),
+    [
+        ("domain_acc", r"domain_acc needs domain accuracy tasks \(domain\.eval_tasks\)"),
+        ("forgetting", r"forgetting needs general tasks"),
+        ("tasks/grads_synthetic/acc", r"no task 'grads_synthetic' among this run's \[\]"),
+        ("domain_acuracy", r"domain_acuracy is not a key grads writes"),
+    ],
+)
+def test_an_objective_the_run_cannot_produce_is_refused_naming_what_it_has(
+    tmp_path, metric, reason
+):
+    from grads.objective import ObjectiveCheck
+
+    over = ["experiment=hpo_finetune", "domain=custom", f"domain.path={_pool(tmp_path)}"]
+    cfg = compose([*over, f"objective.metric={metric}"], return_hydra_config=True)
+    with pytest.raises(ValueError, match=reason) as err:
+        check_objective(cfg)  # objective.required=true in the hpo experiments
+    assert "This run's metrics: [" in str(err.value) and "'domain_bpb'" in str(err.value)
+    with pytest.raises(SystemExit, match=reason):  # Hydra would only warn about an exception
+        ObjectiveCheck().on_multirun_start(cfg)
+    # Outside a sweep (required=auto), a plain run is not refused for its objective.
+    check_objective(compose([*over, f"objective.metric={metric}", "objective.required=auto"]))
+
+
+def test_custom_pool_sweep_with_an_impossible_objective_stops_before_trial_one(tmp_path):
+    _pool(tmp_path)
+    res = _sweep(
+        tmp_path,
+        "domain=custom",
+        "domain.path=pool.jsonl",
+        "domain.pool_limit=null",
+        "objective.metric=domain_acc",
+        "objective.direction=maximize",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )
+    assert res.returncode != 0
+    assert "domain_acc needs domain accuracy tasks" in res.stderr
+    assert "'domain_bpb'" in res.stderr  # what the run does produce
+    assert not (tmp_path / "sweep").exists()  # no trial was started, no stage ran
+
+
+def test_a_new_sqlite_study_storage_opens(tmp_path):
+    """``hydra.sweeper.storage=sqlite:///...``: the sweeper's Optuna cannot stamp a new database
+    under SQLAlchemy 2 on its own; the hpo_* experiments' StudyStorage callback prepares it."""
+    import optuna
+
+    from grads.objective import StudyStorage
+
+    url = f"sqlite:///{tmp_path / 'hpo.db'}"
+    cfg = compose(
+        ["experiment=hpo_finetune", f"hydra.sweeper.storage={url}"], return_hydra_config=True
+    )
+    assert cfg.hydra.callbacks.study_storage._target_ == "grads.objective.StudyStorage"
+    StudyStorage().on_multirun_start(cfg)
+    for n in (1, 2):  # created, then resumed
+        study = optuna.create_study(storage=url, study_name="s", load_if_exists=True)
+        study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+        assert len(study.trials) == n
+    StudyStorage().on_multirun_start(compose(["experiment=hpo_finetune"], True))  # no storage

@@ -120,5 +120,5 @@ def test_dry_run_prints_the_outline_and_saves_nothing(script, no_network, capsys
     )
     out = capsys.readouterr().out
     assert out.splitlines()[0] == "report: GrADS sweep: hpo_finetune (me/grads)"
-    assert "panel ParallelCoordinatesPlot: domain_acc by knob" in out
+    assert "panel ParallelCoordinatesPlot: domain_bpb by knob" in out
     assert out.count("runset hpo_finetune: filters Metric(\"Group\") == 'hpo_finetune'") == 4
