@@ -34,7 +34,7 @@ def main() -> None:
 
     # torchrun / several nodes: ranks other than 0 serve rank 0 without Hydra (no run folder), and
     # a node started with dist.nnodes > 1 becomes that node's elastic agent (grads.launch).
-    if before_hydra(sys.argv):
+    if before_hydra(sys.argv, "grads.cli"):
         return
     _app()
 

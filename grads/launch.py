@@ -11,7 +11,7 @@ A run gets its processes in one of three ways:
    and becomes that node's elastic agent. It composes the config only to read ``dist.*`` and
    ``trainer.procs`` (no run folder) and starts ``trainer.procs`` workers running the same command
    line; the nodes meet at the c10d rendezvous ``dist.rdzv_endpoint``. :func:`before_hydra`.
-3. **A user's own launcher** (``torchrun ... -m grads.cli ...``, the DeepSpeed launcher): ``RANK``,
+3. **A user's own launcher** (``torchrun`` running the ``grads`` app, the DeepSpeed launcher): ``RANK``,
    ``WORLD_SIZE`` and ``LOCAL_RANK`` are set, so nothing is spawned again.
 
 In 2 and 3 the workers form one process group for the whole run, a *session*. Global rank 0 runs
@@ -410,7 +410,7 @@ def _release_servers() -> None:
 # --------------------------------------------------------------------------------------------------
 # The `grads` command: before its Hydra app
 # --------------------------------------------------------------------------------------------------
-def before_hydra(argv: list[str]) -> bool:
+def before_hydra(argv: list[str], module: str) -> bool:
     """What the ``grads`` command does before its Hydra app; ``True``: nothing is left to do.
 
     * Started by a launcher (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set): join the session. Ranks
@@ -422,6 +422,7 @@ def before_hydra(argv: list[str]) -> bool:
 
     Args:
         argv: ``sys.argv`` (updated in place on rank 0).
+        module: the command's module, which an agent's workers run (``python -m <module>``).
     """
     args = argv[1:]
     info = any(a.split("=")[0] in INFO_FLAGS for a in args)
@@ -441,7 +442,7 @@ def before_hydra(argv: list[str]) -> bool:
     settings, nproc = _agent_settings(args)
     if settings.nnodes <= 1:
         return False
-    run_agent(args, settings, nproc)
+    run_agent([sys.executable, "-m", module, *args], settings, nproc)
     return True
 
 
@@ -497,9 +498,9 @@ def _plain_overrides(args: list[str]) -> list[str]:
     return keep
 
 
-def run_agent(args: list[str], s: DistSettings, nproc: int) -> None:
-    """This node's elastic agent: ``nproc`` workers running ``python -m grads.cli <args>``, which
-    meet the other nodes' at the c10d rendezvous ``s.rdzv_endpoint``.
+def run_agent(cmd: list[str], s: DistSettings, nproc: int) -> None:
+    """This node's elastic agent: ``nproc`` workers running ``cmd`` (the same ``grads`` command
+    line), which meet the other nodes' at the c10d rendezvous ``s.rdzv_endpoint``.
 
     Raises:
         SystemExit: a worker, a node or the rendezvous failed (which rank, and how to resume).
@@ -533,7 +534,7 @@ def run_agent(args: list[str], s: DistSettings, nproc: int) -> None:
         flush=True,
     )
     try:
-        elastic_launch(config, sys.executable)("-m", "grads.cli", *args)
+        elastic_launch(config, cmd[0])(*cmd[1:])
     except (ChildFailedError, RendezvousError, SignalException) as exc:
         raise SystemExit(
             f"grads: the run failed on {where}: {failure_summary(exc)}.\n"
