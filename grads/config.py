@@ -642,6 +642,9 @@ def validate_config(cfg: Any) -> Any:
     resolved = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     problems = check_keys(resolved) + check_values(resolved)
     problems += check_targets(resolved) + check_domain(resolved)
+    from grads.launch import dist_problems
+
+    problems += dist_problems(resolved)  # dist.*: several nodes (grads.launch)
     # The owners' own checks, unless their keys were already reported (no double reports).
     if not any(p.startswith(("trainer.", "warmup.", "finetune.")) for p in problems):
         problems += check_trainer(resolved)

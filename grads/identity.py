@@ -78,8 +78,11 @@ NON_SEMANTIC: dict[str, frozenset[str]] = {
     # hub_datasets: never read; path: the custom domain's pool, keyed by content through its source;
     # target: read only by targeted selectors, keyed in the features stage as `features.target`.
     "domain": frozenset({"hub_datasets", "path", "target"}),
-    # Top-level keys that are bookkeeping or act after the cached stages (export, objective).
-    "": frozenset({"stages", "group", "tags", "paths", "logger", "local", "export", "objective"}),
+    # Top-level keys that are bookkeeping or act after the cached stages (export, objective);
+    # dist: where processes run (the trainer's world size is keyed through its global batch).
+    "": frozenset(
+        {"stages", "group", "tags", "paths", "logger", "local", "export", "objective", "dist"}
+    ),
 }
 # Top-level sections some stage part reads (every other top-level key must be in NON_SEMANTIC[""]).
 KEYED_SECTIONS = frozenset(

@@ -10,16 +10,18 @@ from grads.stages.base import Job, StageBase, load_trained
 
 
 def features_job(cfg: dict, warmup_dir: str, work: str) -> None:
-    """One rank's share of the features pass (started by :func:`grads.launch.run_distributed`)."""
+    """One rank's share of the features pass (started by :func:`grads.launch.run_distributed`);
+    every rank reads the warm-up's model and the pool, rank 0 writes."""
     from grads.data import load_pool
-    from grads.dist import compute_device
+    from grads.dist import compute_device, rank
     from grads.features import run_features
 
     model, tokenizer = load_trained(cfg, Path(warmup_dir))
     # Models load on the CPU; without this move a GPU machine would compute features on the CPU.
     model.to(compute_device())
     pool, data_stats = load_pool(cfg, tokenizer, return_stats=True)
-    write_json(Path(work) / "data.json", data_stats)  # bad/filtered/dropped rows -> metrics.json
+    if rank() == 0:  # one writer: bad/filtered/dropped rows -> metrics.json
+        write_json(Path(work) / "data.json", data_stats)
     run_features(cfg, model, tokenizer, pool, work)
     if (cfg.get("features") or {}).get("representations"):
         from grads.representations import run_stage_passes

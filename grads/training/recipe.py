@@ -374,6 +374,7 @@ def train(
 
     cfg = as_dict(cfg)
     procs = TrainerSettings.from_cfg(cfg, use).resolved_procs()
+    _check_world(procs, use)
     ids = list(ids) if ids is not None else None
     if procs <= 1:
         return run_train(cfg, use, str(out_dir), ids, pool, log_fn)
@@ -382,3 +383,16 @@ def train(
     if not summary_path.exists():  # stop_after_steps: nothing final to report
         return {"use": use, "stopped": True}
     return read_json(summary_path)
+
+
+def _check_world(procs: int, use: str) -> None:
+    """Under torchrun or several nodes the launcher's processes train: the config (whose global
+    batch the stage key hashes) must describe them."""
+    from grads.launch import session_world
+
+    world = session_world()
+    if world is not None and world != procs:
+        raise ValueError(
+            f"{use} would train on trainer.procs x dist.nnodes = {procs} processes, but the "
+            f"launcher started {world}: leave trainer.procs / {use}.procs to the launcher"
+        )

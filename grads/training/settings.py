@@ -5,6 +5,7 @@ top, plus the names of a training run's output layout.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 MODEL_DIR, ADAPTER_DIR, CKPT_DIR = "model", "adapter", "checkpoints"
 LOG_NAME, SUMMARY_NAME, DS_CONFIG_NAME = "train_log.jsonl", "train_summary.json", "ds_config.json"
@@ -35,7 +36,7 @@ class TrainerSettings:
 
     name: str
     ds_config: str  # relative to conf/trainer/, or an absolute path
-    procs: int | str  # local processes; "auto": one per CUDA device (1 on CPU)
+    procs: int | str  # processes per node; "auto": one per CUDA device (1 on CPU)
     mode: str  # lora | full
     lora: LoraSettings
     epochs: float
@@ -64,6 +65,9 @@ class TrainerSettings:
     # Warm-up only (set under `warmup:` in conf/config.yaml); the fine-tune trains on its whole list.
     fraction: float = 1.0  # train on this seeded random fraction of the pool
     max_samples: int | None = None  # and on at most this many samples
+    # Nodes the trainer runs on (``dist.nnodes``, set by ``from_cfg``). Not a field: the world size
+    # is keyed through the global batch, and one node keeps every existing key.
+    nnodes: ClassVar[int] = 1
 
     @classmethod
     def from_cfg(cls, cfg: dict, use: str) -> TrainerSettings:
@@ -99,6 +103,9 @@ class TrainerSettings:
                 "warmup.max_samples); the fine-tune trains on the selected ids"
             )
         s.betas = tuple(float(b) for b in s.betas)
+        from grads.launch import nnodes_of
+
+        s.nnodes = nnodes_of(cfg)
         s.validate()
         return s
 
@@ -147,13 +154,15 @@ class TrainerSettings:
         return torch.bfloat16
 
     def resolved_procs(self) -> int:
+        """Processes the trainer runs on: ``procs`` per node ("auto": one per CUDA device, 1 on
+        the CPU) times ``dist.nnodes``."""
         if self.procs == "auto":
             if not _cuda_available():
-                return 1
+                return self.nnodes
             import torch
 
-            return max(1, torch.cuda.device_count())
-        return int(self.procs)
+            return max(1, torch.cuda.device_count()) * self.nnodes
+        return int(self.procs) * self.nnodes
 
 
 def _cuda_available() -> bool:
