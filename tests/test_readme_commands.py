@@ -1,7 +1,8 @@
 """The README's commands, read out of README.md and run as a user types them.
 
-Every command in the ```bash blocks of the sections "Your own pool: take the subset",
-"Hyperparameter sweeps (Optuna)" and "Sharing results: W&B reports" is listed below with how it is
+Every command in the ```bash blocks of the sections "Your own pool: take the subset", "Is the
+subset better than random on my pool?", "Hyperparameter sweeps (Optuna)" and "Sharing results: W&B
+reports" is listed below with how it is
 checked; :func:`test_every_readme_command_is_checked` fails when the README gains, loses or changes
 a command without this file following. Each command runs through ``bash`` in a temporary folder
 holding the hand-written ``pool.jsonl`` (so the relative path works as typed), with the stage cache
@@ -40,6 +41,7 @@ from tests.conftest import REPO, compose
 
 SECTIONS = (
     "Your own pool: take the subset",
+    "Is the subset better than random on my pool?",
     "Hyperparameter sweeps (Optuna)",
     "Sharing results: W&B reports",
 )
@@ -49,6 +51,7 @@ SELECT_HUB = (
     "grads-select domain=custom domain.path=pool.jsonl model=qwen2_5_1_5b_instruct "
     "trainer=zero2 budget=p5"
 )
+VERDICT = "grads-verdict domain=custom domain.path=pool.jsonl verdict.selectors=[grads,grads_paper]"
 HPO = "grads -m experiment=hpo_finetune"
 HPO_CUSTOM = (
     "grads -m experiment=hpo_finetune domain=custom domain.path=pool.jsonl "
@@ -68,6 +71,7 @@ REPORT_SAVE = "python scripts/wandb_report.py --entity ME --project grads --grou
 CHECKED = {
     SELECT: "run (+ model=tiny) on an Alpaca-field pool and on a messages pool",
     SELECT_HUB: "composed + validated as written; run with model=tiny trainer=cpu",
+    VERDICT: "run (+ model=tiny verdict.seeds=2) on the Alpaca pool: a paired CI per selector",
     HPO: "composed, objective checked; slow: 2 trials with model=tiny",
     HPO_CUSTOM: "run: 2 trials with model=tiny",
     HPO_ACC: "composed, objective checked; slow: 2 trials with model=tiny",
@@ -154,9 +158,11 @@ def run(
         "HYDRA_FULL_ERROR": "1",
         **(env or {}),
     }
-    missing = [s for s in ("grads", "grads-select") if not (bindir / s).exists()]
+    missing = [s for s in ("grads", "grads-select", "grads-verdict") if not (bindir / s).exists()]
     line = _words(command, list(extra), swap or {})
-    for script, module in (("grads-select", "grads.select_cli"), ("grads", "grads.cli")):
+    scripts = (("grads-select", "grads.select_cli"), ("grads-verdict", "grads.verdict.cli"),
+               ("grads", "grads.cli"))  # fmt: skip
+    for script, module in scripts:
         if script in missing and line.startswith(script + " "):  # not installed: same entry point
             line = f"{shlex.quote(sys.executable)} -m {module} {line[len(script) + 1 :]}"
     return subprocess.run(
@@ -411,3 +417,19 @@ def test_wandb_report_save_calls_save_and_prints_the_url(monkeypatch, capsys):
     (report,) = saved
     assert (report.entity, report.project) == ("ME", "grads")
     assert "report saved: https://wandb.ai/ME/r" in capsys.readouterr().out
+
+
+def test_verdict_on_an_alpaca_pool_pairs_each_selector_with_random(alpaca):
+    """The README's verdict command: both selectors judged against random on the same seeds, each
+    with a paired CI on held-out bpb and KL and a verdict in words."""
+    out = alpaca / "verdict_out"
+    _ok(run(VERDICT, alpaca, out, extra=[*TINY, "verdict.seeds=2"]))
+    report = json.loads(next((out / "runs").rglob("verdict.json")).read_text())
+    assert [r["selector"] for r in report["selectors"]] == ["grads", "grads_paper"]
+    assert report["seeds"] == [0, 1] and report["cache"]["all_shared"]
+    for row in report["selectors"]:
+        words = ("beats random", "ties random", "worse than random", "inconclusive")
+        assert row["loss_verdict"] in words
+        for metric in ("domain_bpb", "general_kl"):
+            ci = row[metric]
+            assert ci["lo"] <= ci["diff"] <= ci["hi"] and ci["n_seeds"] == 2
