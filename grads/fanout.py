@@ -15,8 +15,8 @@ it). At ``on_multirun_start`` it
 4. launches one *pre-step* job per distinct warm-up through the sweep's own launcher (under
    submitit a SLURM job with the same resources; under the basic launcher, in this process), which
    runs only those two stages (:func:`shared_stages_task`) into ``<sweep dir>/shared/<n>``, and
-   waits for them. A second round computes features variants (e.g. with IFD) that several jobs
-   share on a warm-up the first round made; jobs launched together never share a key.
+   waits for them. Further rounds compute the other features variants (e.g. with IFD) that several
+   jobs share on a warm-up an earlier round made; jobs launched together never share a key.
 
 Hydra then launches the grid as usual, and every job finds its warm-up and features in the cache.
 A pre-step job is a Hydra job like the others: submitit requeues it on preemption or timeout
@@ -63,11 +63,12 @@ class SharedStagesFirst(Callback):
             log.info("shared stages first: %s is not the basic sweeper: skipped", _sweeper(config))
             return
         groups = group_jobs(config, jobs)
-        launched = 0
-        for round_no in (1, 2):
-            batch = plan_round(groups, self.min_jobs)
+        launched, tried = 0, set()
+        for round_no in range(1, len(groups) + 1):  # a round per features variant of a warm-up
+            batch = [g for g in plan_round(groups, self.min_jobs) if id(g) not in tried]
             if not batch:
                 break
+            tried |= {id(g) for g in batch}
             log.info(
                 "shared stages first, round %d: %d pre-step job(s) before the %d grid job(s): %s",
                 round_no,

@@ -82,7 +82,8 @@ def launched_env(env: Mapping[str, str] | None = None) -> tuple[int, int, int] |
     if not all(env.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
         return None
     world = int(env["WORLD_SIZE"])
-    return int(env["RANK"]), world, int(env.get("LOCAL_WORLD_SIZE") or world)
+    local = env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE")  # torchrun / DeepSpeed's launcher
+    return int(env["RANK"]), world, int(local or world)
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
