@@ -77,11 +77,15 @@ def resolve_callable(fn: str | Callable | None) -> Callable | None:
 def launched_env(env: Mapping[str, str] | None = None) -> tuple[int, int, int] | None:
     """``(rank, world size, processes on this node)`` when a launcher started this process
     (torchrun, grads' own nodes, the DeepSpeed launcher: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``
-    set), else ``None``."""
+    set, more than one process), else ``None``. A world of one is no session: nothing to share, and
+    single-process training itself sets these variables (``grads.training.distributed``), which a
+    ``grads`` started from that process inherits."""
     env = os.environ if env is None else env
     if not all(env.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
         return None
     world = int(env["WORLD_SIZE"])
+    if world <= 1:
+        return None
     local = env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE")  # torchrun / DeepSpeed's launcher
     return int(env["RANK"]), world, int(local or world)
 
