@@ -178,7 +178,8 @@ def test_heldout_split_of_a_custom_pool_holds_its_own_records(tmp_path):
     from grads.data import load_records
     from grads.heldout import heldout_records
 
-    cfg = _custom(tmp_path, ["domain.heldout={n: 24}"])
+    cfg = _custom(tmp_path, ["domain.heldout.n=24", "domain.heldout.max_frac=0.5",
+                             "domain.heldout.only_when_measured=false"])  # fmt: skip
     base = OmegaConf.to_container(cfg, resolve=True)
     held = heldout_records(base)
     pool, _ = load_records(base["domain"], base["data"])

@@ -65,6 +65,10 @@ def ensure_heldout(base: dict, s: VerdictSettings) -> dict:
 
     dom = base["domain"]
     spec = heldout_config(dom)
+    if dom.get("name") == "custom":
+        # a custom pool's default split (5 %, for the domain loss of plain runs) is replaced by the
+        # verdict's larger one: the paired CIs are over these items
+        dom["heldout"], spec = None, None
     if spec is not None:
         if s.heldout is not None:
             log.warning(
