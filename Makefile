@@ -13,10 +13,11 @@ STAMP := $(VENV)/.grads-installed
 HAS_GPU := $(shell command -v nvidia-smi 2>/dev/null)
 # DeepSpeed's CPU accelerator only where there is no NVIDIA GPU (grads refuses cpu next to CUDA).
 export DS_ACCELERATOR ?= $(if $(HAS_GPU),cuda,cpu)
-# Where torch comes from: PyTorch's CPU wheel index without a GPU (PyPI's Linux torch is a CUDA
-# build that pulls gigabytes of CUDA libraries); PyPI's default where nvidia-smi exists. Override,
-# e.g. TORCH_INDEX=https://download.pytorch.org/whl/cu128, or TORCH_INDEX= for PyPI only.
-TORCH_INDEX ?= $(if $(HAS_GPU),,https://download.pytorch.org/whl/cpu)
+# Where torch comes from: the package index pip is configured with (PyPI by default; a machine
+# whose pip sees a local torch 2.13.0 CPU build takes it). For the CPU-only wheels on a machine
+# that reaches them: TORCH_INDEX=https://download.pytorch.org/whl/cpu (PyPI's Linux torch is a
+# CUDA build of several GB); for a CUDA build: TORCH_INDEX=https://download.pytorch.org/whl/cu128.
+TORCH_INDEX ?=
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
