@@ -241,8 +241,9 @@ def test_representation_passes_show_progress(tiny, capsys):
 def test_progress_bars_follow_features_progress_and_rank(monkeypatch):
     from grads.representations import _bar_label
 
-    monkeypatch.delenv("RANK", raising=False)
+    # grads.dist.rank, not RANK: an earlier in-process test may have left a process group up
+    monkeypatch.setattr("grads.dist.rank", lambda: 0)
     assert _bar_label({"features": {"progress": True}}, "RDS+")("target") == "RDS+ (target)"
     assert _bar_label({"features": {"progress": False}}, "RDS+")("pool") is None
-    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr("grads.dist.rank", lambda: 1)
     assert _bar_label({"features": {"progress": True}}, "RDS+")("pool") is None
