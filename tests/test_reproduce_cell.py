@@ -52,3 +52,18 @@ def test_committed_lookup_and_verdict(tmp_path, capsys):
     worse = {"tuned": _items(np.random.default_rng(5), 80, nll_shift=0.5, kl=0.09)}
     verdict = {r["metric"]: r["inside"] for r in rc.compare(worse, old, ref)}
     assert verdict["domain_bpb"] is False
+
+
+def test_selection_overlap_counts_the_committed_ids_selected_again(tmp_path):
+    from types import SimpleNamespace
+
+    from grads.io import write_jsonl
+    from grads.paper.reproduce import selection_overlap
+
+    sel_dir, select = tmp_path / "selections", tmp_path / "select"
+    write_jsonl(sel_dir / "grads_paper_p5_seed0.jsonl", [{"id": i} for i in "abcd"])
+    write_jsonl(select / "selection.jsonl", [{"id": i} for i in "abxy"])
+    args = SimpleNamespace(method="grads_paper", budget="p5", seed=0)
+    metrics = {"artefacts": {"select": str(select)}}
+    assert selection_overlap(metrics, sel_dir, args) == (2, 4)
+    assert selection_overlap({"artefacts": {}}, sel_dir, args) is None

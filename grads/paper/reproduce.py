@@ -137,8 +137,10 @@ def main(argv: list[str] | None = None) -> int:
                f"paths.cache_dir={scratch / 'cache'}", f"hydra.run.dir={scratch / 'run'}"]  # fmt: skip
         print("re-running:", " ".join(cmd[2:]), flush=True)
         subprocess.run(cmd, check=True)
-        new_items = read_json(scratch / "run" / "metrics.json").get("items") or {}
+        metrics = read_json(scratch / "run" / "metrics.json")
+        new_items = metrics.get("items") or {}
         rows = compare(new_items, old_items, ref_items)
+        shared = selection_overlap(metrics, csv.parent / "selections", args)
     finally:
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -150,4 +152,25 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "inside" if r["inside"] else "OUTSIDE"
         print(f"  {r['metric']:<12} committed {c.mean:+.4f} [{c.lo:+.4f}, {c.hi:+.4f}]"
               f"  re-run {r['rerun']:+.4f}  {verdict}")  # fmt: skip
+    if shared is not None:
+        n, k = shared
+        print(
+            f"  selection   {n} of the committed subset's {k} samples selected again "
+            f"({'same warm-up and features' if not args.from_scratch else 'warm-up recomputed'})"
+        )
     return 0 if all(r["inside"] for r in rows) else 1
+
+
+def selection_overlap(metrics: dict, sel_dir: Path, args) -> tuple[int, int] | None:
+    """``(shared, k)``: how many of the committed subset's ``k`` ids the re-run selected again
+    (``None`` when either selection is missing). With ``--from-scratch`` the warm-up runs again, and
+    its floating-point path (another machine, another thread count) can move the ranking."""
+    from grads.io import read_jsonl
+
+    committed_file = sel_dir / f"{args.method}_{args.budget}_seed{args.seed}.jsonl"
+    new_file = Path(metrics.get("artefacts", {}).get("select", "")) / "selection.jsonl"
+    if not committed_file.is_file() or not new_file.is_file():
+        return None
+    old = {r["id"] for r in read_jsonl(committed_file)}
+    new = {r["id"] for r in read_jsonl(new_file)}
+    return len(old & new), len(old)
