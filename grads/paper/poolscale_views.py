@@ -44,11 +44,10 @@ def load_rows(csv: Path) -> list[dict]:
     read them; ``[]`` when the CSV does not exist."""
     if not csv.is_file():
         return []
-    from grads.report.collect import read_csvs
+    from grads.report.collect import read_csvs, with_items
 
     df, items = read_csvs([csv])
-    by_job = {str(r["job"]): r["items"] for r in items or []}
-    return [{**r, "items": by_job.get(str(r.get("job")))} for r in df.to_dict("records")]
+    return with_items(df.to_dict("records"), items)
 
 
 def paired_vs_random(rows: list[dict]) -> dict[tuple[str, str, str], object]:

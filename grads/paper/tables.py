@@ -21,7 +21,7 @@ from grads.io import write_text
 from grads.paper.decisions import DECISION_METRICS, ablation_summary, default_decision
 from grads.paper.frames import as_current_default, collect, table1_frame, with_default_cell
 from grads.paper.protocol import ABLATION_PREFIX, BEST_OTHER, CHEAP_VARIANTS, is_ablation
-from grads.report.collect import read_csvs, write_items
+from grads.report.collect import read_csvs, with_items, write_items
 from grads.report.costs import cost_model, cost_table
 from grads.report.paired import PAIRED_METRICS, paired_cell, paired_tables
 from grads.report.plots import forest_plot, plots
@@ -131,9 +131,8 @@ def _paired_sections(
     include them, the ablation grids (Table 2); a forest plot per domain in ``out_dir``."""
     import pandas as pd
 
-    by_job = {str(r["job"]): r["items"] for r in items}  # a CSV may read "0" back as 0
     both = pd.concat([t1, df[df["selector"].map(is_ablation)]], ignore_index=True)
-    rows = [{**r, "items": by_job.get(str(r.get("job")))} for r in both.to_dict("records")]
+    rows = with_items(both.to_dict("records"), items)
     raw: dict = {}
     paired = paired_tables(rows, reference, metrics, raw=raw)
     md, tex = [], []

@@ -146,3 +146,10 @@ def read_csvs(paths: list[Path]):
         items += its or []
     df = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
     return df, (items if any_items else None)
+
+
+def with_items(records: list[dict], items: list[dict] | None) -> list[dict]:
+    """``records`` (collected rows) each with its run's per-item results under ``items``, matched
+    by job (a CSV may read job ``"0"`` back as ``0``); ``None`` where a run has none."""
+    by_job = {str(r["job"]): r["items"] for r in items or []}
+    return [{**r, "items": by_job.get(str(r.get("job")))} for r in records]
