@@ -30,23 +30,20 @@ failure (and whether its folder was kept) and stale owner across jobs. ``grads-c
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
 import socket
-import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from grads.errors import UserError, reported
 from grads.io import read_json, write_json, write_text
+from grads.locks import KeyLock, try_lock
 
 log = logging.getLogger(__name__)
 
@@ -144,128 +141,6 @@ def check_entry(root: Path, content: bool = False) -> list[str]:
         extra = sorted({p.relative_to(root).as_posix() for p in _entry_files(root)} - set(files))
         problems += [f"not in manifest: {rel}" for rel in extra]
     return problems
-
-
-# --------------------------------------------------------------------------------------------------
-# Lock
-# --------------------------------------------------------------------------------------------------
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def describe_owner(owner: dict | None) -> str:
-    if not owner:
-        return "another process (no owner record yet)"
-    age = time.time() - float(owner.get("started", time.time()))
-    where = f"pid {owner.get('pid')} on {owner.get('host')}"
-    if owner.get("host") == socket.gethostname() and not _pid_alive(int(owner.get("pid", -1))):
-        where += " (no longer running)"
-    return f"{where}, started {age:.0f} s ago"
-
-
-class KeyLock:
-    """Exclusive lock on one ``(stage, key)`` with an owner record; a context manager.
-
-    Attributes (after entering):
-        waited_s: seconds spent waiting for another holder.
-        stale: the owner record of a previous holder that died without releasing, else None.
-    """
-
-    def __init__(
-        self,
-        lock_path: Path,
-        what: str,
-        wait_message_s: float = 5.0,
-        repeat_message_s: float = 60.0,
-        poll_s: float = 0.5,
-    ):
-        self.lock_path = Path(lock_path)
-        self.owner_path = self.lock_path.with_suffix(".owner.json")
-        self.what = what
-        self.wait_message_s, self.repeat_message_s, self.poll_s = (
-            wait_message_s,
-            repeat_message_s,
-            poll_s,
-        )
-        self.waited_s = 0.0
-        self.stale: dict | None = None
-        self._lock = None
-
-    def owner(self) -> dict | None:
-        try:
-            return read_json(self.owner_path)
-        except (OSError, ValueError):
-            return None
-
-    def __enter__(self) -> KeyLock:
-        import filelock
-
-        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = filelock.FileLock(str(self.lock_path))
-        t0, next_msg = time.monotonic(), self.wait_message_s
-        while True:
-            try:
-                self._lock.acquire(timeout=self.poll_s)
-                break
-            except filelock.Timeout:
-                self.waited_s = time.monotonic() - t0
-                if self.waited_s >= next_msg:
-                    log.warning(
-                        "%s: waiting %.0f s for %s, which holds %s; its result will be reused",
-                        self.what,
-                        self.waited_s,
-                        describe_owner(self.owner()),
-                        self.lock_path,
-                    )
-                    next_msg += self.repeat_message_s
-        self.waited_s = time.monotonic() - t0
-        self.stale = self.owner()
-        if self.stale is not None:
-            log.warning(
-                "%s: breaking the stale lock of %s: it exited without releasing %s",
-                self.what,
-                describe_owner(self.stale),
-                self.lock_path,
-            )
-        write_json(
-            self.owner_path,
-            {
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "started": time.time(),
-                "what": self.what,
-                "argv": sys.argv[:8],
-            },
-        )
-        return self
-
-    def __exit__(self, *exc) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.owner_path.unlink()
-        self._lock.release()
-
-
-@contextlib.contextmanager
-def try_lock(lock_path: Path) -> Iterator[bool]:
-    """Yield True while holding ``lock_path`` if it is free right now, else False (no waiting)."""
-    import filelock
-
-    lock = filelock.FileLock(str(lock_path))
-    try:
-        lock.acquire(timeout=0)
-    except filelock.Timeout:
-        yield False
-        return
-    try:
-        yield True
-    finally:
-        lock.release()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -433,18 +308,6 @@ class StageCache:
 # --------------------------------------------------------------------------------------------------
 # Listing, verification, garbage collection
 # --------------------------------------------------------------------------------------------------
-def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
 
 
 def scan(root: Path) -> list[dict]:
@@ -454,7 +317,7 @@ def scan(root: Path) -> list[dict]:
     ``corrupt`` (moved aside), ``legacy`` (no identity/manifest: an older cache version),
     ``incomplete`` (a ``<key>`` folder without ``DONE``).
     """
-    from grads.identity import STAGES
+    from grads.constants import STAGES
 
     out: list[dict] = []
     for stage in (*STAGES, BASE_EVAL):  # other folders (generated data, ...) are not entries
@@ -528,234 +391,3 @@ def event_counts(root: Path, by_key: bool = False) -> dict:
             per = counts.setdefault(where, {})
             per[row.get("event", "?")] = per.get(row.get("event", "?"), 0) + 1
     return counts
-
-
-def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=title)
-    for c in columns:
-        t.add_column(c, overflow="fold")
-    for r in rows:
-        t.add_row(*r)
-    Console().print(t)
-
-
-def cmd_ls(root: Path, stage: str | None) -> int:
-    rows = [r for r in scan(root) if stage is None or r["stage"] == stage]
-    per_key = event_counts(root, by_key=True)
-    table = []
-    total = 0
-    for r in rows:
-        size = _size(r["path"])
-        total += size
-        summary = " ".join(
-            f"{k.removesuffix('.name').split('.')[-1]}={v}"
-            for k, v in r["summary"].items()
-            if v is not None
-        )
-        hits = per_key.get((r["stage"], r["key"]), {}).get("hit", 0)
-        table.append([r["stage"], r["key"], r["status"], summary, _human(size), str(hits)])
-    _print_table(
-        f"grads cache {root} ({len(rows)} entries, {_human(total)})",
-        ["stage", "key", "status", "config", "size", "hits"],
-        table,
-    )
-    counts = event_counts(root)
-    if counts:
-        _print_table(
-            "events (all jobs)",
-            ["stage", "hit", "miss", "done", "failed", "stale owner"],
-            [
-                [s, *(str(c.get(k, 0)) for k in ("hit", "miss", "done", "failed", "stale_owner"))]
-                for s, c in sorted(counts.items())
-            ],
-        )
-    return 0
-
-
-def cmd_verify(root: Path, stage: str | None, keys: list[str]) -> int:
-    unknown = sorted(set(keys) - {r["key"] for r in scan(root)})
-    if unknown:
-        raise UserError(f"no cache entry with key {', '.join(unknown)} in {root}")
-    bad = 0
-    table = []
-    for r in scan(root):
-        if (stage and r["stage"] != stage) or (keys and r["key"] not in keys):
-            continue
-        if r["stage"] == BASE_EVAL or r["status"] in ("partial", "running"):
-            continue
-        problems = check_entry(r["path"], content=True) if r["status"] != "corrupt" else ["corrupt"]
-        bad += bool(problems)
-        table.append([r["stage"], r["key"], "ok" if not problems else "; ".join(problems[:4])])
-    _print_table(f"verify {root}", ["stage", "key", "result"], table)
-    print(f"{len(table) - bad} ok, {bad} with problems")
-    return 1 if bad else 0
-
-
-def referenced_keys(
-    runs: list[Path], configs: list[str], skip: Path | None = None
-) -> set[tuple[str, str]]:
-    """``(stage, key)`` pairs referenced by run folders (``metrics.json`` keys, else the keys of
-    their ``config_resolved.yaml``) and by configs given as Hydra override strings."""
-    refs: set[tuple[str, str]] = set()
-    skip = skip.resolve() if skip is not None else None
-    for run_root in runs:
-        for m in Path(run_root).rglob("metrics.json"):
-            if skip is not None and skip in m.resolve().parents:
-                continue  # an evaluate entry's own metrics, not a job's
-            try:
-                data = read_json(m)
-            except (OSError, ValueError):
-                continue
-            if isinstance(data, dict) and isinstance(data.get("keys"), dict):
-                refs |= set(data["keys"].items())
-        for c in Path(run_root).rglob("config_resolved.yaml"):
-            if (c.parent / "metrics.json").exists():
-                continue
-            from omegaconf import OmegaConf
-
-            refs |= _config_refs(OmegaConf.to_container(OmegaConf.load(c), resolve=True), str(c))
-    from hydra.errors import HydraException
-
-    from grads.config import compose_resolved
-
-    for overrides in configs:
-        try:
-            resolved = compose_resolved(overrides.split(), validate=False)
-        except HydraException as exc:  # an unknown option or a malformed override
-            raise UserError(f"--config {overrides!r}: {exc}") from exc
-        refs |= _config_refs(resolved, overrides)
-    return refs
-
-
-def _config_refs(resolved: dict, where: str) -> set[tuple[str, str]]:
-    from grads.pipeline import job_identities
-
-    try:
-        ids = job_identities(resolved, list(resolved.get("stages") or ()))
-    except Exception as exc:  # noqa: BLE001 - a stale config must not stop gc; it says which
-        log.warning(
-            "cannot compute the keys of %s (%s: %s): skipped", where, type(exc).__name__, exc
-        )
-        return set()
-    return {(s, i.key) for s, i in ids.items()}
-
-
-def _close_upstream(rows: list[dict], refs: set[tuple[str, str]]) -> set[tuple[str, str]]:
-    """Add every entry a referenced entry was computed from (its identity's upstream keys), and the
-    base-model evaluations a referenced evaluation used."""
-    by_key = {(r["stage"], r["key"]): r for r in rows if r["status"] == "done"}
-    todo, seen = list(refs), set(refs)
-    while todo:
-        row = by_key.get(todo.pop())
-        if row is None:
-            continue
-        nxt = set(row["upstream"].items())
-        metrics = row["path"] / "metrics.json" if row["stage"] == "evaluate" else None
-        if metrics is not None and metrics.exists():
-            for part in (read_json(metrics).get("base_cache") or {}).values():
-                nxt.add((BASE_EVAL, part.get("key")))
-        for ref in nxt - seen:
-            seen.add(ref)
-            todo.append(ref)
-    return seen
-
-
-def cmd_gc(root: Path, runs: list[Path], configs: list[str], yes: bool) -> int:
-    rows = scan(root)
-    remove = [r for r in rows if r["status"] in ("partial", "corrupt", "legacy", "incomplete")]
-    if runs or configs:
-        keep = _close_upstream(rows, referenced_keys(runs, configs, skip=root))
-        remove += [r for r in rows if r["status"] == "done" and (r["stage"], r["key"]) not in keep]
-    else:
-        print("no --runs/--config given: only partial, corrupt and legacy entries are candidates")
-    total = sum(_size(r["path"]) for r in remove)
-    _print_table(
-        f"gc {root}: {len(remove)} entries, {_human(total)}" + ("" if yes else " (dry run)"),
-        ["stage", "key", "status", "size"],
-        [[r["stage"], r["key"], r["status"], _human(_size(r["path"]))] for r in remove],
-    )
-    if not yes:
-        print("dry run: add --yes to delete")
-        return 0
-    for r in remove:
-        lock = root / r["stage"] / LOCKS / f"{r['key']}.lock"
-        with try_lock(lock) if r["stage"] != BASE_EVAL else contextlib.nullcontext(True) as free:
-            if not free:
-                print(f"skipped {r['path']}: a job holds its lock")
-                continue
-            if r["path"].is_dir():
-                shutil.rmtree(r["path"])
-            else:
-                r["path"].unlink(missing_ok=True)
-    print(f"removed {len(remove)} entries ({_human(total)})")
-    return 0
-
-
-_DEFAULT_ROOT = "$GRADS_CACHE_DIR, else $GRADS_OUTPUT_DIR/cache, else ./outputs/cache"
-
-
-def default_root() -> Path:
-    """``$GRADS_CACHE_DIR``, else ``$GRADS_OUTPUT_DIR/cache``, else ``./outputs/cache`` (as the
-    ``paths`` config resolves them)."""
-    if os.environ.get("GRADS_CACHE_DIR"):
-        return Path(os.environ["GRADS_CACHE_DIR"])
-    return Path(os.environ.get("GRADS_OUTPUT_DIR", "outputs")) / "cache"
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``grads-cache ls|verify|gc``: list, check and clean the stage cache."""
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    with reported("grads-cache", args.verbose):
-        root = args.root or default_root()
-        if not root.is_dir():
-            how = "--root" if args.root else "the default: " + _DEFAULT_ROOT
-            raise UserError(f"no cache folder at {root} ({how}): nothing to {args.cmd}")
-        if args.cmd == "ls":
-            return cmd_ls(root, args.stage)
-        if args.cmd == "verify":
-            return cmd_verify(root, args.stage, args.keys)
-        missing = [str(r) for r in args.runs if not Path(r).exists()]
-        if missing:  # a typo must not make every entry look unreferenced
-            raise UserError(f"--runs: no such folder {', '.join(missing)}")
-        return cmd_gc(root, args.runs, args.config, args.yes)
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="grads-cache", description=main.__doc__)
-    p.add_argument(
-        "--root", type=Path, default=None, help=f"cache folder (default: {_DEFAULT_ROOT})"
-    )
-    verbose = "show the traceback of a user error (a missing folder, a bad --config)"
-    p.add_argument("-v", "--verbose", action="store_true", help=verbose)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    ls = sub.add_parser("ls", help="entries with their config summary and size; event counts")
-    ls.add_argument("--stage")
-    ver = sub.add_parser("verify", help="re-hash every entry's files against its manifest")
-    ver.add_argument("--stage")
-    ver.add_argument("keys", nargs="*")
-    gc = sub.add_parser("gc", help="remove partial/corrupt/legacy entries and unreferenced ones")
-    for cmd in (ls, ver, gc):  # -v after the command too; unset there, the top-level value stays
-        cmd.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
-    gc.add_argument(
-        "--runs",
-        type=Path,
-        action="append",
-        default=[],
-        help="run/sweep folder whose jobs reference entries (metrics.json / config_resolved.yaml)",
-    )
-    gc.add_argument(
-        "--config",
-        action="append",
-        default=[],
-        help='Hydra overrides of a config whose entries are kept, e.g. "experiment=demo"',
-    )
-    gc.add_argument("--yes", action="store_true", help="delete (default: dry run)")
-    return p
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,7 +11,7 @@ Where the rules come from, so that adding a knob is a one-place change:
   of ``conf/config.yaml``; those of a group node (``domain``, ``eval``, ``model``, ``paths``,
   ``trainer``) are the union of the keys of every option file of that group, plus the knobs the
   consuming code declares (``TrainerSettings`` fields, ``EVAL_DEFAULTS``, ``grads.models.MODEL_KEYS``,
-  ``grads.data.SOURCE_KEYS`` / ``DECONTAMINATE_KEYS``). A knob added to a YAML is known at once.
+  ``grads.data.records.SOURCE_KEYS`` / ``DECONTAMINATE_KEYS``). A knob added to a YAML is known at once.
 * **Targets** (``selector``, ``budget``, ``logger``, ``domain.generator``) are checked by binding
   the node's keys to the ``_target_``'s signature, then the budget and selector are instantiated
   (cheap) so their own checks run, including ``budget=auto`` for a selector that cannot size itself.
@@ -38,9 +38,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from grads.constants import PATH_ENV, conf_dir
+from grads.config_access import PACKAGED_INTO, load_node, option_defaults, primary_config
+from grads.constants import PATH_ENV, STAGES, conf_dir
 from grads.errors import UserError
-from grads.identity import STAGES
 
 log = logging.getLogger(__name__)
 
@@ -49,23 +49,6 @@ PRIMARY_NODES = ("data", "features", "warmup", "finetune", "select", "export")
 # Group nodes whose keys are the union over their option files (+ what the code declares).
 UNION_GROUPS = ("domain", "eval", "model", "paths", "trainer")
 TRAIN_USES = ("warmup", "finetune")
-# Groups whose options write into another node (`# @package <node>`): one axis per group, one node.
-PACKAGED_INTO = {"trainer": ("tuning",)}
-
-
-def as_dict(cfg: Any) -> dict:
-    """A plain resolved dict from a dict or an OmegaConf config (workers never see interpolations)."""
-    if isinstance(cfg, dict):
-        return cfg
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-
-
-def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
-    """``cfg[key]`` of a dict, a ``DictConfig`` or an object; ``default`` when absent or null."""
-    if cfg is None:
-        return default
-    value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-    return default if value is None else value
 
 
 class ConfigError(UserError, ValueError):
@@ -125,7 +108,7 @@ def choice_rule(*allowed: Any) -> Callable:
 
 
 def _representations_rule(v: Any) -> str | None:
-    from grads.representations import PASSES
+    from grads.features.representations import PASSES
 
     if v == "auto" or (isinstance(v, list) and all(p in PASSES for p in v)):
         return None
@@ -175,28 +158,20 @@ RULES: dict[str, Callable[[Any], str | None]] = {
 # --------------------------------------------------------------------------------------------------
 # Where the allowed keys come from
 # --------------------------------------------------------------------------------------------------
-def _load(path: Path) -> dict:
-    node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    return node if isinstance(node, dict) else {}
-
-
-@functools.cache
-def _primary(conf: str) -> dict:
-    return _load(Path(conf) / "config.yaml")
 
 
 @functools.cache
 def _group_keys(conf: str, group: str) -> frozenset[str]:
     keys: set[str] = set()
     for f in sorted((Path(conf) / group).glob("*.yaml")):
-        keys |= {k for k in _load(f) if k != "defaults"}
+        keys |= {k for k in load_node(f) if k != "defaults"}
     return frozenset(keys)
 
 
 def _primary_groups(conf: str) -> list[str]:
     """Group names of the primary defaults list (``optional local`` -> ``local``)."""
     names = []
-    for entry in _primary(conf).get("defaults") or []:
+    for entry in primary_config(conf).get("defaults") or []:
         if isinstance(entry, dict):
             name = next(iter(entry)).replace("optional ", "").replace("override ", "")
             if "/" not in name:  # hydra/help etc. are Hydra's own
@@ -213,7 +188,7 @@ def _code_keys(group: str) -> set[str]:
 
         return {f.name for f in dataclasses.fields(TrainerSettings)}
     if group == "eval":
-        from grads.evaluation.harness import EVAL_DEFAULTS
+        from grads.evaluation.settings import EVAL_DEFAULTS
 
         return set(EVAL_DEFAULTS)
     if group == "model":
@@ -221,7 +196,7 @@ def _code_keys(group: str) -> set[str]:
 
         return set(MODEL_KEYS)
     if group == "domain":
-        from grads.data import DOMAIN_KEYS
+        from grads.data.pool import DOMAIN_KEYS
 
         return set(DOMAIN_KEYS)
     return set()
@@ -230,7 +205,7 @@ def _code_keys(group: str) -> set[str]:
 def allowed_keys(node: str) -> set[str]:
     """The keys a node of the composed config may hold (``""`` is the top level)."""
     conf = str(conf_dir())
-    primary = _primary(conf)
+    primary = primary_config(conf)
     if node == "":
         # experiment and local files are `@package _global_`: no key of their own at the top level.
         packaged = {g for gs in PACKAGED_INTO.values() for g in gs}
@@ -242,47 +217,6 @@ def allowed_keys(node: str) -> set[str]:
     if node in TRAIN_USES:  # any trainer knob may be overridden per use
         keys |= allowed_keys("trainer")
     return keys
-
-
-def defaults(node: str) -> dict:
-    """The YAML defaults of a node: a ``conf/config.yaml`` node (``data``, ``features``, ...) or
-    the default option of a group (``trainer`` -> ``conf/trainer/cpu.yaml``), unresolved.
-
-    This is the one place code reads a default from, so that no value is written twice.
-    """
-    conf = str(conf_dir())
-    primary = _primary(conf)
-    if isinstance(primary.get(node), dict):
-        return dict(primary[node])
-    choices = {
-        next(iter(e)): e[next(iter(e))]
-        for e in primary.get("defaults") or []
-        if isinstance(e, dict)
-    }
-    if node not in choices:
-        raise KeyError(f"no defaults for config node {node!r}")
-    out = _option(conf, node, str(choices[node]))
-    # Groups packaged into this node (`# @package trainer` in conf/tuning/*.yaml) add their knobs.
-    for group in PACKAGED_INTO.get(node, ()):
-        out.update(_option(conf, group, str(choices[group])))
-    return out
-
-
-@functools.cache
-def _option_cached(conf: str, group: str, name: str) -> dict:
-    node = _load(Path(conf) / group / f"{name}.yaml")
-    merged: dict = {}
-    for entry in node.pop("defaults", None) or []:  # e.g. zero2.yaml extends cpu.yaml
-        if isinstance(entry, str) and entry != "_self_":
-            merged.update(_option_cached(conf, group, entry))
-    merged.update(node)
-    return merged
-
-
-def _option(conf: str, group: str, name: str) -> dict:
-    import copy
-
-    return copy.deepcopy(_option_cached(conf, group, name))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -305,7 +239,7 @@ def _unknown(where: str, keys: Any, allowed: set[str]) -> list[str]:
 
 def check_keys(cfg: dict) -> list[str]:
     """Unknown keys at the top level, in the primary nodes, the group nodes and domain lists."""
-    from grads.data import DECONTAMINATE_KEYS, SOURCE_KEYS
+    from grads.data.records import DECONTAMINATE_KEYS, SOURCE_KEYS
 
     problems = _unknown("", cfg, allowed_keys(""))
     for node in (*PRIMARY_NODES, *UNION_GROUPS):
@@ -359,7 +293,7 @@ def check_values(cfg: dict) -> list[str]:
                 continue  # ${seed} interpolated: reported once, at `seed`
             if present and (problem := rule(value)):
                 problems.append(f"{path}={value!r}: {problem}")
-    primary = _primary(str(conf_dir()))
+    primary = primary_config(str(conf_dir()))
     flat = [(k, v) for k, v in primary.items() if not isinstance(v, dict) and k != "defaults"]
     for node in PRIMARY_NODES:
         flat += [(f"{node}.{k}", v) for k, v in (primary.get(node) or {}).items()]
@@ -440,7 +374,7 @@ def _auto_selectors() -> list[str]:
 
     names, conf = [], str(conf_dir())
     for f in sorted((Path(conf) / "selector").glob("*.yaml")):
-        node = _option(conf, "selector", f.stem)
+        node = option_defaults(conf, "selector", f.stem)
         try:
             kwargs = {k: v for k, v in node.items() if not str(k).startswith("_")}
             if getattr(get_object(node["_target_"])(**kwargs), "supports_auto", False):
@@ -465,7 +399,7 @@ def check_trainer(cfg: dict) -> list[str]:
 
 def check_eval(cfg: dict) -> list[str]:
     """``eval_settings``: the evaluation module's own value checks (tasks_from, metric, limits)."""
-    from grads.evaluation.harness import eval_settings
+    from grads.evaluation.settings import eval_settings
 
     try:
         eval_settings(cfg)
@@ -481,10 +415,10 @@ def check_domain(cfg: dict) -> list[str]:
     problems = []
     gen = domain.get("generator")
     if gen:
-        from grads.synthetic import materialise
+        from grads.data.synthetic import materialise
 
         problems += _bind("domain.generator", materialise, dict(gen))
-    from grads.heldout import HeldoutConfigError, heldout_config
+    from grads.data.heldout import HeldoutConfigError, heldout_config
 
     try:
         heldout_config(domain)
@@ -541,7 +475,7 @@ def _missing_domain_files(domain: dict, data_dir: Any) -> list[str]:
 def _builder_problems(where: str, src: dict) -> list[str]:
     """A source with its own ``builder``: the builder must import, and its module's
     ``check_source(source) -> [problem, ...]`` (when it has one) checks the source's knobs without
-    reading the pool, e.g. :func:`grads.custom_pool.check_source` (templates are optional there:
+    reading the pool, e.g. :func:`grads.data.custom_pool.check_source` (templates are optional there:
     left null, they are detected from the pool's fields, or the records are chat turns)."""
     import importlib
 
@@ -656,9 +590,9 @@ def validate_config(cfg: Any) -> Any:
 
 
 def resolve_heldout(cfg: Any, resolved: dict) -> Any:
-    """Settle ``domain.heldout`` for this run (:func:`grads.heldout.resolve_for_run`): a split kept
+    """Settle ``domain.heldout`` for this run (:func:`grads.evaluation.settings.resolve_for_run`): a split kept
     only where it is measured (the custom domain's) becomes a plain block or null, in ``cfg``."""
-    from grads.heldout import resolve_for_run
+    from grads.evaluation.settings import resolve_for_run
 
     domain = resolved.get("domain")
     if not isinstance(domain, dict) or "heldout" not in domain:

@@ -139,3 +139,7 @@ if not OmegaConf.has_resolver("grads.join"):
 
 if not OmegaConf.has_resolver("grads.budget_label"):
     OmegaConf.register_new_resolver("grads.budget_label", budget_label)
+
+
+# The pipeline's stages, in run order (grads.stages holds one object per stage).
+STAGES = ("warmup", "features", "select", "finetune", "evaluate")

@@ -195,7 +195,7 @@ def ensure_comm_op(wait_message_s: float = 5.0) -> None:
     build_dir = build_directory(builder.name)
     if is_built(build_dir, builder.name) and not (build_dir / "lock").exists():
         return
-    from grads.cache import KeyLock
+    from grads.locks import KeyLock
 
     guard = build_dir.with_name(f".{build_dir.name}.grads.lock")
     # The guard sits beside the build folder of this environment: whoever holds it builds the

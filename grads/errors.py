@@ -8,7 +8,7 @@ and exit with status 1: ``grads`` and ``grads-select`` through Hydra's own error
 ``-v`` / ``--verbose`` for the argparse ones. Any other exception keeps its traceback.
 
 The user errors are :class:`UserError` (the modules' own error classes derive from it, e.g.
-``grads.config.ConfigError``, ``grads.data.BadRecordError``, ``grads.selectors.budget.BudgetError``;
+``grads.config.ConfigError``, ``grads.data.readers.BadRecordError``, ``grads.selectors.budget.BudgetError``;
 they remain ``ValueError`` subclasses) and the standard library's missing-file errors
 (:data:`USER_ERRORS`). This module imports nothing from ``grads``, so every module can import it,
 and nothing heavy (Hydra only when a user error is reported).

@@ -201,9 +201,9 @@ def shared_stages_task(cfg: DictConfig) -> dict:
 
     from grads.cache import StageCache
     from grads.config import validate_config
-    from grads.identity import stage_identities
-    from grads.pipeline import _run_stages, resolve_features_cfg
+    from grads.pipeline import resolve_features_cfg, run_stages
     from grads.stages import Job
+    from grads.stages.keys import stage_identities
 
     resolved = OmegaConf.to_container(validate_config(cfg), resolve=True)
     stages = [s for s in SHARED if s in (resolved.get("stages") or SHARED)]
@@ -217,7 +217,7 @@ def shared_stages_task(cfg: DictConfig) -> dict:
         cache=StageCache(resolved["paths"]["cache_dir"]),
         stages=tuple(stages),
     )
-    costs = _run_stages(job, ids)
+    costs = run_stages(job, ids)
     log.info("shared stages done: %s", {s: job.keys[s] for s in stages})
     return {"keys": {s: job.keys[s] for s in stages}, "cost": costs}
 

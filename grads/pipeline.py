@@ -27,10 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from grads.cache import StageCache
-from grads.identity import CACHE_VERSION, STAGES, StageId, stage_identities, stage_keys
+from grads.constants import STAGES
+from grads.identity import CACHE_VERSION
 from grads.io import read_json, write_json, write_text
 from grads.stages import STAGES as STAGE_OBJECTS
 from grads.stages import Job, StageInterrupted
+from grads.stages.keys import StageId, stage_identities, stage_keys
 
 __all__ = ["CACHE_VERSION", "STAGES", "StageCache", "StageInterrupted", "run", "stage_keys"]
 
@@ -52,7 +54,7 @@ def resolve_features_cfg(cfg: dict, selector: Any = None) -> dict:
         feats["ifd"] = "ifd" in needs
     if any("_tok_" in c for c in needs):
         feats["stats"] = True
-    from grads.representations import resolve_features_representations
+    from grads.features.representations import resolve_features_representations
 
     return {**cfg, "features": resolve_features_representations(cfg, feats, selector)}
 
@@ -147,7 +149,7 @@ def run(cfg) -> dict:
     _start_tracker(job, run_dir)
     try:
         t_run = time.time()
-        costs = _run_stages(job, ids)
+        costs = run_stages(job, ids)
         metrics = _assemble(job, costs, time.time() - t_run)
         _finish(job, metrics, run_dir)
     finally:
@@ -219,7 +221,7 @@ def _start_tracker(job: Job, run_dir: Path) -> None:
     )
 
 
-def _run_stages(job: Job, ids: dict[str, StageId]) -> dict[str, dict]:
+def run_stages(job: Job, ids: dict[str, StageId]) -> dict[str, dict]:
     """Each requested stage in order, from the cache or run; returns its cost row."""
     costs: dict[str, dict] = {}
     for stage in STAGE_OBJECTS:

@@ -3,16 +3,16 @@
 On the same tokenised domain samples (``--domain``, first ``--n`` of the pool after
 ``pool_limit``) and the same model, times:
 
-* ``features``  the GrADS features pass (``grads.features.compute_shard``: per-sample embedding /
+* ``features``  the GrADS features pass (``grads.features.compute.compute_shard``: per-sample embedding /
   LM-head gradient norms with per-token statistics), what every GrADS rule needs;
-* ``less``      LESS's pool pass (``grads.representations.lora_grad_matrix``): exact per-sample
+* ``less``      LESS's pool pass (``grads.features.representations.lora_grad_matrix``): exact per-sample
   LoRA gradients (LoRA as the warm-up: ``trainer.lora`` knobs on ``model.lora_target_modules``),
   Adam preconditioning (with stand-in moments of the right shape) and the CPU default projection
   (CountSketch to ``--proj-dim``), unit-normalised;
 * ``less_dense`` the same with the dense Rademacher projection LESS uses (the GPU default). Not in the
   default modes: on a CPU it costs minutes per buffered chunk (generating ``P x d`` signs), so the
   script instead times one generated block and extrapolates (``dense_estimate``);
-* ``rds``       RDS+'s pass (``grads.representations.hidden_matrix``): position-weighted mean-pooled
+* ``rds``       RDS+'s pass (``grads.features.representations.hidden_matrix``): position-weighted mean-pooled
   final hidden states of the base model, forward only.
 
 The modes are interleaved round-robin (``--warmup`` rounds on 4 samples first, then the median of
@@ -42,7 +42,7 @@ def _setup(args):
     from omegaconf import OmegaConf
     from peft import LoraConfig, get_peft_model
 
-    from grads.data import load_pool
+    from grads.data.pool import load_pool
     from grads.models import build_tiny, load_model, model_config
 
     if args.threads:
@@ -92,8 +92,8 @@ def _setup(args):
 def _runners(args, cfg, base, peft, tok, pool):
     import torch
 
-    from grads.features import _features_cfg, compute_shard
-    from grads.representations import (
+    from grads.features.compute import compute_shard, features_settings
+    from grads.features.representations import (
         Projector,
         hidden_matrix,
         lora_grad_matrix,
@@ -102,7 +102,7 @@ def _runners(args, cfg, base, peft, tok, pool):
 
     rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in pool]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    fcfg = _features_cfg({"features": {"batch_size": args.batch, "progress": False}})
+    fcfg = features_settings({"features": {"batch_size": args.batch, "progress": False}})
     sizes = [p.numel() for _, p in lora_parameters(peft)]
     m = torch.full((sum(sizes),), 1e-4)
     adam = (m, m.square(), (0.9, 0.999), 1e-8)
@@ -132,7 +132,7 @@ def _dense_estimate(args, n_lora: int, n: int, block_rows: int = 1 << 15) -> dic
     """
     import torch
 
-    from grads.representations import DEFAULTS, Projector
+    from grads.features.representations import DEFAULTS, Projector
 
     chunk = max(1, int(DEFAULTS["lora_grads"]["buffer_bytes"]) // (4 * n_lora))
     proj = Projector([block_rows], args.proj_dim, "rademacher", 0, block_rows=block_rows)

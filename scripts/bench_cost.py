@@ -293,7 +293,7 @@ def tune(args, out: Path) -> None:
     so load hits all alike), and one LoRA checkpoint save is timed. Real tokens/s of the warm-up
     is then about step tokens/s x padding efficiency; the main run measures the chosen default.
     """
-    from grads.data import load_pool
+    from grads.data.pool import load_pool
     from grads.models import load_model
     from grads.training import BatchPlan
 

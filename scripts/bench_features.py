@@ -5,7 +5,7 @@ Modes, all on the same model and the same fixed batch (random token ids, every t
 the feature pass's least favourable case):
 
 * ``train``    one normal training step: forward + backward with weight gradients, all params trainable;
-* ``features`` ``grads.gradients.per_sample_grad_norms(..., stats=True)`` on the whole batch;
+* ``features`` ``grads.features.gradients.per_sample_grad_norms(..., stats=True)`` on the whole batch;
 * ``naive``    LESS-style loop: batch size 1, all params trainable, ``loss.backward()``, read the norms of
   the embedding's and LM head's ``.grad``.
 
@@ -88,7 +88,7 @@ def _setup(args):
     """Load the model (all params trainable) and the fixed batch; return the three mode callables."""
     import torch
 
-    from grads.gradients import per_sample_grad_norms
+    from grads.features.gradients import per_sample_grad_norms
 
     if args.threads:
         torch.set_num_threads(args.threads)

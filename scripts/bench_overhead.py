@@ -90,20 +90,20 @@ def run_rows(args, out: Path) -> list[tuple[str, list[float], list[float]]]:
             print(f"  {label} #{i + 1}: {wall:.1f} s", flush=True)
         rows.append((label, walls, comps))
 
-    start, _ = timed([sys.executable, "-c", "import grads.cli"], out)
-    rows.append(("python + import grads.cli", [start], [0.0]))
-    compose, _ = timed([*py, "grads.cli", "--cfg", "job", *base], out)
+    start, _ = timed([sys.executable, "-c", "import grads.cli.main"], out)
+    rows.append(("python + import grads.cli.main", [start], [0.0]))
+    compose, _ = timed([*py, "grads.cli.main", "--cfg", "job", *base], out)
     rows.append(("grads --cfg job (compose only)", [compose], [0.0]))
-    repeat("first run (every stage computed)", lambda i: [*py, "grads.cli", *base], 1)
-    repeat("cached rerun", lambda i: [*py, "grads.cli", *base], args.reps)
+    repeat("first run (every stage computed)", lambda i: [*py, "grads.cli.main", *base], 1)
+    repeat("cached rerun", lambda i: [*py, "grads.cli.main", *base], args.reps)
     repeat(
         "select-only rerun (grads-select)",
-        lambda i: [*py, "grads.select_cli", *base, "budget=n100", f"budget.value={40 + i}"],
+        lambda i: [*py, "grads.cli.select", *base, "budget=n100", f"budget.value={40 + i}"],
         args.reps,
     )
     repeat(
         "HPO trial (new finetune.lr)",
-        lambda i: [*py, "grads.cli", *base, f"++finetune.lr={1.1e-3 + 1e-4 * i:.6g}"],
+        lambda i: [*py, "grads.cli.main", *base, f"++finetune.lr={1.1e-3 + 1e-4 * i:.6g}"],
         args.reps,
     )
     return rows
@@ -121,9 +121,9 @@ def phases(model: str, out: Path) -> None:
         laps.append((name, time.perf_counter() - t0))
 
     t0 = time.perf_counter()
-    import grads.cli  # noqa: F401
+    import grads.cli.main  # noqa: F401
 
-    lap("import grads.cli", t0)
+    lap("import grads.cli.main", t0)
     t0 = time.perf_counter()
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
@@ -169,11 +169,11 @@ def _model_and_ops(resolved: dict, laps: list) -> None:
     laps.append((f"load model ({resolved['model']['name']})", time.perf_counter() - t0))
     t0 = time.perf_counter()
     from grads.ds_ops import comm_op_for
-    from grads.training.distributed import _ensure_dist, _import_deepspeed
+    from grads.training.distributed import ensure_dist, import_deepspeed
 
-    _import_deepspeed()
+    import_deepspeed()
     with comm_op_for(1):
-        _ensure_dist()
+        ensure_dist()
     laps.append(("DeepSpeed import + process group (1 process)", time.perf_counter() - t0))
     from grads import ds_ops
 

@@ -75,9 +75,10 @@ def main() -> None:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from grads.training import _ensure_dist, token_loss_sum
+    from grads.training import token_loss_sum
+    from grads.training.distributed import ensure_dist
 
-    _ensure_dist()
+    ensure_dist()
     model_cfg = SMOLLM2 if args.model == "smollm2" else TINY
     engines = {name: _engine(model_cfg, ac, args) for name, ac in VARIANTS.items()}
     tok = engines["float32"][2]

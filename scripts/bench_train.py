@@ -67,15 +67,15 @@ def deepspeed_step_throughput(
     from grads.models import load_model
     from grads.training import (
         TrainerSettings,
-        _ensure_dist,
         build_engine,
         fill_ds_config,
         load_ds_template,
         prepare_model,
         token_loss_sum,
     )
+    from grads.training.distributed import ensure_dist
 
-    _ensure_dist()
+    ensure_dist()
     cfg = {
         "model": model_cfg,
         "seed": 0,
@@ -157,7 +157,6 @@ def main() -> None:
     from grads.models import load_model
     from grads.training import (
         TrainerSettings,
-        _ensure_dist,
         build_engine,
         fill_ds_config,
         load_ds_template,
@@ -167,10 +166,11 @@ def main() -> None:
         token_loss_sum,
         warmup_steps_for,
     )
+    from grads.training.distributed import ensure_dist
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    _ensure_dist()  # DeepSpeed wants a (1-rank) process group even in one process
+    ensure_dist()  # DeepSpeed wants a (1-rank) process group even in one process
     model_cfg = SMOLLM2 if args.model == "smollm2" else TINY
     cfg = {
         "model": model_cfg,

@@ -357,7 +357,7 @@ def grads_section(rep: Report, sizes: Sizes, device) -> None:
     """Features on ``device`` vs the CPU float64 reference, per model and dtype."""
     import torch
 
-    from grads.gradients import per_sample_grad_norms
+    from grads.features.gradients import per_sample_grad_norms
 
     for name in ("tiny_tied", "tiny_untied", "smollm2"):
         for dtype in (torch.float32, torch.bfloat16):
@@ -407,7 +407,7 @@ def _peak_extra_mib(fn: Callable[[], object], device) -> float | None:
 
 def speed_modes(model, batch: dict, chunk_bytes: int) -> dict[str, Callable[[], dict]]:
     """One training step, the feature pass (at ``chunk_bytes`` and at 1 GiB) and the naive loop."""
-    from grads.gradients import per_sample_grad_norms
+    from grads.features.gradients import per_sample_grad_norms
 
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
@@ -634,11 +634,11 @@ def build_ops() -> tuple[str, dict]:
 
 
 def deepspeed_section(rep: Report, sizes: Sizes, device) -> None:
-    from grads.training import _ensure_dist, _import_deepspeed
+    from grads.training.distributed import ensure_dist, import_deepspeed
 
     def init():
-        _import_deepspeed()
-        _ensure_dist()  # one (1-rank) process group for every engine below, as run_train does
+        import_deepspeed()
+        ensure_dist()  # one (1-rank) process group for every engine below, as run_train does
         import torch.distributed as tdist
 
         return f"backend {tdist.get_backend()}", {"backend": tdist.get_backend()}
@@ -665,7 +665,7 @@ def compose_cfg(overrides: list[str]) -> dict:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from grads.cli import CONF_DIR
+    from grads.cli.main import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=overrides)

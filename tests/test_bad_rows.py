@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from grads.custom_pool import records_from_custom
-from grads.data import LOGGED_BAD_ROWS, BadRecordError, records_from_source
+from grads.data.custom_pool import records_from_custom
+from grads.data.readers import BadRecordError
+from grads.data.records import LOGGED_BAD_ROWS, records_from_source
 from tests.conftest import compose
 
 GOOD = [{"instruction": f"Name the colour number {i}.", "output": f"Colour {i}."} for i in range(3)]
@@ -209,7 +210,7 @@ def test_custom_pool_skip_counts_every_kind_in_metrics_json(tmp_path, caplog):
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
-        with caplog.at_level(logging.WARNING, logger="grads.data"):
+        with caplog.at_level(logging.WARNING, logger="grads.data.pool"):
             m = run(cfg)
     finally:
         os.chdir(cwd)

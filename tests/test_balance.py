@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hydra.utils import instantiate
 
+from grads.features.store import Representation
 from grads.selectors.balance import (
     MAX_ANSWER_CLASSES,
     answer_shares,
@@ -22,7 +23,7 @@ from grads.selectors.balance import (
     ranking,
     warn_if_skewed,
 )
-from grads.selectors.base import Representation, traits
+from grads.selectors.base import traits
 from grads.selectors.budget import Budget, parse_budget
 from grads.selectors.loss import LossSelector
 from tests.test_pipeline import TINY, _run

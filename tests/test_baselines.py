@@ -19,22 +19,21 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from grads.representations import (
+from grads.data.targets import TargetConfigError, load_target
+from grads.features.representations import (
     Projector,
     adam_precondition,
     find_adam_state,
     lora_parameters,
     per_sample_lora_grads,
     pooled_hidden,
-    read_representation,
     resolve_pass,
-    write_representation,
 )
-from grads.selectors.base import Representation, RepresentationSelector, traits
+from grads.features.store import Representation, read_representation, write_representation
+from grads.selectors.base import RepresentationSelector, traits
 from grads.selectors.grads_joint import JointDensitySelector, suppress_near_duplicates
 from grads.selectors.less import LessSelector, less_scores
 from grads.selectors.rds import RDSSelector
-from grads.targets import TargetConfigError, load_target
 from tests.conftest import compose
 
 NEW = ("less", "rds", "grads_paper", "grads_cover")
@@ -288,7 +287,7 @@ def _samples(n: int = 5, seed: int = 0):
 
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_per_sample_lora_grads_equal_per_sample_autograd(lora_tiny, side):
-    from grads.data import collate
+    from grads.data.pool import collate
 
     model, tok = lora_tiny
     samples = _samples()
@@ -333,7 +332,7 @@ def test_adam_preconditioning_matches_less_formula():
 
 
 def test_pooled_hidden_weights_positions_and_ignores_padding(tiny):
-    from grads.data import collate
+    from grads.data.pool import collate
 
     model, tok = tiny
     samples = _samples(3)[:3]
@@ -385,7 +384,7 @@ def test_every_domain_has_a_dev_target_set(domain, data_dir):
     if domain == "medical":  # MMLU clinical-knowledge dev questions that reappear in a test file
         assert summary["dropped_eval_overlap"] == 5
     if domain == "synthetic":  # none of the evaluated entities
-        from grads import synthetic
+        from grads.data import synthetic
 
         names = {r["entity"] for r in synthetic.generate(0, 40, 0)["train"]}
         assert not any(n in r.prompt for r in records for n in names)
@@ -480,7 +479,7 @@ def test_pipeline_stores_passes_and_uses_the_warmup_adam_state(pipeline_runs):
 
 
 def test_adam_state_matches_the_checkpoint(pipeline_runs):
-    from grads.representations import lora_model
+    from grads.features.representations import lora_model
 
     out, runs = pipeline_runs
     warm = Path(runs["less"]["artefacts"]["warmup"])
@@ -515,7 +514,7 @@ def test_paper_experiments_list_the_new_selectors():
 
 
 def test_dense_projection_pass_is_independent_of_the_buffer(lora_tiny):
-    from grads.representations import lora_grad_matrix
+    from grads.features.representations import lora_grad_matrix
 
     model, tok = lora_tiny
     rows = _samples()
@@ -529,8 +528,8 @@ def test_dense_projection_pass_is_independent_of_the_buffer(lora_tiny):
 
 
 def test_full_finetuning_warmup_gets_a_fresh_seeded_lora(tmp_path):
+    from grads.features.representations import lora_model
     from grads.models import build_tiny
-    from grads.representations import lora_model
 
     model, tok = build_tiny(tied=True)
     model.save_pretrained(tmp_path / "model")
@@ -547,7 +546,7 @@ def test_full_finetuning_warmup_gets_a_fresh_seeded_lora(tmp_path):
 def test_real_passes_rank_the_target_cluster_first(lora_tiny, tiny):
     """End to end on the tiny model: three clusters of sequences (disjoint token ranges); the target
     set is fresh members of one cluster; both passes + selectors put that cluster first."""
-    from grads.representations import hidden_matrix, lora_grad_matrix
+    from grads.features.representations import hidden_matrix, lora_grad_matrix
 
     model, tok = lora_tiny
     g = torch.Generator().manual_seed(7)

@@ -13,16 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from grads.cache import (
-    DONE,
-    IDENTITY,
-    MANIFEST,
-    StageCache,
-    check_entry,
-    event_counts,
-    main,
-    scan,
-)
+from grads.cache import DONE, IDENTITY, MANIFEST, StageCache, check_entry, event_counts, scan
+from grads.cli.cache import main
 from grads.errors import UserError
 from tests.conftest import REPO
 
@@ -269,7 +261,14 @@ SMOKE = [
 def _grads(
     tmp_path: Path, *overrides: str, cache: Path, name: str, multirun: bool = False
 ) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "grads.cli", *(["-m"] if multirun else []), *SMOKE, *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "grads.cli.main",
+        *(["-m"] if multirun else []),
+        *SMOKE,
+        *overrides,
+    ]
     cmd += [f"paths.output_dir={tmp_path / name}", f"hydra.run.dir={tmp_path / name / 'run'}"]
     cmd += [f"hydra.sweep.dir={tmp_path / name / 'sweep'}"]
     return subprocess.Popen(

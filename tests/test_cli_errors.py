@@ -42,7 +42,7 @@ def _run(cmd: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProc
     )
 
 
-def _grads(tmp_path: Path, *overrides: str, script="grads", module="grads.cli", **env: str):
+def _grads(tmp_path: Path, *overrides: str, script="grads", module="grads.cli.main", **env: str):
     return _run(
         [*_script(script, module), "model=tiny", "logger=none", *overrides], tmp_path, **env
     )
@@ -85,7 +85,7 @@ def test_grads_select_missing_pool_file_is_one_message(tmp_path):
         "domain=custom",
         f"domain.path={missing}",
         script="grads-select",
-        module="grads.select_cli",
+        module="grads.cli.select",
     )
     assert res.returncode == 1
     assert str(missing) in res.stderr and "Traceback" not in res.stderr
@@ -97,7 +97,7 @@ def test_grads_select_missing_pool_file_is_one_message(tmp_path):
 RAISING_RUN = """
 import sys
 import grads.pipeline
-from grads.data import BadRecordError
+from grads.data.readers import BadRecordError
 
 WHAT = sys.argv[1]
 
@@ -118,11 +118,11 @@ main()
 @pytest.mark.parametrize(
     ("module", "what"),
     [
-        ("cli", "bad-record"),
-        ("cli", "missing-file"),
-        ("cli", "bug"),
-        ("select_cli", "bad-record"),
-        ("select_cli", "bug"),
+        ("cli.main", "bad-record"),
+        ("cli.main", "missing-file"),
+        ("cli.main", "bug"),
+        ("cli.select", "bad-record"),
+        ("cli.select", "bug"),
     ],
 )
 def test_errors_raised_during_the_run(tmp_path, module, what):
@@ -144,11 +144,11 @@ def test_errors_raised_during_the_run(tmp_path, module, what):
 
 def test_which_exceptions_are_user_errors():
     from grads.config import ConfigError
-    from grads.data import BadRecordError
+    from grads.data.heldout import HeldoutConfigError
+    from grads.data.readers import BadRecordError
+    from grads.data.targets import TargetConfigError
     from grads.evaluation.settings import TaskConfigError
-    from grads.heldout import HeldoutConfigError
     from grads.selectors.budget import BudgetError, parse_budget
-    from grads.targets import TargetConfigError
 
     for cls in (ConfigError, BadRecordError, TaskConfigError, HeldoutConfigError, BudgetError):
         assert issubclass(cls, UserError) and issubclass(cls, ValueError)  # callers' excepts hold
@@ -166,7 +166,7 @@ def test_which_exceptions_are_user_errors():
 @pytest.mark.parametrize("cmd", ["ls", "verify"])
 def test_grads_cache_on_a_missing_root_fails(tmp_path, cmd):
     missing = tmp_path / "nonexistent"
-    res = _run([*_script("grads-cache", "grads.cache"), "--root", str(missing), cmd], tmp_path)
+    res = _run([*_script("grads-cache", "grads.cli.cache"), "--root", str(missing), cmd], tmp_path)
     assert res.returncode == 1 and "0 entries" not in res.stdout
     assert f"grads-cache: error: no cache folder at {missing}" in res.stderr
     assert "Traceback" not in res.stderr
@@ -222,8 +222,13 @@ def _rows(n: int) -> list[dict]:
 def test_representation_passes_show_progress(tiny, capsys):
     from peft import LoraConfig, get_peft_model
 
+    from grads.features.representations import (
+        Projector,
+        hidden_matrix,
+        lora_grad_matrix,
+        lora_parameters,
+    )
     from grads.models import build_tiny
-    from grads.representations import Projector, hidden_matrix, lora_grad_matrix, lora_parameters
 
     model, tok = tiny
     hidden_matrix(model, _rows(10), tok.pad_token_id, batch_size=4, progress="RDS+ hidden (pool)")
@@ -239,7 +244,7 @@ def test_representation_passes_show_progress(tiny, capsys):
 
 
 def test_progress_bars_follow_features_progress_and_rank(monkeypatch):
-    from grads.representations import _bar_label
+    from grads.features.representations import _bar_label
 
     # grads.dist.rank, not RANK: an earlier in-process test may have left a process group up
     monkeypatch.setattr("grads.dist.rank", lambda: 0)

@@ -110,7 +110,7 @@ def test_cfg_job_is_instant_and_imports_no_torch(domain):
     code = (
         "import sys\n"
         f"sys.argv = ['grads', '--cfg', 'job', 'model=smollm2_135m', 'domain={domain}']\n"
-        "from grads.cli import main\n"
+        "from grads.cli.main import main\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
         "heavy = [m for m in ('torch', 'deepspeed', 'lm_eval', 'transformers') if m in sys.modules]\n"
         "print('HEAVY', heavy)\n"
@@ -275,7 +275,7 @@ def test_missing_data_dir_is_one_clear_problem(tmp_path):
 def test_cli_probe_fails_before_any_stage(tmp_path):
     """The real entry point: `grads experiment=smoke +finetune.epoch=3` stops before the warm-up."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRADS_")}
-    cmd = [sys.executable, "-m", "grads.cli", "experiment=smoke", "+finetune.epoch=3"]
+    cmd = [sys.executable, "-m", "grads.cli.main", "experiment=smoke", "+finetune.epoch=3"]
     out = subprocess.run(
         [*cmd, f"paths.output_dir={tmp_path}"], capture_output=True, text=True, env=env, timeout=120
     )
@@ -346,16 +346,16 @@ def test_conf_dir_is_honoured_by_the_deepspeed_templates(tmp_path, monkeypatch):
 def test_one_owner_for_shared_constants_and_no_library_import_of_the_cli():
     sources = {p: p.read_text() for p in (REPO / "grads").rglob("*.py")}
     assert [p.name for p, s in sources.items() if "IGNORE_INDEX = " in s] == ["constants.py"]
-    # the paper phases start `python -m grads.cli` as a subprocess: that is not an import
+    # the paper phases start `python -m grads.cli.main` as a subprocess: that is not an import
     imports = re.compile(r"^\s*(from grads\.cli\b|import grads\.cli\b)", re.M)
-    importers = [p for p, s in sources.items() if imports.search(s) and p.name != "cli.py"]
+    importers = [p for p, s in sources.items() if imports.search(s) and p.parent.name != "cli"]
     assert importers == []
 
 
 def test_code_reads_defaults_from_the_yaml():
     """Defaults live in the YAML only: code without a composed config gets the same values."""
-    from grads.config import defaults
-    from grads.features import _features_cfg
+    from grads.config_access import defaults
+    from grads.features.compute import features_settings
     from grads.training import TrainerSettings
 
     cpu = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "trainer" / "cpu.yaml"))
@@ -367,12 +367,12 @@ def test_code_reads_defaults_from_the_yaml():
     assert s.lr == lora["lr"] and s.mode == lora["mode"] == "lora"  # the default tuning option
     feats = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml"))["features"]
     assert defaults("features") == feats
-    assert _features_cfg({}) == {
+    assert features_settings({}) == {
         **feats,
         "ifd": False,  # auto: only the pipeline knows the selector
         "ifd_answer": "text",  # the domain's (domain.ifd_answer), else text
     }
-    assert _features_cfg({"domain": {"ifd_answer": "matched"}})["ifd_answer"] == "matched"
+    assert features_settings({"domain": {"ifd_answer": "matched"}})["ifd_answer"] == "matched"
 
 
 def test_importorskip_of_a_required_dependency_fails(tmp_path):

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from grads.custom_pool import fingerprint, pool_files, records_from_custom
-from grads.data import IGNORE_INDEX, BadRecordError, load_records, tokenize_record
+from grads.data.custom_pool import fingerprint, pool_files, records_from_custom
+from grads.data.pool import IGNORE_INDEX, load_records, tokenize_record
+from grads.data.readers import BadRecordError
 from tests.conftest import REPO, compose
 
 N_POOL = 40
@@ -278,7 +279,7 @@ def test_heldout_split_of_a_custom_pool(tmp_path):
     """Runs that evaluate set 5 % of the distinct samples (at most 300) aside, chosen by content,
     and write them for the grads_heldout task; the pool loses exactly those."""
     from grads.config import validate_config
-    from grads.heldout import materialise
+    from grads.data.heldout import materialise
 
     pool = write_jsonl(tmp_path / "pool.jsonl", alpaca_rows())
     over = ["domain=custom", f"domain.path={pool}", f"paths.output_dir={tmp_path / 'out'}"]
@@ -364,7 +365,7 @@ def test_export_of_a_builtin_domain_has_chat_messages(tmp_path):
         compose(["domain=synthetic", f"paths.output_dir={tmp_path}", "domain.pool_limit=20"]),
         resolve=True,
     )
-    from grads.data import materialise_generated
+    from grads.data.pool import materialise_generated
 
     materialise_generated(cfg["domain"], cfg)
     recs, _ = load_records(cfg["domain"], cfg["data"])
@@ -410,7 +411,7 @@ def cli_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("custom_cli")
     pool = write_jsonl(tmp / "pool.jsonl", alpaca_rows())
     out = _cli(
-        "grads.cli",
+        "grads.cli.main",
         [
             "domain=custom",
             "domain.path=pool.jsonl",  # relative to the working directory, as users type it
@@ -465,7 +466,7 @@ def test_grads_custom_writes_jsonl_and_datasets_folder(cli_run):
 def test_grads_select_stops_after_select_and_exports_where_asked(cli_run):
     tmp, _ = cli_run
     out = _cli(
-        "grads.select_cli",
+        "grads.cli.select",
         [
             "domain=custom",
             "domain.path=pool.jsonl",

@@ -8,19 +8,9 @@ from collections import Counter
 import pytest
 from omegaconf import OmegaConf
 
-from grads.data import (
-    IGNORE_INDEX,
-    BadRecordError,
-    Record,
-    collate,
-    is_heldout,
-    load_records,
-    normalise_text,
-    records_from_source,
-    sample_id,
-    tokenize_record,
-    tokenize_records,
-)
+from grads.data.pool import IGNORE_INDEX, collate, load_records, tokenize_record, tokenize_records
+from grads.data.readers import BadRecordError
+from grads.data.records import Record, is_heldout, normalise_text, records_from_source, sample_id
 from tests.conftest import CONF_DIR
 
 
@@ -265,7 +255,7 @@ def test_empty_pool_names_the_step(tmp_path, tiny_tokenizer):
     }
     with pytest.raises(ValueError, match=r"empty after decontamination .*'t:eval_overlap': 2"):
         load_records(overlap, {})
-    from grads.data import load_pool
+    from grads.data.pool import load_pool
 
     cfg = {"domain": {"name": "t", "sources": [_src(p)]}, "data": {"max_seq_len": 2}}
     with pytest.raises(ValueError, match=r"empty after tokenising to data.max_seq_len=2"):
@@ -299,7 +289,7 @@ def test_dedup_and_pool_limit(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # The shared domains: expected sizes and no train/eval overlap
 # --------------------------------------------------------------------------------------------------
-# After the held-out split (grads.heldout: 300 distinct samples, whole key groups) is removed.
+# After the held-out split (grads.data.heldout: 300 distinct samples, whole key groups) is removed.
 EXPECTED = {"medical": 18251, "legal": 10081, "financial": 10617}
 
 
@@ -391,7 +381,7 @@ def test_shared_domain_sizes_and_no_eval_overlap(name, data_dir):
 
 
 def test_synthetic_domain_learnable_and_heldout(tmp_path):
-    from grads import synthetic
+    from grads.data import synthetic
 
     paths = synthetic.materialise(tmp_path, seed=0)
     data = {k: [json.loads(x) for x in open(p)] for k, p in paths.items()}

@@ -172,7 +172,7 @@ def test_single_process_training_does_not_call_the_build(monkeypatch, tmp_path):
     seen = []
     backend = importlib.import_module("deepspeed.comm.torch")
     # stands for deepspeed.init_distributed: what its TorchBackend would get from build_shm_op
-    monkeypatch.setattr(recipe, "_ensure_dist", lambda: seen.append(backend.build_shm_op()))
+    monkeypatch.setattr(recipe, "ensure_dist", lambda: seen.append(backend.build_shm_op()))
     run = recipe._start(cfg, "warmup", tmp_path)
     assert seen == [None] and run.world == 1
 
@@ -180,7 +180,7 @@ def test_single_process_training_does_not_call_the_build(monkeypatch, tmp_path):
 HOLD_GUARD = r"""
 import sys, time
 from pathlib import Path
-from grads.cache import KeyLock
+from grads.locks import KeyLock
 with KeyLock(Path(sys.argv[1]), "DeepSpeed deepspeed_shm_comm op build"):
     print("held", flush=True)
     time.sleep(float(sys.argv[2]))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from grads.identity import STAGES
+from grads.constants import STAGES
 from grads.pipeline import job_identities, run
 from tests.conftest import compose
 

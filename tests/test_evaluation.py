@@ -541,7 +541,7 @@ def _by_hand(model, tok, prompt: str, response: str):
 def test_heldout_loss_and_kl_match_a_hand_computation(tiny, loss_cfg, tmp_path):
     import torch
 
-    from grads.heldout import heldout_records
+    from grads.data.heldout import heldout_records
     from grads.models import build_tiny
 
     model, tok = tiny
@@ -609,7 +609,7 @@ def test_loss_task_config_errors_are_named(tiny_tasks):
         validate_tasks(tiny_cfg(tiny_tasks, kl_limit=0))
     # A domain without a held-out split (e.g. a custom pool) has no held-out loss to measure: the
     # task is dropped from the run's parts instead of failing.
-    from grads.evaluation.harness import part_lists
+    from grads.evaluation.settings import part_lists
 
     cfg = tiny_cfg(tiny_tasks, domain_loss_tasks=["grads_heldout"])
     assert part_lists(cfg)["domain_loss"] == []

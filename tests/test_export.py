@@ -78,7 +78,7 @@ TINY = [
 @pytest.fixture(scope="module")
 def length_run(tmp_path_factory):
     """``grads-select`` with ``selector=length budget=p10`` and every export format."""
-    from grads.select_cli import select
+    from grads.cli.select import select
 
     tmp = tmp_path_factory.mktemp("export_run")
     rows = template_rows()
@@ -210,7 +210,7 @@ def _select_and_export(cfg: dict, records, tmp: Path, nan_every: int = 0) -> dic
 
 
 def test_unscorable_samples_keep_a_row_with_null_score_and_rank(tmp_path):
-    from grads.data import load_records
+    from grads.data.pool import load_records
 
     pool = write_jsonl(tmp_path / "pool.jsonl", template_rows())
     cfg = _cfg(pool, *TEMPLATES, "selector=gradnorm", "budget=p25")
@@ -236,7 +236,7 @@ def test_unscorable_samples_keep_a_row_with_null_score_and_rank(tmp_path):
 def test_chat_pool_exports_prompt_completion_and_messages(tmp_path):
     from datasets import load_dataset
 
-    from grads.data import load_records
+    from grads.data.pool import load_records
 
     chats = [
         {
@@ -267,7 +267,7 @@ def test_chat_pool_exports_prompt_completion_and_messages(tmp_path):
 
 
 def test_a_spread_subset_is_not_flagged_and_near_duplicates_are(tmp_path, caplog):
-    from grads.data import load_records
+    from grads.data.pool import load_records
     from grads.export.composition import composition, group_labels, near_duplicate_mask
 
     pool = write_jsonl(tmp_path / "pool.jsonl", template_rows())
@@ -324,7 +324,7 @@ def test_histogram_bins_follow_the_pool_size():
 
 
 def test_answer_classes_and_shards_are_axes_of_a_label_pool(tmp_path):
-    from grads.data import load_records
+    from grads.data.pool import load_records
     from grads.export.composition import composition
 
     folder = tmp_path / "shards"

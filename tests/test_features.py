@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from grads.data import collate as _collate
-from grads.features import run_features, run_features_from_config
-from grads.gradients import STAT_KEYS, per_sample_grad_norms
+from grads.data.pool import collate as _collate
+from grads.features.compute import run_features, run_features_from_config
+from grads.features.gradients import STAT_KEYS, per_sample_grad_norms
 from grads.io import read_json
 from grads.launch import run_distributed
 from grads.models import build_tiny
@@ -137,7 +137,9 @@ def test_two_processes_match_single(tmp_path):
     pool = make_pool(n=13, seed=1)
     cfg = {**CFG, "features": {**CFG["features"], "padding_side": "left"}}
     single = run_features_from_config(cfg, pool, tmp_path / "one")
-    run_distributed("grads.features:run_features_from_config", 2, cfg, pool, str(tmp_path / "two"))
+    run_distributed(
+        "grads.features.compute:run_features_from_config", 2, cfg, pool, str(tmp_path / "two")
+    )
     one = pq.read_table(tmp_path / "one" / "features.parquet").to_pylist()
     two = pq.read_table(tmp_path / "two" / "features.parquet").to_pylist()
     assert [r["id"] for r in one] == [r["id"] for r in two] == [s["id"] for s in pool]

@@ -58,17 +58,19 @@ def test_compute_device_is_the_local_ranks_gpu(fake_cuda, monkeypatch):
 
 
 def test_features_job_moves_the_model_to_the_gpu(fake_cuda, monkeypatch, tmp_path):
-    import grads.data
-    import grads.features
+    import grads.data.pool
+    import grads.features.compute
     from grads.stages import features
 
     model, seen = FakeModel(), {}
     monkeypatch.setattr(features, "load_trained", lambda cfg, path: (model, "tokenizer"))
     monkeypatch.setattr(
-        grads.data, "load_pool", lambda cfg, tok, return_stats=False: (["row"], {"read": 1})
+        grads.data.pool, "load_pool", lambda cfg, tok, return_stats=False: (["row"], {"read": 1})
     )
     monkeypatch.setattr(
-        grads.features, "run_features", lambda cfg, m, tok, pool, work: seen.update(at=m.device)
+        grads.features.compute,
+        "run_features",
+        lambda cfg, m, tok, pool, work: seen.update(at=m.device),
     )
     features.features_job({}, "warmup_dir", str(tmp_path))
     assert seen["at"] == torch.device("cuda", 0)
@@ -95,11 +97,11 @@ def test_evaluate_stage_moves_both_models_and_records_the_device(fake_cuda, monk
 
 
 def test_deepspeed_cpu_accelerator_next_to_cuda_is_refused(fake_cuda, monkeypatch):
-    from grads.training import _import_deepspeed
+    from grads.training.distributed import import_deepspeed
 
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     with pytest.raises(RuntimeError, match="CUDA_VISIBLE_DEVICES="):
-        _import_deepspeed()
+        import_deepspeed()
 
 
 # --------------------------------------------------------------------------------------------------

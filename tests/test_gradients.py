@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from grads.gradients import STAT_KEYS, per_sample_grad_norms, per_sample_loss
+from grads.features.gradients import STAT_KEYS, per_sample_grad_norms, per_sample_loss
 from grads.models import build_tiny
 
 torch.set_num_threads(1)
@@ -121,7 +121,7 @@ def test_ghost_and_direct_forms_agree(tiny, monkeypatch, tied, chunk_bytes):
     (``auto`` picks ghost for every sample of the tiny model, so comparing against it would compare
     ghost with itself: each form is forced here, and a spy proves which branch ran.)
     """
-    import grads.gradients as gradients
+    import grads.features.gradients as gradients
 
     model, tok = tiny[tied]
     samples = make_samples(tok, seed=1)
@@ -147,7 +147,7 @@ def test_ghost_and_direct_forms_agree(tiny, monkeypatch, tied, chunk_bytes):
 
 def test_auto_picks_the_cheaper_form():
     """Eq. (2): ghost iff n (V + D) <= V D (tiny: V=259, D=64 -> ghost up to 51 tokens)."""
-    from grads.gradients import _Head
+    from grads.features.gradients import _Head
 
     h, w = torch.zeros(3, 64), torch.zeros(259, 64)
     head = _Head(h, torch.zeros(3, dtype=torch.long), torch.ones(3), w, None, 1 << 26, "auto")
@@ -248,7 +248,7 @@ def test_smollm2_matches_naive_reference():
 # GradNormRecorder: the same norms read off a training step (issue 15)
 # --------------------------------------------------------------------------------------------------
 def _recorded(model, batch, c: float, **kw) -> dict:
-    from grads.gradients import GradNormRecorder
+    from grads.features.gradients import GradNormRecorder
     from grads.training import token_loss_sum
 
     rec = GradNormRecorder(model, **kw)
@@ -288,7 +288,7 @@ def test_recorder_equals_pass(tied, lora):
 
 
 def test_recorder_needs_a_backward(tiny):
-    from grads.gradients import GradNormRecorder
+    from grads.features.gradients import GradNormRecorder
 
     model, tok = tiny[True]
     rec = GradNormRecorder(model)

@@ -7,8 +7,9 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from grads import heldout
-from grads.data import Record, load_records, sample_id
+from grads.data import heldout
+from grads.data.pool import load_records
+from grads.data.records import Record, sample_id
 from tests.conftest import compose
 
 

@@ -122,7 +122,7 @@ def _sweep(out: Path, *extra: str) -> subprocess.CompletedProcess:
         [
             sys.executable,
             "-m",
-            "grads.cli",
+            "grads.cli.main",
             "-m",
             "experiment=hpo_finetune",
             *TINY,

@@ -12,18 +12,12 @@ from types import SimpleNamespace
 import pytest
 from omegaconf import OmegaConf
 
-from grads.identity import (
-    DOMAIN_EVAL_FIELDS,
-    KEYED_SECTIONS,
-    NON_SEMANTIC,
-    STAGES,
-    Fingerprints,
-    base_eval_identity,
-    digest,
-    resume_fingerprint,
-    trainer_identity,
-)
+from grads.constants import STAGES
+from grads.evaluation.identity import base_eval_identity
+from grads.hashing import NON_SEMANTIC, Fingerprints, digest
+from grads.identity import DOMAIN_EVAL_FIELDS, KEYED_SECTIONS
 from grads.pipeline import job_identities
+from grads.training.identity import resume_fingerprint, trainer_identity
 from tests.conftest import CONF_DIR, compose
 
 BASE = ["experiment=smoke", "warmup.seed=0"]
@@ -255,7 +249,7 @@ def _plan(names: list[str], metadata: dict) -> SimpleNamespace:
 
 
 def test_base_eval_key_has_no_path_and_sees_task_edits(tmp_path, my_task):
-    from grads.evaluation.harness import synthetic_metadata
+    from grads.evaluation.settings import synthetic_metadata
 
     path, ov = my_task
 
@@ -318,11 +312,11 @@ def test_stage_key_and_resume_fingerprint_agree(knobs):
 
 
 def test_training_fingerprint_is_the_identity_one():
-    from grads.training import _fingerprint
+    from grads.training.recipe import run_fingerprint
 
     s = _settings(micro_batch_size=2)
     world = 2
-    assert _fingerprint(s, "finetune", {"name": "t"}, ["a"], 2 * s.grad_accum * world) == (
+    assert run_fingerprint(s, "finetune", {"name": "t"}, ["a"], 2 * s.grad_accum * world) == (
         resume_fingerprint(s, "finetune", {"name": "t"}, ["a"], world)
     )
 

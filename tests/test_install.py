@@ -120,7 +120,7 @@ def test_wheel_carries_the_configs_and_task_files(wheel):
     assert len(tasks) > 20 and tasks <= names, sorted(tasks - names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert (
-        "grads-config = grads.config_cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+        "grads-config = grads.cli.config:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
     )
 
 

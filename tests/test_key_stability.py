@@ -86,8 +86,8 @@ def compute_keys(cache_dir: str) -> dict[str, dict[str, str]]:
     from omegaconf import OmegaConf
 
     from grads.config import validate_config
-    from grads.constants import REPO_ROOT
-    from grads.identity import STAGES, canonical, digest
+    from grads.constants import REPO_ROOT, STAGES
+    from grads.hashing import canonical, digest
     from grads.pipeline import job_identities
     from tests.conftest import compose
 

@@ -22,14 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from grads.launch import (
-    DistSettings,
-    before_hydra,
-    dist_problems,
-    expand_nodelist,
-    free_port,
-    slurm_nodes,
-)
+from grads.cli.agent import before_hydra
+from grads.launch import DistSettings, dist_problems, expand_nodelist, free_port, slurm_nodes
 from tests.conftest import REPO
 
 SMOKE = [
@@ -136,14 +130,14 @@ def test_plain_runs_and_info_flags_start_nothing(monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
     argv = ["grads", "experiment=smoke"]
-    assert before_hydra(argv, "grads.cli") is False and argv == ["grads", "experiment=smoke"]
+    assert before_hydra(argv, "grads.cli.main") is False and argv == ["grads", "experiment=smoke"]
     # under torchrun, --cfg on rank 1: nothing to do (rank 0 prints), no process group formed
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert before_hydra(["grads", "--cfg", "job"], "grads.cli") is True
+    assert before_hydra(["grads", "--cfg", "job"], "grads.cli.main") is True
     monkeypatch.setenv("RANK", "0")
-    assert before_hydra(["grads", "--cfg", "job"], "grads.cli") is False
+    assert before_hydra(["grads", "--cfg", "job"], "grads.cli.main") is False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -156,7 +150,7 @@ def _env() -> dict[str, str]:
 def _grads(out: Path, *overrides: str, log: str) -> subprocess.Popen:
     """``grads <SMOKE> <overrides>`` writing under ``out`` and its output to ``<out>/../<log>``;
     in its own session, so that a test can stop it like a node that dies."""
-    cmd = [sys.executable, "-m", "grads.cli", *SMOKE, f"paths.output_dir={out}", *overrides]
+    cmd = [sys.executable, "-m", "grads.cli.main", *SMOKE, f"paths.output_dir={out}", *overrides]
     log_path = out.parent / log
     p = subprocess.Popen(
         cmd,
@@ -295,11 +289,11 @@ def test_killed_node_fails_the_run_clearly_and_the_rerun_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_starts_grads_without_a_second_launch(tmp_path, one_process):
-    """``torchrun --nproc-per-node=2 -m grads.cli``: rank 0 runs the app (one run folder), rank 1
+    """``torchrun --nproc-per-node=2 -m grads.cli.main``: rank 0 runs the app (one run folder), rank 1
     serves it, nothing is spawned again; the result is one process's."""
     out = tmp_path / "torchrun"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    cmd += ["-m", "grads.cli", *SMOKE, f"paths.output_dir={out}", "stages=[warmup,features]"]
+    cmd += ["-m", "grads.cli.main", *SMOKE, f"paths.output_dir={out}", "stages=[warmup,features]"]
     cmd += ["trainer.micro_batch_size=4"]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=_env(), timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -315,7 +309,7 @@ def test_torchrun_starts_grads_without_a_second_launch(tmp_path, one_process):
 # --------------------------------------------------------------------------------------------------
 def _cfg_hydra(*overrides: str) -> dict:
     done = subprocess.run(
-        [sys.executable, "-m", "grads.cli", *overrides, "--cfg", "all", "--resolve"],
+        [sys.executable, "-m", "grads.cli.main", *overrides, "--cfg", "all", "--resolve"],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -347,7 +341,7 @@ def test_slurm_preset_composes_into_an_sbatch_file_with_requeue(tmp_path, monkey
     ex.update_parameters(
         **{(k if k in base else f"slurm_{k}"): v for k, v in params.items() if k not in init}
     )
-    sbatch = ex._executor._make_submission_file_text("python -m grads.cli", "uid")
+    sbatch = ex._executor._make_submission_file_text("python -m grads.cli.main", "uid")
     for flag in ("--partition=gpu", "--account=proj", "--requeue", "--time=240", "--mem=64GB"):
         assert f"#SBATCH {flag}" in sbatch, flag
     for flag in ("--gpus-per-node=1", "--cpus-per-task=8", "--signal=USR2@120"):
@@ -437,7 +431,7 @@ def test_local_sweep_computes_the_shared_warmup_before_the_grid(tmp_path):
     """``grads -m hydra/launcher=local selector=grads,random``: one pre-step job computes the warm-up
     and features, then both grid jobs find them in the cache (one miss, no lock waits)."""
     out = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "grads.cli", "-m", "hydra/launcher=local", *SMOKE]
+    cmd = [sys.executable, "-m", "grads.cli.main", "-m", "hydra/launcher=local", *SMOKE]
     cmd += ["stages=[warmup,features,select]", "selector=grads,random", f"paths.output_dir={out}"]
     cmd += [f"hydra.sweep.dir={out}/grid"]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=_env(), timeout=900)

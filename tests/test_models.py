@@ -59,7 +59,7 @@ def test_smollm2_smoke_load_chat_format_forward(tmp_path_factory, data_dir):
     """Real model, real data: load SmolLM2 offline, chat-format one medical sample, one forward."""
     from omegaconf import OmegaConf
 
-    from grads.data import load_records, tokenize_record
+    from grads.data.pool import load_records, tokenize_record
     from tests.conftest import CONF_DIR
 
     cache = "outputs/models"  # the converted safetensors copy is reused across runs

@@ -116,7 +116,7 @@ def test_sweep_shares_warmup_and_features(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "grads.cli",
+        "grads.cli.main",
         "-m",
         "experiment=smoke",
         *TINY,

@@ -160,8 +160,8 @@ def run(
     }
     missing = [s for s in ("grads", "grads-select", "grads-verdict") if not (bindir / s).exists()]
     line = _words(command, list(extra), swap or {})
-    scripts = (("grads-select", "grads.select_cli"), ("grads-verdict", "grads.verdict.cli"),
-               ("grads", "grads.cli"))  # fmt: skip
+    scripts = (("grads-select", "grads.cli.select"), ("grads-verdict", "grads.cli.verdict"),
+               ("grads", "grads.cli.main"))  # fmt: skip
     for script, module in scripts:
         if script in missing and line.startswith(script + " "):  # not installed: same entry point
             line = f"{shlex.quote(sys.executable)} -m {module} {line[len(script) + 1 :]}"
@@ -266,8 +266,8 @@ def test_select_on_a_messages_pool_without_templates(tmp_path):
 
 
 def test_select_with_a_hub_model_composes_and_runs_on_the_tiny_model(alpaca, alpaca_select):
+    from grads.cli.select import SELECT_STAGES
     from grads.config import compose_resolved
-    from grads.select_cli import SELECT_STAGES
 
     over = shlex.split(SELECT_HUB)[1:]
     cwd = Path.cwd()

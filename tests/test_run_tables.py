@@ -535,7 +535,7 @@ def test_profile_shows_each_answers_share_on_a_label_like_pool(tmp_path):
     runs = _pool_run(tmp_path, ["Yes"] * 6 + ["No"] * 3 + ["None"])
     from omegaconf import OmegaConf
 
-    from grads.data import load_records
+    from grads.data.pool import load_records
 
     cfg = OmegaConf.load(runs / "main_p5" / "0" / "config_resolved.yaml")
     ids = [r.id for r in load_records(cfg.domain, cfg.data)[0]]

@@ -18,7 +18,8 @@ from hydra.utils import instantiate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from grads.selectors.base import Representation, Selector, traits
+from grads.features.store import Representation
+from grads.selectors.base import Selector, traits
 from grads.selectors.budget import Budget, parse_budget
 from grads.selectors.grads_kde import (
     GradsSelector,

@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("deepspeed")
 
 from grads.io import read_json, read_jsonl  # noqa: E402
-from grads.training import (  # noqa: E402
+from grads.training import (  # noqa: E402     BatchPlan,     Checkpoints,     TrainerSettings,     cosine_schedule,     fill_ds_config,     load_ds_template,     load_trained,     run_train,     train,
     BatchPlan,
     Checkpoints,
     TrainerSettings,
@@ -534,7 +534,7 @@ def test_warmup_records_the_features_of_the_pass(tmp_path, mode, tied, procs, gr
     """lr 0, dropout 0: the norms recorded during the warm-up equal the separate pass's (rtol 1e-5)."""
     import pyarrow.parquet as pq
 
-    from grads.features import features_from_warmup, run_features
+    from grads.features.compute import features_from_warmup, run_features
 
     pool = make_pool(14)  # partial last batch; with 2 processes one empty slot
     cfg = _record_cfg(mode, tied, procs, grad_accum)
@@ -565,7 +565,7 @@ def test_recorded_warmup_subset_then_pass_for_the_rest(tmp_path):
     """warmup.fraction < 1 with source=warmup: the pass scores only the samples not trained on."""
     import pyarrow.parquet as pq
 
-    from grads.features import run_features
+    from grads.features.compute import run_features
 
     pool = make_pool(16)
     cfg = _record_cfg("lora", True, 1, 1)

@@ -39,7 +39,7 @@ def rigged_pool(path: Path, n_garbage: int = 24) -> list[dict]:
     """The synthetic domain's short fact and filler pairs (learnable: fixed phrasings over a small
     vocabulary), plus a planted cluster of the longest responses, all symbol garbage under one
     prompt (one held-out key group: it lands wholly in the pool or wholly in the held-out split)."""
-    from grads import synthetic
+    from grads.data import synthetic
 
     data = synthetic.generate(0, n_entities=20, n_filler=20)
     rows = [
@@ -175,8 +175,8 @@ def test_heldout_split_of_a_custom_pool_holds_its_own_records(tmp_path):
     """The held-out file is built through the custom source's builder, like the pool it leaves."""
     from omegaconf import OmegaConf
 
-    from grads.data import load_records
-    from grads.heldout import heldout_records
+    from grads.data.heldout import heldout_records
+    from grads.data.pool import load_records
 
     cfg = _custom(tmp_path, ["domain.heldout.n=24", "domain.heldout.max_frac=0.5",
                              "domain.heldout.only_when_measured=false"])  # fmt: skip
@@ -231,7 +231,7 @@ def test_cfg_job_is_instant_and_shows_the_verdict_block():
         "import sys\n"
         "sys.argv = ['grads-verdict', '--cfg', 'job', 'experiment=paper_main', 'domain=financial',"
         " 'verdict.selectors=[grads,grads_paper]']\n"
-        "from grads.verdict.cli import main\n"
+        "from grads.cli.verdict import main\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
         "heavy = [m for m in ('torch', 'deepspeed', 'lm_eval', 'transformers') if m in sys.modules]\n"
         "print('HEAVY', heavy)\n"
@@ -341,7 +341,7 @@ TINY_VERDICT = [
 
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "grads.verdict.cli", *args]
+    cmd = [sys.executable, "-m", "grads.cli.verdict", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -350,7 +350,7 @@ def _jobs_bpb(report: dict, selector: str) -> dict[int, float]:
 
 
 def test_verdict_reports_the_rigged_selector_worse_than_random(tmp_path):
-    from grads.data import sample_id
+    from grads.data.records import sample_id
 
     rows = rigged_pool(tmp_path / "pool.jsonl")
     out = _cli(

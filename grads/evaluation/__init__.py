@@ -13,17 +13,7 @@ The offline tasks (``grads_*``) are YAML files in :mod:`grads.evaluation.tasks`;
 built-in task name works too. Heavy imports (lm_eval, torch) happen inside the functions.
 """
 
-from grads.evaluation.harness import (
-    EVAL_DEFAULTS,
-    TaskConfigError,
-    eval_settings,
-    part_lists,
-    prepare,
-    resolve_limits,
-    scan_task_files,
-    task_lists,
-    validate_tasks,
-)
+from grads.evaluation.limits import resolve_limits
 from grads.evaluation.metrics import (
     ITEM_METRICS,
     compare,
@@ -32,7 +22,16 @@ from grads.evaluation.metrics import (
     summarise,
     task_scores,
 )
+from grads.evaluation.plan import prepare, validate_tasks
 from grads.evaluation.runner import base_cache_key, evaluate, run_evaluate
+from grads.evaluation.settings import (
+    EVAL_DEFAULTS,
+    TaskConfigError,
+    eval_settings,
+    part_lists,
+    task_lists,
+)
+from grads.evaluation.taskfiles import scan_task_files
 from grads.evaluation.tasks import TASKS_DIR
 
 __all__ = [

@@ -1,5 +1,5 @@
 """Per-task document limits: a group's limit is split evenly (rounded up) over its members, a
-fraction applies to every leaf (see :mod:`grads.evaluation.harness`).
+fraction applies to every leaf (see :mod:`grads.evaluation`).
 """
 
 from __future__ import annotations

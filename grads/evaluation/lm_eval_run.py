@@ -136,7 +136,7 @@ def hflm_class():
     lm-eval moves a context's trailing whitespace into the continuation (so that ``"Answer: " +
     "A"`` is tokenised as ``" A"``). A chat-formatted context ends with the assistant header's
     newline; moved, that newline would be scored as the first "response" token, which training
-    never supervises (``grads.data.tokenize_record`` ends the prompt after it) and which doubles
+    never supervises (``grads.data.pool.tokenize_record`` ends the prompt after it) and which doubles
     the token count of one-token answers. For contexts ending in a newline the split is therefore
     made at the context's own tokens, when the whole sequence tokenises as context + continuation
     (BPE pre-tokenisers never merge a newline into the next word); otherwise lm-eval's rule applies.

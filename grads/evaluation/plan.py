@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from grads.config import as_dict
+from grads.config_access import as_dict
 from grads.evaluation.limits import resolve_limits
 from grads.evaluation.lm_eval_run import quiet_lm_eval
 from grads.evaluation.settings import (

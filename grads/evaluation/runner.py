@@ -11,7 +11,7 @@ models (``items``), which the collector pairs across methods.
 
 Base cache: ``<paths.cache_dir>/eval_base/<key>.json``, one entry per part (domain, general,
 domain_loss, ref, text), so the three domains share one base evaluation of the general parts. The
-key (:func:`grads.identity.base_eval_identity`) hashes the model config and weights, the suite name,
+key (:func:`grads.evaluation.identity.base_eval_identity`) hashes the model config and weights, the suite name,
 the part's task list, the per-task document counts, few-shot / chat-template / system-prompt
 settings, the seed and the content of the task files and of the data files they read, generated
 ones included (synthetic data, held-out split); no path, so moving the cache or the data keeps
@@ -28,16 +28,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from grads.evaluation.harness import (
-    Plan,
-    as_dict,
-    eval_settings,
-    part_lists,
-    prepare,
-    run_lm_eval,
-)
+from grads.config_access import as_dict
 from grads.evaluation.items import gather, public
+from grads.evaluation.lm_eval_run import run_lm_eval
 from grads.evaluation.metrics import compare, item_gains, item_summary, summarise, task_scores
+from grads.evaluation.plan import Plan, prepare
+from grads.evaluation.settings import eval_settings, part_lists
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +123,8 @@ def evaluate(
 # --------------------------------------------------------------------------------------------------
 def base_cache_key(cfg: dict, plan: Plan, names: list[str]) -> tuple[str, dict]:
     """``(key, identity)`` of the base model's results on ``names`` (see the module docstring)."""
-    from grads.identity import base_eval_identity, digest
+    from grads.evaluation.identity import base_eval_identity
+    from grads.hashing import digest
 
     identity = base_eval_identity(cfg, plan, names, BASE_CACHE_VERSION)
     if any(set(plan.leaves[n]) & plan.chat for n in names):  # chat-formatted parts (reference NLL)
@@ -282,7 +279,7 @@ def run_evaluate(
 ) -> dict:
     """Pipeline stage: evaluate the tuned model and compare it with the base model.
 
-    Task lists: :func:`grads.evaluation.harness.part_lists` (``domain.eval_tasks``,
+    Task lists: :func:`grads.evaluation.settings.part_lists` (``domain.eval_tasks``,
     ``eval.general_tasks`` + the domain's ``eval_tasks_general``, ``eval.domain_loss_tasks``,
     ``eval.ref_tasks``, ``eval.text_tasks``; KL on ``eval.kl_task``).
 

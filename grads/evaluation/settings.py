@@ -8,14 +8,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from grads.config import as_dict
+from grads.config_access import as_dict, cfg_get
 from grads.errors import UserError
 from grads.evaluation.tasks import TASKS_DIR
 
-# Generated tasks and the key of their file in grads.synthetic.materialise()'s result.
+# Generated tasks and the key of their file in grads.data.synthetic.materialise()'s result.
 SYNTHETIC_TASKS = {"grads_synthetic": "eval_mc", "grads_probe": "probe"}
 SYNTHETIC_METADATA = {"eval_mc": "synthetic_eval_mc", "probe": "synthetic_probe"}
-# Tasks that read the run domain's held-out split (grads.heldout.materialise -> metadata key).
+# Tasks that read the run domain's held-out split (grads.data.heldout.materialise -> metadata key).
 HELDOUT_TASKS = {"grads_heldout": "heldout_path"}
 
 EVAL_DEFAULTS: dict[str, Any] = {
@@ -154,7 +154,7 @@ def synthetic_metadata(cfg: Any) -> dict[str, str]:
     Uses ``domain.generator`` when the domain has one, else the default generator parameters
     under ``<cache_dir>/synthetic/seed0``.
     """
-    from grads import synthetic
+    from grads.data import synthetic
 
     cfg = as_dict(cfg)
     gen = dict((cfg.get("domain") or {}).get("generator") or {})
@@ -167,15 +167,38 @@ def synthetic_metadata(cfg: Any) -> dict[str, str]:
 
 
 def heldout_metadata(cfg: Any) -> dict[str, str]:
-    """Write the run domain's held-out split (``grads.heldout``) and return its path as metadata.
+    """Write the run domain's held-out split (``grads.data.heldout``) and return its path as metadata.
 
     Raises:
         TaskConfigError: the domain has no ``heldout`` block or its split cannot be built.
     """
-    from grads.heldout import HeldoutConfigError, materialise
+    from grads.data.heldout import HeldoutConfigError, materialise
 
     try:
         path = materialise(as_dict(cfg))
     except (HeldoutConfigError, ValueError, OSError) as exc:
         raise TaskConfigError(f"task 'grads_heldout': {exc}") from exc
     return {key: str(path) for key in HELDOUT_TASKS.values()}
+
+
+def measured(cfg: Any) -> bool:
+    """Whether a run scores the held-out split: its evaluate stage runs (``stages``,
+    ``eval.enabled``) with a held-out task (``grads_heldout``) in ``eval.domain_loss_tasks``."""
+    from grads.constants import STAGES
+
+    if "evaluate" not in (cfg_get(cfg, "stages") or STAGES):
+        return False
+    ev = eval_settings(cfg)
+    return bool(ev["enabled"]) and bool(set(HELDOUT_TASKS) & set(ev["domain_loss_tasks"] or []))
+
+
+def resolve_for_run(cfg: dict) -> Any:
+    """The ``domain.heldout`` value a run uses: a block with ``only_when_measured: true`` becomes
+    the block without the flag when the run scores the split (:func:`measured`), else None. Any
+    other value is returned as it is. ``cfg`` is the resolved run config (a plain dict)."""
+    spec = (cfg.get("domain") or {}).get("heldout")
+    if not isinstance(spec, dict) or spec.get("only_when_measured") is not True:
+        return spec
+    if not measured(cfg):
+        return None
+    return {k: v for k, v in spec.items() if k != "only_when_measured"}

@@ -22,7 +22,7 @@ class TaskFile:
     members: list[str] = field(default_factory=list)
 
 
-def _yaml_loader():
+def yaml_loader():
     import yaml
 
     class Loader(yaml.SafeLoader):
@@ -44,7 +44,7 @@ def scan_task_files(dirs: list[Path]) -> tuple[dict[str, TaskFile], dict[Path, s
     """
     import yaml
 
-    loader = _yaml_loader()
+    loader = yaml_loader()
     index: dict[str, TaskFile] = {}
     broken: dict[Path, str] = {}
     for root in dirs:

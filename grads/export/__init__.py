@@ -27,7 +27,6 @@ half-written one.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -35,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from grads.export.formats import parse_formats
+from grads.export.formats import parse_formats, save_dataset
 from grads.io import atomic_path, read_json, read_jsonl, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -44,7 +43,7 @@ ADDED = ("id", "score", "rank")
 
 
 def is_custom(cfg: dict) -> bool:
-    """Whether the domain's pool comes from :mod:`grads.custom_pool` (sources with a builder)."""
+    """Whether the domain's pool comes from :mod:`grads.data.custom_pool` (sources with a builder)."""
     return any((s or {}).get("builder") for s in cfg["domain"].get("sources") or [])
 
 
@@ -138,11 +137,11 @@ def _pool(
 ) -> tuple[dict[str, Any], dict[str, dict], dict]:
     """The pool's records by id, the export rows of the selected ids and a pool description.
 
-    Records come from :func:`grads.data.load_records`, the loader the warm-up and features stage
+    Records come from :func:`grads.data.pool.load_records`, the loader the warm-up and features stage
     read the pool with (same templates, system prompt, de-duplication). Rows of a custom pool are
     its original rows; a built-in domain's are the rendered fields.
     """
-    from grads.data import load_records, materialise_generated, messages_of
+    from grads.data.pool import load_records, materialise_generated, messages_of
 
     if cfg["domain"].get("generator"):
         materialise_generated(cfg["domain"], cfg)
@@ -151,7 +150,7 @@ def _pool(
     for r in loaded:
         records.setdefault(r.id, r)
     if is_custom(cfg):
-        from grads.custom_pool import describe, selected_rows, to_jsonable
+        from grads.data.custom_pool import describe, selected_rows, to_jsonable
 
         source = next(s for s in cfg["domain"]["sources"] if s.get("builder"))
         system = (cfg.get("data") or {}).get("system_prompt")
@@ -243,30 +242,3 @@ def _with_selection(row: dict, pick: dict) -> dict:
     if isinstance(score, float) and not math.isfinite(score):
         score = None  # JSON has no NaN; a selector that does not score leaves it empty
     return out | {"id": pick["id"], "score": score, "rank": int(pick["rank"])}
-
-
-def save_dataset(rows: list[dict], path: str | Path) -> list[str]:
-    """``Dataset.save_to_disk`` of ``rows`` (atomically); returns the column names.
-
-    Columns are the union of the rows' keys (a key missing from a row is null there). A column whose
-    values Arrow cannot hold in one type (e.g. numbers in some rows, text in others) is stored as
-    JSON text, with a warning naming it.
-    """
-    import pyarrow as pa
-    from datasets import Dataset
-
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    arrays = {}
-    for col in columns:
-        values = [r.get(col) for r in rows]
-        try:
-            arrays[col] = pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
-            log.warning("export: column %r has mixed types; stored as JSON text in %s", col, path)
-            arrays[col] = pa.array(
-                [v if isinstance(v, str) or v is None else json.dumps(v) for v in values]
-            )
-    table = pa.table(arrays) if arrays else pa.table({"id": pa.array([], pa.string())})
-    with atomic_path(path) as tmp:
-        Dataset(table).save_to_disk(str(tmp))
-    return columns

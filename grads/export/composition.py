@@ -76,7 +76,7 @@ def composition(
     """The composition summary of ``selected_ids`` against ``pool_ids`` (see the module docstring).
 
     Args:
-        records: ``{id: grads.data.Record}`` of the pool (ids without a record count as unknown).
+        records: ``{id: grads.data.records.Record}`` of the pool (ids without a record count as unknown).
         pool_ids: every pool sample (the features table's ids, or the records').
         selected_ids: the subset, a part of the pool.
         n_tokens: ``{id: supervised tokens}`` from the features table, when there is one.
@@ -291,7 +291,7 @@ def duplicates(
 
 def _dup_rates(recs: list) -> dict[str, float]:
     """Shares of ``recs`` with an exact-prompt duplicate and with a near duplicate among them."""
-    from grads.data import normalise_text
+    from grads.data.records import normalise_text
 
     prompts = Counter(normalise_text(r.prompt) for r in recs)
     exact = sum(prompts[normalise_text(r.prompt)] > 1 for r in recs) / len(recs)

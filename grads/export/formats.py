@@ -10,8 +10,8 @@
                conversational language-modelling type
 =============  ===========================================================================
 
-Both TRL forms hold the chat turns the pipeline trained on (:func:`grads.data.messages_of` of the
-records :func:`grads.data.load_records` builds: the same template resolution, system prompt and
+Both TRL forms hold the chat turns the pipeline trained on (:func:`grads.data.pool.messages_of` of the
+records :func:`grads.data.pool.load_records` builds: the same template resolution, system prompt and
 chat turns as the warm-up and the features stage). ``trl`` is the one that trains like the
 pipeline: TRL's ``SFTTrainer`` applies the model's chat template to conversational records and,
 for a prompt-completion dataset, computes the loss on the completion only (its default), which is
@@ -23,9 +23,15 @@ Rows are in ``selected.jsonl`` order (best first) and carry only the fields TRL 
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from grads.io import atomic_path
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("jsonl", "datasets", "trl", "messages")
 DEFAULT_FORMATS = ("jsonl", "datasets")
@@ -73,8 +79,7 @@ def write_trainer_formats(
     Returns:
         ``{format: {"jsonl": path, "dataset": path}}`` of what was written.
     """
-    from grads.data import messages_of
-    from grads.export import save_dataset
+    from grads.data.pool import messages_of
     from grads.io import write_jsonl
 
     build = {"trl": trl_record, "messages": messages_record}
@@ -87,3 +92,30 @@ def write_trainer_formats(
         save_dataset(rows, out_dir / name)
         out[name] = {"jsonl": str(out_dir / f"{name}.jsonl"), "dataset": str(out_dir / name)}
     return out
+
+
+def save_dataset(rows: list[dict], path: str | Path) -> list[str]:
+    """``Dataset.save_to_disk`` of ``rows`` (atomically); returns the column names.
+
+    Columns are the union of the rows' keys (a key missing from a row is null there). A column whose
+    values Arrow cannot hold in one type (e.g. numbers in some rows, text in others) is stored as
+    JSON text, with a warning naming it.
+    """
+    import pyarrow as pa
+    from datasets import Dataset
+
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    arrays = {}
+    for col in columns:
+        values = [r.get(col) for r in rows]
+        try:
+            arrays[col] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            log.warning("export: column %r has mixed types; stored as JSON text in %s", col, path)
+            arrays[col] = pa.array(
+                [v if isinstance(v, str) or v is None else json.dumps(v) for v in values]
+            )
+    table = pa.table(arrays) if arrays else pa.table({"id": pa.array([], pa.string())})
+    with atomic_path(path) as tmp:
+        Dataset(table).save_to_disk(str(tmp))
+    return columns

@@ -51,7 +51,7 @@ def rank_pool(cfg: Mapping, table: Any, seed: int, features_dir: Path) -> Any:
     names = traits(selector).representations
     reps = None
     if names:
-        from grads.representations import load_representations
+        from grads.features.store import load_representations
 
         reps = load_representations(features_dir, names)
     return ranking(selector, table, seed, reps)

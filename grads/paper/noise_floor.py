@@ -9,7 +9,7 @@ a warm-up epoch and a gradient pass over the pool (an hour of this CPU for 1,000
 selector reads one column only, ``loss``, and only to skip samples without a finite loss; its
 subset is a seeded draw over the table's rows in pool order. So this script writes that table
 itself, into a *dedicated* cache folder: ``id``, ``n_tokens`` and ``loss`` from one forward pass of
-the base model over the pool (``grads.gradients.per_sample_loss``, no warm-up, no gradients), under
+the base model over the pool (``grads.features.gradients.per_sample_loss``, no warm-up, no gradients), under
 the features key the pipeline computes for this config. The selection is therefore exactly the one
 a full pipeline run would make. The table has no gradient columns, so any other selector run
 against this cache folder fails on its missing columns instead of using it.
@@ -64,8 +64,8 @@ def model_free_features(cfg: dict) -> Path:
     """Write the forward-only features table under the pipeline's features key (see docstring)."""
     import torch
 
-    from grads.data import collate, load_pool
-    from grads.gradients import per_sample_loss
+    from grads.data.pool import collate, load_pool
+    from grads.features.gradients import per_sample_loss
     from grads.io import write_json, write_parquet
     from grads.models import load_model
     from grads.pipeline import StageCache, resolve_features_cfg, stage_keys
@@ -118,7 +118,7 @@ def cmd_run(args) -> int:
         cmd = [
             sys.executable,
             "-m",
-            "grads.cli",
+            "grads.cli.main",
             *ovr,
             "stages=[select,finetune,evaluate]",
             f"hydra.run.dir={out}/runs/seed{seed}",

@@ -347,7 +347,7 @@ def run_phases(
         cmd = [
             sys.executable,
             "-m",
-            "grads.cli",
+            "grads.cli.main",
             "-m",
             *phase_overrides(phase, plan),
             f"domain={domain}",

@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from grads.data import load_pool, pool_summary
+    from grads.data.pool import load_pool, pool_summary
     from grads.io import write_json
     from grads.models import load_model
 

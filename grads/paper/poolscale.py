@@ -101,7 +101,7 @@ def phase_overrides(phase: str, baseline: str) -> list[str]:
 
 def command(phase: str, baseline: str, runs_dir: Path, overrides: list[str] = ()) -> list[str]:
     """The full command line of one phase's sweep."""
-    return [sys.executable, "-m", "grads.cli", "-m", *phase_overrides(phase, baseline),
+    return [sys.executable, "-m", "grads.cli.main", "-m", *phase_overrides(phase, baseline),
             f"hydra.sweep.dir={runs_dir / phase}", *overrides]  # fmt: skip
 
 

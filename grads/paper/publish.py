@@ -88,10 +88,10 @@ def publish_pool_features(runs_dir: Path, out_file: Path, sources: dict[str, str
 
 def pool_sources(config_file: Path) -> dict[str, str]:
     """``{record id: source name}`` of a run's pool (ids are content hashes of the records, so
-    ``grads.data.load_records`` on the same data gives the same ids: that is how to train on them)."""
+    ``grads.data.pool.load_records`` on the same data gives the same ids: that is how to train on them)."""
     from omegaconf import OmegaConf
 
-    from grads.data import load_records
+    from grads.data.pool import load_records
 
     cfg = OmegaConf.to_container(OmegaConf.load(config_file), resolve=True)
     records, _ = load_records(cfg["domain"], cfg["data"])

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.from_scratch:
             for e in seed_cache(Path(args.cache_from), scratch / "cache", keys):
                 print(f"reused from {args.cache_from}: {e}")
-        cmd = [sys.executable, "-m", "grads.cli", *overrides,
+        cmd = [sys.executable, "-m", "grads.cli.main", *overrides,
                f"paths.cache_dir={scratch / 'cache'}", f"hydra.run.dir={scratch / 'run'}"]  # fmt: skip
         print("re-running:", " ".join(cmd[2:]), flush=True)
         subprocess.run(cmd, check=True)

@@ -19,7 +19,7 @@ One module per criterion, all behind the :class:`~grads.selectors.base.Selector`
 
 Selectors that read per-sample representations (``less``, ``rds``, ``grads_cover``) declare
 ``representations`` (and ``requires_target``); the features stage then computes those passes
-(:mod:`grads.representations`) over the pool and the domain's target set (:mod:`grads.targets`), and
+(:mod:`grads.features.representations`) over the pool and the domain's target set (:mod:`grads.data.targets`), and
 the select stage hands them to ``select(..., reps=...)``. :func:`~grads.selectors.base.traits` reads
 these declarations, with explicit defaults, for every selector.
 
@@ -27,14 +27,8 @@ Budgets (``conf/budget/``) are parsed by :func:`~grads.selectors.budget.parse_bu
 entry point is :func:`~grads.selectors.stage.run_select`.
 """
 
-from grads.selectors.base import (
-    Representation,
-    RepresentationSelector,
-    Selection,
-    Selector,
-    Traits,
-    traits,
-)
+from grads.features.store import Representation
+from grads.selectors.base import RepresentationSelector, Selection, Selector, Traits, traits
 from grads.selectors.budget import Budget, parse_budget
 
 __all__ = [

@@ -81,7 +81,7 @@ def group_labels(records: Iterable[Any], by: str) -> dict[str, str]:
 def answer_labels(cfg: Mapping) -> dict[str, str] | None:
     """``{sample id: answer}`` of the run's pool when its answers are labels, else ``None`` (free
     text, or a pool that cannot be read again: the warm-up has read it, so this is only a report)."""
-    from grads.data import load_records
+    from grads.data.pool import load_records
 
     try:
         records, _ = load_records(cfg["domain"], cfg["data"])
@@ -254,7 +254,7 @@ def preflight(cfg: Mapping, selector: Any) -> dict[str, str] | None:
         return None
     from hydra.utils import instantiate
 
-    from grads.data import load_records
+    from grads.data.pool import load_records
 
     check_balanceable(selector, instantiate(cfg["budget"]))
     records, _ = load_records(cfg["domain"], cfg["data"])

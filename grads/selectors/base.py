@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import numpy as np
 import pandas as pd
 
+from grads.features.store import Representation
 from grads.selectors.budget import Budget, BudgetError, parse_budget
 
 log = logging.getLogger(__name__)
@@ -101,9 +102,9 @@ class RepresentationSelector(Selector, Protocol):
 
     Attributes:
         representations: names of the representation passes this selector reads, e.g.
-            ``("lora_grads",)`` (LESS) or ``("hidden",)`` (RDS+); see :mod:`grads.representations`.
+            ``("lora_grads",)`` (LESS) or ``("hidden",)`` (RDS+); see :mod:`grads.features.representations`.
         requires_target: whether the passes must also embed the domain's target set
-            (``domain.target``, see :mod:`grads.targets`).
+            (``domain.target``, see :mod:`grads.data.targets`).
     """
 
     @property
@@ -150,49 +151,6 @@ def traits(selector: Any) -> Traits:
     )
 
 
-@dataclass
-class Representation:
-    """Per-sample vectors of one representation pass (rows in the order of their ids).
-
-    Attributes:
-        name: the pass (``lora_grads``, ``hidden``).
-        pool_ids: ids of the pool rows.
-        pool: ``[n_pool, d]`` float32 matrix (usually memory-mapped).
-        target_ids: ids of the target rows (``None`` when the pass embedded no target set).
-        target: ``[n_target, d]`` float32 matrix or ``None``.
-        target_groups: one group label per target row (its evaluation task / source).
-        meta: facts about the pass (model, projection, dimension, preconditioning, timings).
-    """
-
-    name: str
-    pool_ids: np.ndarray
-    pool: np.ndarray
-    target_ids: np.ndarray | None = None
-    target: np.ndarray | None = None
-    target_groups: np.ndarray | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.pool.ndim != 2 or self.pool.shape[0] != len(self.pool_ids):
-            raise ValueError(
-                f"representation {self.name!r}: pool matrix {self.pool.shape} does not match "
-                f"{len(self.pool_ids)} ids"
-            )
-        if self.target is not None:
-            if self.target.ndim != 2 or self.target.shape[1] != self.pool.shape[1]:
-                raise ValueError(
-                    f"representation {self.name!r}: target matrix {self.target.shape} does not "
-                    f"match the pool dimension {self.pool.shape[1]}"
-                )
-            n_t = self.target.shape[0]
-            if self.target_ids is None or len(self.target_ids) != n_t:
-                raise ValueError(f"representation {self.name!r}: target ids do not match rows")
-            if self.target_groups is None:
-                self.target_groups = np.array(["target"] * n_t, dtype=object)
-            elif len(self.target_groups) != n_t:
-                raise ValueError(f"representation {self.name!r}: one group per target row")
-
-
 def need_representation(
     reps: dict[str, Representation] | None, name: str, selector: str, target: bool = False
 ) -> Representation:
@@ -201,14 +159,14 @@ def need_representation(
     if rep is None:
         raise ValueError(
             f"selector {selector!r} needs the {name!r} representation of the pool, computed by the "
-            f"features stage (features.representations, see grads.representations); got "
+            f"features stage (features.representations, see grads.features.representations); got "
             f"{sorted(reps or {})}. Run it through the pipeline (grads selector={selector}) or "
             "pass reps= to select()"
         )
     if target and (rep.target is None or rep.target.shape[0] == 0):
         raise ValueError(
             f"selector {selector!r} needs the target set embedded in the {name!r} representation, "
-            "but it has none: set domain.target (see grads.targets and conf/domain/*.yaml)"
+            "but it has none: set domain.target (see grads.data.targets and conf/domain/*.yaml)"
         )
     return rep
 

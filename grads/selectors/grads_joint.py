@@ -31,8 +31,8 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
+from grads.features.store import Representation
 from grads.selectors.base import (
-    Representation,
     Selection,
     base_diagnostics,
     check_columns,

@@ -7,10 +7,10 @@ task, e.g. MMLU subjects; here: the target set's sources)::
 
 with ``g~(z)`` the projected, Adam-preconditioned LoRA gradient of ``z`` and ``g(z')`` the
 projected plain gradient of target example ``z'`` (both unit-normalised, computed once by the
-``lora_grads`` pass of :mod:`grads.representations`). The subset is the top-k by ``(-score, id)``.
+``lora_grads`` pass of :mod:`grads.features.representations`). The subset is the top-k by ``(-score, id)``.
 ``aggregate: max`` scores by the single most similar target example instead.
 
-Not reproduced (see :mod:`grads.representations`): LESS warms up on a random 5% of the pool for 4
+Not reproduced (see :mod:`grads.features.representations`): LESS warms up on a random 5% of the pool for 4
 epochs and sums the similarity over the 4 epoch checkpoints weighted by their mean learning rate;
 here the pipeline's one warm-up (GrADS's epoch over the whole pool) gives one checkpoint, and its
 Adam state is the latest kept resumable checkpoint (not necessarily the last step), or absent.
@@ -24,8 +24,8 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
+from grads.features.store import Representation
 from grads.selectors.base import (
-    Representation,
     Selection,
     base_diagnostics,
     finish,

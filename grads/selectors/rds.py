@@ -1,7 +1,7 @@
 """RDS+ (Ivison et al. 2025, "Large-Scale Data Selection for Instruction Tuning").
 
 Pool and target samples are embedded by the *base* model's final hidden states, mean-pooled with
-position weights (the ``hidden`` pass of :mod:`grads.representations`), and compared by cosine
+position weights (the ``hidden`` pass of :mod:`grads.features.representations`), and compared by cosine
 similarity. Selection is a round robin, so that no target task or example dominates the subset:
 
 * ``round_robin: groups`` (the released code's multi-task selection): within each target group
@@ -27,8 +27,8 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
+from grads.features.store import Representation
 from grads.selectors.base import (
-    Representation,
     Selection,
     base_diagnostics,
     finish,

@@ -118,7 +118,7 @@ def _choose(
     names = traits(selector).representations
     reps = None
     if names:
-        from grads.representations import load_representations
+        from grads.features.store import load_representations
 
         reps = load_representations(features_dir, names)
     if balance is not None:

@@ -1,6 +1,6 @@
 """The pipeline's stages as small objects, one module each, in run order.
 
-Each stage owns its cache identity (``stage.spec``, from :data:`grads.identity.SPECS`) and its
+Each stage owns its cache identity (``stage.spec``, a :class:`grads.identity.StageSpec`) and its
 ``run(job, work)``; :func:`grads.pipeline.run` loops over :data:`STAGES`.
 """
 
@@ -14,8 +14,11 @@ from grads.stages.select import Select
 from grads.stages.warmup import Warmup
 
 STAGES: tuple[Stage, ...] = (Warmup(), Features(), Select(), Finetune(), Evaluate())
+# What each stage's cache key hashes, by stage name.
+SPECS = {stage.name: stage.spec for stage in STAGES}
 
 __all__ = [
+    "SPECS",
     "STAGES",
     "Evaluate",
     "Features",

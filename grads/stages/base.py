@@ -1,10 +1,10 @@
 """What every stage shares: the :class:`Stage` interface and the :class:`Job` it runs in.
 
 A stage is a small object with a ``name`` (its cache folder), the stage whose output it ``reads``,
-its cache identity (``spec``, a :class:`grads.identity.StageSpec` from :data:`grads.identity.SPECS`)
+its cache identity (``spec``, a :class:`grads.identity.StageSpec` declared beside it)
 and ``run(job, work) -> info``, which writes its artefacts into the private ``work`` folder the
 cache hands it. The pipeline is a loop over stages (:mod:`grads.pipeline`); adding a stage is one
-module here plus its spec in :mod:`grads.identity`.
+module here (its run and its spec) and its entry in ``STAGES``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
-from grads.identity import SPECS, StageSpec
+from grads.identity import StageSpec
 
 
 class StageInterrupted(RuntimeError):
@@ -70,14 +70,11 @@ class Stage(Protocol):
 
 
 class StageBase:
-    """Default ``spec``: the stage's entry of :data:`grads.identity.SPECS`."""
+    """What every stage class declares: its ``name``, the stage it ``reads`` and its ``spec``."""
 
     name: ClassVar[str] = ""
     reads: ClassVar[str | None] = None
-
-    @property
-    def spec(self) -> StageSpec:
-        return SPECS[self.name]
+    spec: ClassVar[StageSpec]
 
     def input_dir(self, job: Job) -> Path | None:
         """The output folder of the stage this one reads (``None`` for the first stage)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from grads.identity import COMMON_SUMMARY, StageSpec, eval_identity
 from grads.stages.base import Job, StageBase, load_trained
 
 
@@ -26,11 +27,21 @@ def evaluate(cfg: dict, work: Path, finetune_dir: Path) -> dict:
     return {**out, "device": str(device)}
 
 
+# What the stage's cache key hashes (see grads.identity).
+SPEC = StageSpec(
+    "evaluate",
+    ("finetune",),
+    {"evaluate": eval_identity},
+    (*COMMON_SUMMARY, "selector.name", "budget.name", "seed", "eval.name"),
+)
+
+
 class Evaluate(StageBase):
     """Domain and general suites, continuous metrics and KL, with the base model's scores."""
 
     name = "evaluate"
     reads = "finetune"
+    spec = SPEC
 
     def run(self, job: Job, work: Path) -> dict:
         return evaluate(job.cfg, work, self.input_dir(job))

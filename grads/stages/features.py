@@ -1,10 +1,11 @@
 """The features stage: per-sample gradient norms (and the baselines' representation passes) of the
-pool under the warm-up's model (:mod:`grads.features`, :mod:`grads.representations`)."""
+pool under the warm-up's model (:mod:`grads.features.compute`, :mod:`grads.features.representations`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from grads.identity import COMMON_SUMMARY, StageSpec, section_part
 from grads.io import read_json, write_json
 from grads.stages.base import Job, StageBase, load_trained
 
@@ -12,9 +13,9 @@ from grads.stages.base import Job, StageBase, load_trained
 def features_job(cfg: dict, warmup_dir: str, work: str) -> None:
     """One rank's share of the features pass (started by :func:`grads.launch.run_distributed`);
     every rank reads the warm-up's model and the pool, rank 0 writes."""
-    from grads.data import load_pool
+    from grads.data.pool import load_pool
     from grads.dist import compute_device, rank
-    from grads.features import run_features
+    from grads.features.compute import run_features
 
     model, tokenizer = load_trained(cfg, Path(warmup_dir))
     # Models load on the CPU; without this move a GPU machine would compute features on the CPU.
@@ -24,10 +25,14 @@ def features_job(cfg: dict, warmup_dir: str, work: str) -> None:
         write_json(Path(work) / "data.json", data_stats)
     run_features(cfg, model, tokenizer, pool, work)
     if (cfg.get("features") or {}).get("representations"):
-        from grads.representations import run_stage_passes
+        from grads.features.representations import run_stage_passes
 
         del model
         run_stage_passes(cfg, warmup_dir, pool, work)
+
+
+# What the stage's cache key hashes (see grads.identity).
+SPEC = StageSpec("features", ("warmup",), {"features": section_part("features")}, COMMON_SUMMARY)
 
 
 class Features(StageBase):
@@ -35,13 +40,14 @@ class Features(StageBase):
 
     name = "features"
     reads = "warmup"
+    spec = SPEC
 
     def run(self, job: Job, work: Path) -> dict:
         from grads.launch import run_distributed
 
         cfg, warmup_dir = job.cfg, self.input_dir(job)
         if (cfg.get("features") or {}).get("source", "pass") == "warmup":
-            from grads.features import features_from_warmup
+            from grads.features.compute import features_from_warmup
 
             # The warm-up recorded the table; the pass runs only for samples it did not train on.
             return features_from_warmup(cfg, warmup_dir, work)

@@ -4,7 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from grads.hashing import without
+from grads.identity import COMMON_SUMMARY, StageSpec, balance_part, budget_part
 from grads.stages.base import Job, StageBase
+
+# What the stage's cache key hashes (see grads.identity).
+SPEC = StageSpec(
+    "select",
+    ("features",),
+    {
+        "selector": lambda cfg, fp: without(cfg.get("selector"), ()),
+        "budget": budget_part,
+        "seed": lambda cfg, fp: cfg.get("seed"),
+        "balance": balance_part,
+    },
+    (*COMMON_SUMMARY, "selector.name", "budget.name", "seed", "select.balance"),
+)
 
 
 class Select(StageBase):
@@ -13,6 +28,7 @@ class Select(StageBase):
 
     name = "select"
     reads = "features"
+    spec = SPEC
 
     def run(self, job: Job, work: Path) -> dict:
         from hydra.utils import instantiate

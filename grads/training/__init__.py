@@ -35,7 +35,7 @@ Output layout of ``out_dir``::
     warmup_ids.json      warm-up on a subset (``warmup.fraction`` / ``warmup.max_samples``): the
                          seeded subset's ids and knobs (see ``warmup_subset``).
     features.parquet     warm-up with ``features.source: warmup``: the features table recorded from
-    features.json        the warm-up's own steps (``_Recording``), same schema as the features stage.
+    features.json        the warm-up's own steps (``FeatureRecording``), same schema as the features stage.
 
 Batches: with ``group_by_length`` (default) each global batch holds samples of similar length
 (``length_grouped_batches``), in shuffled order, so micro-batches pad little; the plan depends on
@@ -63,16 +63,11 @@ The package, one module per concern (:mod:`~grads.training.recipe` assembles the
 from __future__ import annotations
 
 from grads.training.checkpoints import Checkpoints
-from grads.training.data import _Recording, warmup_subset
-from grads.training.distributed import (
-    _all_reduce_sum,
-    _ensure_dist,
-    _import_deepspeed,
-    build_engine,
-)
+from grads.training.data import warmup_subset
+from grads.training.distributed import build_engine
 from grads.training.ds_config import fill_ds_config, load_ds_template
 from grads.training.model import load_trained, param_groups, prepare_model
-from grads.training.recipe import _fingerprint, run_train, train
+from grads.training.recipe import run_train, train
 from grads.training.schedule import (
     BatchPlan,
     cosine_schedule,
@@ -108,11 +103,6 @@ __all__ = [
     "Checkpoints",
     "LoraSettings",
     "TrainerSettings",
-    "_Recording",
-    "_all_reduce_sum",
-    "_ensure_dist",
-    "_fingerprint",
-    "_import_deepspeed",
     "build_engine",
     "cosine_schedule",
     "epoch_permutation",

@@ -14,7 +14,7 @@ from grads.training.settings import WARMUP_IDS_NAME, TrainerSettings
 from grads.training.steps import supervised_count
 
 
-def _pool_ids(pool) -> list[str]:
+def pool_ids_of(pool) -> list[str]:
     all_ids = pool["id"] if hasattr(pool, "column_names") else [r["id"] for r in pool]
     return [str(x) for x in all_ids]
 
@@ -41,7 +41,7 @@ def warmup_subset(
     return [pool_ids[i] for i in keep.tolist()]
 
 
-def _write_subset(out: Path, s: TrainerSettings, row_ids: list[str], n_pool: int) -> dict:
+def write_subset(out: Path, s: TrainerSettings, row_ids: list[str], n_pool: int) -> dict:
     """Record the warm-up's subset (``warmup_ids.json``); return its summary entry."""
     from grads.io import write_json
 
@@ -57,23 +57,17 @@ def _write_subset(out: Path, s: TrainerSettings, row_ids: list[str], n_pool: int
     return info
 
 
-def _features_source(cfg: dict) -> str:
-    from grads.features import features_source
-
-    return features_source(cfg)
-
-
-class _Recording:
+class FeatureRecording:
     """``features.source: warmup``: the warm-up writes the features table itself.
 
     Each trained sample's gradient norms are read at its *last* visit (so with one epoch, its only
-    one), from that micro-batch's own forward and backward (``grads.gradients.GradNormRecorder``),
+    one), from that micro-batch's own forward and backward (``grads.features.gradients.GradNormRecorder``),
     before the optimizer step. Rows survive a restart in the checkpoints' ``extra.pt`` and are
     gathered on rank 0, which writes ``features.parquet`` / ``features.json`` next to the model.
     """
 
     def __init__(self, module, cfg: dict, plan: BatchPlan, total: int, row_ids: list[str]):
-        from grads.gradients import GradNormRecorder
+        from grads.features.gradients import GradNormRecorder
 
         chunk = int(((cfg.get("features") or {}).get("chunk_bytes")) or (1 << 26))
         # Statistics always: they are cheap here, and the cached warm-up serves either setting.
@@ -112,7 +106,7 @@ class _Recording:
 
     def write(self, out: Path, recorded: dict[str, dict], pool_ids: list[str]) -> dict:
         """Rank 0: the table in pool order (recorded ids only); returns ``features.json``."""
-        from grads.features import write_recorded
+        from grads.features.store import write_recorded
 
         rows = [recorded[i] for i in pool_ids if i in recorded]
         return write_recorded(
@@ -129,7 +123,7 @@ class _Recording:
         self.rec.close()
 
 
-def _select_rows(pool, ids: Sequence[str] | None) -> list[int]:
+def select_rows(pool, ids: Sequence[str] | None) -> list[int]:
     """Row positions of ``ids`` in ``pool`` (all rows when ``ids`` is None), in pool order."""
     all_ids = pool["id"] if hasattr(pool, "column_names") else [r["id"] for r in pool]
     if ids is None:
@@ -145,7 +139,7 @@ def _select_rows(pool, ids: Sequence[str] | None) -> list[int]:
     return rows
 
 
-def _row_stats(pool, rows: list[int]) -> tuple[list[str], list[int], list[int]]:
+def row_stats(pool, rows: list[int]) -> tuple[list[str], list[int], list[int]]:
     """Ids, token counts and supervised-token counts of the selected rows, in one pass."""
     if hasattr(pool, "select") and hasattr(pool, "iter"):  # datasets.Dataset: read in batches
         ids, n_tok, n_sup = [], [], []

@@ -10,7 +10,7 @@ from grads.training.schedule import make_scheduler, warmup_steps_for
 from grads.training.settings import TrainerSettings
 
 
-def _ensure_dist() -> None:
+def ensure_dist() -> None:
     """Make sure a process group exists (DeepSpeed needs one even for a single process)."""
     import deepspeed
     import torch
@@ -37,7 +37,7 @@ def _ensure_dist() -> None:
     )
 
 
-def _import_deepspeed():
+def import_deepspeed():
     import torch
 
     if not torch.cuda.is_available():
@@ -56,7 +56,7 @@ def _import_deepspeed():
     return deepspeed
 
 
-def _all_reduce_sum(value: float) -> float:
+def all_reduce_sum(value: float) -> float:
     import torch
     import torch.distributed as tdist
 
@@ -76,7 +76,7 @@ def build_engine(model, s: TrainerSettings, ds_config: dict, total_steps: int, w
 
     Shared with ``scripts/bench_train.py`` so the benchmark times exactly this engine.
     """
-    deepspeed = _import_deepspeed()
+    deepspeed = import_deepspeed()
     warm = warmup_steps_for(s, total_steps)
     engine, _, _, _ = deepspeed.initialize(
         model=model,

@@ -7,7 +7,7 @@ from pathlib import Path
 from grads.training.settings import ADAPTER_DIR, MODEL_DIR, TrainerSettings
 
 
-def _export(
+def export_model(
     module,
     state: dict,
     tokenizer,

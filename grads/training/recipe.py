@@ -17,19 +17,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from grads.features.store import features_source
 from grads.training.checkpoints import Checkpoints
 from grads.training.data import (
-    _features_source,
-    _pool_ids,
-    _Recording,
-    _row_stats,
-    _select_rows,
-    _write_subset,
+    FeatureRecording,
+    pool_ids_of,
+    row_stats,
+    select_rows,
     warmup_subset,
+    write_subset,
 )
-from grads.training.distributed import _ensure_dist, _import_deepspeed, build_engine
+from grads.training.distributed import build_engine, ensure_dist, import_deepspeed
 from grads.training.ds_config import fill_ds_config, load_ds_template
-from grads.training.export import _export
+from grads.training.export import export_model
 from grads.training.model import prepare_model
 from grads.training.schedule import BatchPlan
 from grads.training.settings import (
@@ -39,16 +39,16 @@ from grads.training.settings import (
     SUMMARY_NAME,
     TrainerSettings,
 )
-from grads.training.steps import _Loop, _train_loop
+from grads.training.steps import StepLoop, train_loop
 
 log = logging.getLogger(__name__)
 
 
-def _fingerprint(
+def run_fingerprint(
     s: TrainerSettings, use: str, model_cfg: dict, ids: list[str], global_batch: int
 ) -> str:
     # One definition of "the same training run", shared with the pipeline's stage keys.
-    from grads.identity import resume_fingerprint
+    from grads.training.identity import resume_fingerprint
 
     world = global_batch // (s.micro_batch_size * s.grad_accum)
     return resume_fingerprint(s, use, model_cfg, ids, world)
@@ -96,13 +96,13 @@ def run_train(
         cfg: fully resolved config (dict or DictConfig) with ``model``, ``trainer``, ``warmup``,
             ``finetune``, ``paths``, ``seed`` (and ``data`` when ``pool`` is None). For the
             warm-up, ``features.source: warmup`` also records the features table (see
-            ``_Recording``) and ``warmup.fraction`` / ``warmup.max_samples`` subsample the pool.
+            ``FeatureRecording``) and ``warmup.fraction`` / ``warmup.max_samples`` subsample the pool.
         use: ``warmup`` (whole pool, exports a merged full model) or ``finetune``.
         out_dir: output folder (see :mod:`grads.training` for its layout). Rerunning the same
             command resumes from ``checkpoints/latest``; a completed run returns its summary.
         ids: sample ids to train on (``None``: the whole pool, or the warm-up's subset of it).
         pool: rows with ``id``, ``input_ids``, ``labels`` (list of dicts or ``datasets.Dataset``);
-            ``None`` loads ``grads.data.load_pool(cfg, tokenizer)``.
+            ``None`` loads ``grads.data.pool.load_pool(cfg, tokenizer)``.
         log_fn: ``log_fn(row, step)`` called on rank 0 every ``log_every`` steps (e.g. W&B), or a
             ``"module:function"`` spec.
 
@@ -120,10 +120,10 @@ def run_train(
         return done
     engine, ds_config, recording = _build_engine(run)
     ckpts, resume, first_loss = _resume(run, engine, recording, ds_config)
-    loop = _Loop(
+    loop = StepLoop(
         engine, run.s, run.plan, run.pool, run.rows, run.n_tok, run.n_sup, run.tokenizer, recording
     )
-    ran = _train_loop(
+    ran = train_loop(
         loop, use, run.out, ckpts, run.fingerprint, run.total, log_fn, resume, first_loss
     )
     if ran["stopped"]:
@@ -145,15 +145,15 @@ def _start(cfg: Any, use: str, out: Path) -> _Run:
     import torch
 
     from grads import dist
-    from grads.config import as_dict
+    from grads.config_access import as_dict
     from grads.ds_ops import comm_op_for
 
     cfg = as_dict(cfg)
     s = TrainerSettings.from_cfg(cfg, use)
-    record = use == "warmup" and _features_source(cfg) == "warmup"  # validates before loading
-    _import_deepspeed()
+    record = use == "warmup" and features_source(cfg) == "warmup"  # validates before loading
+    import_deepspeed()
     with comm_op_for(dist.world_size()):  # one process needs no comm op: neither built nor loaded
-        _ensure_dist()
+        ensure_dist()
     rank, world = dist.rank(), dist.world_size()
     on_cuda = torch.cuda.is_available()
     if not on_cuda and world > 1:
@@ -179,17 +179,17 @@ def _load(run: _Run, ids: Sequence[str] | None, pool) -> None:
     run.cache_dir = (cfg.get("paths") or {}).get("model_dir")
     run.model, run.tokenizer = load_model(run.model_cfg, cache_dir=run.cache_dir)
     if pool is None:
-        from grads.data import load_pool
+        from grads.data.pool import load_pool
 
         pool = load_pool(cfg, run.tokenizer)
     run.pool = pool
     if run.use == "warmup" and ids is None:
-        run.subset = warmup_subset(_pool_ids(pool), s.fraction, s.max_samples, s.seed)
+        run.subset = warmup_subset(pool_ids_of(pool), s.fraction, s.max_samples, s.seed)
         ids = run.subset
-    run.rows = _select_rows(pool, ids)
+    run.rows = select_rows(pool, ids)
     if not run.rows:
         raise ValueError("no samples to train on")
-    run.row_ids, run.n_tok, run.n_sup = _row_stats(pool, run.rows)
+    run.row_ids, run.n_tok, run.n_sup = row_stats(pool, run.rows)
     run.plan = BatchPlan(
         len(run.rows),
         s.micro_batch_size,
@@ -200,7 +200,7 @@ def _load(run: _Run, ids: Sequence[str] | None, pool) -> None:
         length_group_size=s.length_group_size,
     )
     run.total = run.plan.total_steps(s.epochs, s.max_steps)
-    run.fingerprint = _fingerprint(
+    run.fingerprint = run_fingerprint(
         s, run.use, dict(cfg["model"]), sorted(run.row_ids), run.plan.global_batch
     )
 
@@ -221,7 +221,7 @@ def _finished_summary(run: _Run) -> dict | None:
     return done
 
 
-def _build_engine(run: _Run) -> tuple[Any, dict, _Recording | None]:
+def _build_engine(run: _Run) -> tuple[Any, dict, FeatureRecording | None]:
     """LoRA / full model, the filled DeepSpeed config, the engine and the optional recorder."""
     s = run.s
     model = prepare_model(run.model, s)
@@ -229,7 +229,9 @@ def _build_engine(run: _Run) -> tuple[Any, dict, _Recording | None]:
     ds_config = fill_ds_config(load_ds_template(s.ds_config), s, run.world, run.on_cuda)
     engine = build_engine(model, s, ds_config, run.total, run.world)
     recording = (
-        _Recording(engine.module, run.cfg, run.plan, run.total, run.row_ids) if run.record else None
+        FeatureRecording(engine.module, run.cfg, run.plan, run.total, run.row_ids)
+        if run.record
+        else None
     )
     return engine, ds_config, recording
 
@@ -238,7 +240,7 @@ def _build_engine(run: _Run) -> tuple[Any, dict, _Recording | None]:
 # Resume
 # --------------------------------------------------------------------------------------------------
 def _resume(
-    run: _Run, engine, recording: _Recording | None, ds_config: dict
+    run: _Run, engine, recording: FeatureRecording | None, ds_config: dict
 ) -> tuple[Checkpoints, dict, float | None]:
     """Restore the latest checkpoint (or seed per rank for a fresh start); trim the step log.
 
@@ -287,7 +289,7 @@ def _resume(
 # Export
 # --------------------------------------------------------------------------------------------------
 def _export_and_summarise(
-    run: _Run, engine, ds_config: dict, recording: _Recording | None, ran: dict, resume: dict
+    run: _Run, engine, ds_config: dict, recording: FeatureRecording | None, ran: dict, resume: dict
 ) -> dict:
     """Gather the weights, write the model (rank 0) and ``train_summary.json`` last."""
     from grads import dist
@@ -305,12 +307,14 @@ def _export_and_summarise(
     if run.rank == 0:
         if state is None:
             state = engine.module.state_dict()
-        paths = _export(engine.module, state, run.tokenizer, s, run.model_cfg, run.cache_dir, out)
+        paths = export_model(
+            engine.module, state, run.tokenizer, s, run.model_cfg, run.cache_dir, out
+        )
         summary = {**_summary(run, engine, zero_stage, ran, resume), **paths}
         if run.subset is not None:
-            summary["subset"] = _write_subset(out, s, run.row_ids, len(run.pool))
+            summary["subset"] = write_subset(out, s, run.row_ids, len(run.pool))
         if recorded is not None:
-            summary["features"] = recording.write(out, recorded, _pool_ids(run.pool))
+            summary["features"] = recording.write(out, recorded, pool_ids_of(run.pool))
         write_json(out / SUMMARY_NAME, summary)
         if s.clean_checkpoints:
             shutil.rmtree(out / CKPT_DIR, ignore_errors=True)
@@ -368,7 +372,7 @@ def train(
     Workers are Hydra-free: they receive the resolved dict. ``log_fn`` must be picklable (a
     module-level function or a ``"module:function"`` string) when ``procs > 1``.
     """
-    from grads.config import as_dict
+    from grads.config_access import as_dict
     from grads.io import read_json
     from grads.launch import run_distributed
 

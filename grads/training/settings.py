@@ -74,7 +74,7 @@ class TrainerSettings:
         """Settings from a resolved config: ``cfg["trainer"]`` deep-merged with ``cfg[use]``."""
         if use not in USES:
             raise ValueError(f"use={use!r}: expected one of {USES}")
-        from grads.config import defaults  # conf/trainer/cpu.yaml: the one place they live
+        from grads.config_access import defaults  # conf/trainer/cpu.yaml: the one place they live
 
         trainer = _deep_merge(defaults("trainer"), dict(cfg.get("trainer") or {}))
         merged = _deep_merge(trainer, dict(cfg.get(use) or {}))

@@ -10,12 +10,12 @@ from pathlib import Path
 
 from grads.constants import IGNORE_INDEX
 from grads.training.checkpoints import Checkpoints
-from grads.training.distributed import _all_reduce_sum
+from grads.training.distributed import all_reduce_sum
 from grads.training.settings import LOG_NAME
 
 
 def _collate_fn() -> Callable:
-    from grads.data import collate
+    from grads.data.pool import collate
 
     return collate
 
@@ -50,7 +50,7 @@ def supervised_count(labels: Sequence[int]) -> int:
     return sum(1 for x in labels[1:] if x != IGNORE_INDEX)
 
 
-class _Loop:
+class StepLoop:
     """What one optimizer step needs: the engine, the plan, the data and the optional recorder."""
 
     def __init__(self, engine, s, plan, pool, rows, n_tok, n_sup, tokenizer, recording):
@@ -93,7 +93,7 @@ class _Loop:
                 rec.collect(b, scale, micro, want)
             engine.step()
             local_sum += loss_sum.detach()  # a tensor: no device sync per micro-batch
-        loss = _all_reduce_sum(float(local_sum)) / max(1, n_sup_global)
+        loss = all_reduce_sum(float(local_sum)) / max(1, n_sup_global)
         dt = time.perf_counter() - t0
         return {
             "step": step + 1,
@@ -110,8 +110,8 @@ class _Loop:
         }
 
 
-def _train_loop(
-    loop: _Loop,
+def train_loop(
+    loop: StepLoop,
     use: str,
     out: Path,
     ckpts: Checkpoints,

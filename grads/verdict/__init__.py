@@ -7,7 +7,7 @@ verdict answers the question on the user's own pool, with the protocol of the pa
     grads-verdict domain=custom domain.path=pool.jsonl verdict.selectors=[grads,grads_paper]
 
 1. **Held-out split first.** A domain without one (``domain=custom``) sets
-   ``min(300, 10 % of the pool)`` distinct samples aside (:mod:`grads.heldout`, chosen by content
+   ``min(300, 10 % of the pool)`` distinct samples aside (:mod:`grads.data.heldout`, chosen by content
    hash, removed from every pool the jobs build); ``verdict.heldout=N`` sets another size. Built-in
    domains keep their own split.
 2. **Jobs.** Each compared selector and the reference (``verdict.against``, default ``random``) run

@@ -67,7 +67,7 @@ def tokenizer_for(model_cfg: dict, model_dir: str | None):
 
 def pool_profile(base: dict) -> dict:
     """``{n_pool, tokens_per_sample, pool_tokens}`` of the pool the jobs train on."""
-    from grads.data import load_records, tokenize_record
+    from grads.data.pool import load_records, tokenize_record
 
     records, _ = load_records(base["domain"], base.get("data"))
     tok = tokenizer_for(base["model"], (base.get("paths") or {}).get("model_dir"))
@@ -164,7 +164,7 @@ def cached_stages(cfg: dict) -> set[str]:
 def token_plan(base: dict, jobs: list, profile: dict, info: dict) -> dict[str, dict]:
     """``stage -> {runs, tokens, cached}``: how many runs of each stage are left and the tokens
     each processes (fine-tunes and evaluations: the tokens of all of them together)."""
-    from grads.evaluation.harness import eval_settings
+    from grads.evaluation.settings import eval_settings
     from grads.training import TrainerSettings
 
     n, per = profile["n_pool"], profile["tokens_per_sample"]

@@ -61,7 +61,7 @@ def ensure_heldout(base: dict, s: VerdictSettings) -> dict:
     Raises:
         ConfigError: the split would leave less than half of the pool.
     """
-    from grads.heldout import candidates, heldout_config
+    from grads.data.heldout import candidates, heldout_config
 
     dom = base["domain"]
     spec = heldout_config(dom)
@@ -112,7 +112,7 @@ def check_eval(base: dict) -> dict:
     Raises:
         ConfigError: evaluation off, no held-out task or no KL task (naming the key).
     """
-    from grads.evaluation.harness import eval_settings, part_lists
+    from grads.evaluation.settings import eval_settings, part_lists
 
     ev = eval_settings(base)
     problems = []
@@ -197,7 +197,7 @@ def prepare_base(cfg: Any, s: VerdictSettings) -> tuple[dict, list[dict], dict, 
     nodes = [selector_node(n, composed) for n in (s.selectors or (composed["name"],))]
     ref = selector_node(s.against, composed)
     if base.get("domain", {}).get("generator"):
-        from grads.data import materialise_generated
+        from grads.data.pool import materialise_generated
 
         materialise_generated(base["domain"], base)
     info = {"heldout": ensure_heldout(base, s), "eval": {"mode": s.eval}}

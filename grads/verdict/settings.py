@@ -12,7 +12,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from grads.config import ConfigError, as_dict
+from grads.config import ConfigError
+from grads.config_access import as_dict
 from grads.constants import conf_dir
 
 EVAL_MODES = ("lean", "suite")

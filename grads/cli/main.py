@@ -36,11 +36,11 @@ def _app(cfg: DictConfig) -> float | tuple[float, ...] | None:
 def main() -> None:
     import sys
 
-    from grads.launch import before_hydra
+    from grads.cli.agent import before_hydra
 
     # torchrun / several nodes: ranks other than 0 serve rank 0 without Hydra (no run folder), and
     # a node started with dist.nnodes > 1 becomes that node's elastic agent (grads.launch).
-    if before_hydra(sys.argv, "grads.cli"):
+    if before_hydra(sys.argv, "grads.cli.main"):
         return
     _app()
 

@@ -8,7 +8,7 @@ from their test items, and so does this module. A domain declares its target set
     target:
       name: medical_dev                 # the split's name, recorded with every selection
       limit_per_source: null            # optional cap on rows per source
-      sources:                          # same schema as the pool's sources (grads.data)
+      sources:                          # same schema as the pool's sources (grads.data.pool)
         - name: mmlu_anatomy            # also the row's group (LESS: one group per subtask)
           path: ${paths.data_dir}/general/mmlu/dev/anatomy_dev.csv
           prompt: "The following are ... {question}\\nA. {choice0}\\n...Answer:"
@@ -37,7 +37,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from grads.config import cfg_get
+from grads.config_access import cfg_get
 from grads.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -87,8 +87,8 @@ def synthetic_dev(seed: int, n_entities: int, exclude_seed: int, exclude_entitie
     entities, so any of them would be a test item. A disjoint set of entities asked the same way
     gives target rows with the evaluation's format and none of its items.
     """
-    from grads import synthetic
-    from grads.data import Record, sample_id
+    from grads.data import synthetic
+    from grads.data.records import Record, sample_id
 
     taken = synthetic.generate(exclude_seed, exclude_entities, 0)
     names = {row["entity"] for row in taken["train"]}
@@ -114,14 +114,14 @@ def load_target(cfg: Any) -> tuple[list, dict]:
         TargetConfigError: no ``domain.target``; a source that is a test split; a row equal to an
             evaluation item; an empty result.
     """
-    from grads.data import _eval_texts, _matches_eval, records_from_source
+    from grads.data.records import eval_file_texts, matches_eval, records_from_source
 
     spec = target_spec(cfg)
     dom = cfg_get(cfg, "domain") or {}
     if spec is None:
         raise TargetConfigError(
             f"domain '{cfg_get(dom, 'name')}' declares no target set (domain.target), which targeted "
-            "selectors (less, rds) need; see grads.targets and conf/domain/medical.yaml"
+            "selectors (less, rds) need; see grads.data.targets and conf/domain/medical.yaml"
         )
     name = str(cfg_get(spec, "name", "target"))
     gen = cfg_get(spec, "generator")
@@ -150,8 +150,8 @@ def load_target(cfg: Any) -> tuple[list, dict]:
         eval_texts: set[str] = set()
         for ev in cfg_get(dom, "decontaminate") or []:
             if not cfg_get(ev, "heldout_source"):
-                eval_texts |= _eval_texts(ev)
-        leaked = [r for r in records if eval_texts and _matches_eval(r, eval_texts)]
+                eval_texts |= eval_file_texts(ev)
+        leaked = [r for r in records if eval_texts and matches_eval(r, eval_texts)]
         if leaked:
             # Real case: 5 MMLU clinical_knowledge dev questions reappear in college_medicine test.
             log.warning(
@@ -178,7 +178,7 @@ def load_target(cfg: Any) -> tuple[list, dict]:
 
 def tokenized_target(cfg: Any, tokenizer) -> tuple[list[dict], dict]:
     """The target records tokenised like the pool (chat template, prompt masked)."""
-    from grads.data import tokenize_records
+    from grads.data.pool import tokenize_records
 
     records, summary = load_target(cfg)
     samples, stats = tokenize_records(records, tokenizer, cfg_get(cfg, "data"))

@@ -2,7 +2,7 @@
 
 Two passes, each run by the features stage only when a selector asks for it (or the experiment
 lists it in ``features.representations``), over the pool and, for targeted selectors, the domain's
-target set (:mod:`grads.targets`):
+target set (:mod:`grads.data.targets`):
 
 * ``lora_grads`` (LESS, Xia et al. 2024, "LESS: Selecting Influential Data for Targeted
   Instruction Tuning"). The gradient of each sample's mean token loss with respect to the LoRA
@@ -48,6 +48,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from grads.features.store import write_representation
 
 log = logging.getLogger(__name__)
 
@@ -151,14 +153,14 @@ def per_sample_lora_grads(model, input_ids, attention_mask, labels):
     """
     import torch
 
-    from grads.gradients import _frozen, _supervised, position_ids_from_mask
+    from grads.features.gradients import frozen_model, position_ids_from_mask, supervised_positions
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     backbone, head = base.get_decoder(), base.get_output_embeddings()
     mods = _lora_modules(model)
     device = head.weight.device
     ids, mask, labels = input_ids.to(device), attention_mask.to(device), labels.to(device)
-    sup = _supervised(mask, labels)
+    sup = supervised_positions(mask, labels)
     sb, st = sup.nonzero(as_tuple=True)
     y = labels[:, 1:][sb, st]
     n = sup.sum(1)
@@ -170,7 +172,7 @@ def per_sample_lora_grads(model, input_ids, attention_mask, labels):
 
         return fn
 
-    with _frozen(model):
+    with frozen_model(model):
         handles = [m.register_forward_hook(hook(i)) for i, (_, m) in enumerate(mods)]
         try:
             embeds = base.get_input_embeddings()(ids).detach().requires_grad_(True)
@@ -393,7 +395,7 @@ def lora_grad_matrix(
     """
     import torch
 
-    from grads.data import collate
+    from grads.data.pool import collate
 
     n, d = len(samples), projector.d
     out = np.full((n, d), np.nan, dtype=np.float32)
@@ -439,7 +441,7 @@ def pooled_hidden(model, input_ids, attention_mask, pooling: str = "weighted_mea
     """
     import torch
 
-    from grads.gradients import position_ids_from_mask
+    from grads.features.gradients import position_ids_from_mask
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     device = base.get_input_embeddings().weight.device
@@ -470,7 +472,7 @@ def hidden_matrix(
 ) -> np.ndarray:
     """:func:`pooled_hidden` of every sample, float32 ``[n, D]`` in input order (not normalised);
     ``progress``: description of the progress bar (``None``: no bar)."""
-    from grads.data import collate
+    from grads.data.pool import collate
 
     out: np.ndarray | None = None
     for idx, batch in _batches(samples, batch_size, progress):
@@ -480,65 +482,6 @@ def hidden_matrix(
             out = np.zeros((len(samples), rep.shape[1]), dtype=np.float32)
         out[idx] = rep
     return out if out is not None else np.zeros((0, 0), dtype=np.float32)
-
-
-# --------------------------------------------------------------------------------------------------
-# Storage
-# --------------------------------------------------------------------------------------------------
-def write_representation(folder: str | Path, rep) -> Path:
-    """Write a :class:`~grads.selectors.base.Representation` as ``npy`` + ``json`` files, atomically."""
-    from grads.io import atomic_path, write_json
-
-    folder = Path(folder)
-    with atomic_path(folder) as tmp:
-        tmp.mkdir(parents=True)
-        np.save(tmp / "pool.npy", np.ascontiguousarray(rep.pool, dtype=np.float32))
-        write_json(tmp / "pool_ids.json", [str(i) for i in rep.pool_ids])
-        if rep.target is not None:
-            np.save(tmp / "target.npy", np.ascontiguousarray(rep.target, dtype=np.float32))
-            write_json(tmp / "target_ids.json", [str(i) for i in rep.target_ids])
-            write_json(tmp / "target_groups.json", [str(g) for g in rep.target_groups])
-        write_json(tmp / "meta.json", {"name": rep.name, **rep.meta})
-    return folder
-
-
-def read_representation(folder: str | Path, name: str | None = None):
-    """Open a stored representation (matrices memory-mapped, read-only)."""
-    from grads.io import read_json
-    from grads.selectors.base import Representation
-
-    folder = Path(folder)
-    if not (folder / "pool.npy").exists():
-        raise FileNotFoundError(f"no stored representation in {folder} (pool.npy missing)")
-    meta = read_json(folder / "meta.json")
-    has_target = (folder / "target.npy").exists()
-    return Representation(
-        name=str(name or meta.get("name") or folder.name),
-        pool_ids=np.array(read_json(folder / "pool_ids.json"), dtype=object),
-        pool=np.load(folder / "pool.npy", mmap_mode="r"),
-        target_ids=np.array(read_json(folder / "target_ids.json"), dtype=object)
-        if has_target
-        else None,
-        target=np.load(folder / "target.npy", mmap_mode="r") if has_target else None,
-        target_groups=np.array(read_json(folder / "target_groups.json"), dtype=object)
-        if has_target
-        else None,
-        meta=meta,
-    )
-
-
-def load_representations(features_dir: str | Path, names: Sequence[str]) -> dict:
-    """``{name: Representation}`` for the passes a selector reads, from a features stage folder."""
-    root = Path(features_dir) / "representations"
-    out = {}
-    for name in names:
-        if not (root / name / "pool.npy").exists():
-            raise FileNotFoundError(
-                f"{root / name}: the features stage did not compute the {name!r} representation; "
-                f"it runs when the selector declares it (or features.representations lists it)"
-            )
-        out[name] = read_representation(root / name, name)
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -598,7 +541,7 @@ def _bar_label(cfg: dict, what: str):
 
 def _lora_pass(cfg: dict, warmup_dir, pool: list[dict], target: list[dict] | None, s: dict):
     """LESS's gradient features of pool (Adam-preconditioned when possible) and target (plain)."""
-    from grads.selectors.base import Representation
+    from grads.features.store import Representation
     from grads.training import TrainerSettings
 
     t0 = time.perf_counter()
@@ -665,8 +608,8 @@ def _target_parts(target: list[dict] | None, matrix):
 
 def _hidden_pass(cfg: dict, pool: list[dict], target: list[dict] | None, s: dict):
     """RDS+'s representation: pooled final hidden states of the *base* model."""
+    from grads.features.store import Representation
     from grads.models import load_model
-    from grads.selectors.base import Representation
 
     t0 = time.perf_counter()
     model, tok = load_model(cfg["model"], cache_dir=(cfg.get("paths") or {}).get("model_dir"))
@@ -717,8 +660,8 @@ def run_passes(cfg: dict, warmup_dir: str | Path, pool, out_dir: str | Path) -> 
     target = None
     summary: dict[str, Any] = {}
     if feats.get("target"):
+        from grads.data.targets import tokenized_target
         from grads.models import load_model
-        from grads.targets import tokenized_target
 
         tok = load_model(cfg["model"], cache_dir=(cfg.get("paths") or {}).get("model_dir"))[1]
         target, tsum = tokenized_target(cfg, tok)
@@ -756,8 +699,8 @@ def resolve_features_representations(cfg: dict, feats: dict, selector: Any) -> d
         TargetConfigError: the selector needs a target set and the domain declares none (raised
             here, before the warm-up is trained).
     """
+    from grads.data.targets import TargetConfigError, spec_key, target_spec
     from grads.selectors.base import traits
-    from grads.targets import TargetConfigError, spec_key, target_spec
 
     t = traits(selector)
     listed = feats.get("representations", "auto")

@@ -92,7 +92,7 @@ def _parts(model: nn.Module) -> tuple[nn.Module, nn.Embedding, nn.Linear, Any]:
 
 
 @contextlib.contextmanager
-def _frozen(model: nn.Module) -> Iterator[None]:
+def frozen_model(model: nn.Module) -> Iterator[None]:
     """Freeze every parameter and switch to eval mode; restore both flags on exit.
 
     Freezing is what keeps autograd from computing any weight gradient during the embedding backward;
@@ -125,7 +125,7 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
 
 
-def _supervised(attention_mask: Tensor, labels: Tensor) -> Tensor:
+def supervised_positions(attention_mask: Tensor, labels: Tensor) -> Tensor:
     """Positions ``t`` whose logits are scored: ``labels[t + 1] != -100`` (HF's causal shift).
 
     The predicting position must be attended too: under left padding a sample's first token would
@@ -334,7 +334,7 @@ def per_sample_grad_norms(
     mask = attention_mask.to(device)
     tg = _Targets(mask, labels.to(device))
 
-    with _frozen(model):
+    with frozen_model(model):
         x = emb.weight[ids].detach().requires_grad_(True)
         with torch.enable_grad():
             hidden = backbone(
@@ -374,7 +374,7 @@ class _Targets:
     """
 
     def __init__(self, mask: Tensor, labels: Tensor):
-        sup = _supervised(mask, labels)
+        sup = supervised_positions(mask, labels)
         self.sb, self.st = sup.nonzero(as_tuple=True)
         self.y = labels[:, 1:][self.sb, self.st]
         self.n = sup.sum(1)
@@ -610,11 +610,11 @@ def per_sample_loss(
     backbone, emb, head, _ = _parts(model)
     device = emb.weight.device
     ids, mask, labels = input_ids.to(device), attention_mask.to(device), labels.to(device)
-    sup = _supervised(mask, labels)
+    sup = supervised_positions(mask, labels)
     sb, st = sup.nonzero(as_tuple=True)
     y = labels[:, 1:][sb, st]
     n = sup.sum(1)
-    with _frozen(model), torch.no_grad():
+    with frozen_model(model), torch.no_grad():
         hidden = backbone(
             input_ids=ids,
             attention_mask=mask,

@@ -1,7 +1,7 @@
 """Held-out split of a domain's own SFT distribution: never in any pool, scored as domain loss.
 
 A domain config may carry ``heldout: {n, salt}``. After the pool's records are read, decontaminated
-and de-duplicated (``grads.data.load_records``), the held-out split is chosen *by content*:
+and de-duplicated (``grads.data.pool.load_records``), the held-out split is chosen *by content*:
 
 1. records are grouped by their normalised key text (the source's ``key_field``, else the prompt),
    so every copy of a question lands on one side;
@@ -16,7 +16,7 @@ held-out key. The choice depends only on the candidate records' content and the 
 Two optional keys size and place the split for pools of any size (the custom domain sets both):
 ``max_frac`` caps it at that fraction of the distinct candidate samples (at least one sample of a
 pool of two or more), and ``only_when_measured: true`` keeps it only in runs that score it (the
-evaluate stage runs with ``grads_heldout`` in ``eval.domain_loss_tasks``): :func:`resolve_for_run`,
+evaluate stage runs with ``grads_heldout`` in ``eval.domain_loss_tasks``): :func:`grads.evaluation.settings.resolve_for_run`,
 called by ``grads.config.validate_config``, then drops the block (``heldout: null``) from any
 other run, e.g. ``grads-select``, so that every record stays a candidate there. A block that still
 carries the flag (a config that skipped validation) sets nothing aside.
@@ -38,8 +38,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from grads.config import cfg_get
-from grads.data import Record, decontaminate, normalise_text, records_from_source, sample_id
+from grads.config_access import cfg_get
+from grads.data.records import Record, decontaminate, normalise_text, records_from_source, sample_id
 from grads.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -87,30 +87,6 @@ def heldout_config(domain: Any) -> dict | None:
         return None
     salt = str(spec.get("salt") or DEFAULT_SALT)
     return {"n": n, "salt": salt, "from_generated": gen, "max_frac": frac}
-
-
-def measured(cfg: Any) -> bool:
-    """Whether a run scores the held-out split: its evaluate stage runs (``stages``,
-    ``eval.enabled``) with a held-out task (``grads_heldout``) in ``eval.domain_loss_tasks``."""
-    from grads.evaluation.settings import HELDOUT_TASKS, eval_settings
-    from grads.identity import STAGES
-
-    if "evaluate" not in (cfg_get(cfg, "stages") or STAGES):
-        return False
-    ev = eval_settings(cfg)
-    return bool(ev["enabled"]) and bool(set(HELDOUT_TASKS) & set(ev["domain_loss_tasks"] or []))
-
-
-def resolve_for_run(cfg: dict) -> Any:
-    """The ``domain.heldout`` value a run uses: a block with ``only_when_measured: true`` becomes
-    the block without the flag when the run scores the split (:func:`measured`), else None. Any
-    other value is returned as it is. ``cfg`` is the resolved run config (a plain dict)."""
-    spec = (cfg.get("domain") or {}).get("heldout")
-    if not isinstance(spec, dict) or spec.get("only_when_measured") is not True:
-        return spec
-    if not measured(cfg):
-        return None
-    return {k: v for k, v in spec.items() if k != "only_when_measured"}
 
 
 def target_size(spec: dict, n_candidates: int) -> int:
@@ -182,7 +158,7 @@ def split(records: list[Record], domain: Any) -> tuple[list[Record], list[Record
 def exclude_heldout(
     records: list[Record], domain: Any, counts: Counter | None = None
 ) -> list[Record]:
-    """The hook in ``grads.data.load_records``: drop the held-out split from the candidates."""
+    """The hook in ``grads.data.pool.load_records``: drop the held-out split from the candidates."""
     pool, held = split(records, domain)
     if counts is not None and len(pool) < len(records):
         counts["heldout_for_domain_loss"] += len(records) - len(pool)
@@ -192,7 +168,7 @@ def exclude_heldout(
 def candidates(domain: Any, data_cfg: Any = None) -> list[Record]:
     """A domain's records after validation, decontamination and de-duplication (no pool_limit).
 
-    The same steps, in the same order, as ``grads.data.load_records`` up to its held-out hook.
+    The same steps, in the same order, as ``grads.data.pool.load_records`` up to its held-out hook.
     """
     on_bad_row = cfg_get(data_cfg, "on_bad_row", "error")
     system = cfg_get(data_cfg, "system_prompt")
@@ -218,7 +194,7 @@ def candidates(domain: Any, data_cfg: Any = None) -> list[Record]:
 
 def _generated(domain: Any, cfg: Any) -> list[Record]:
     """The synthetic domain's held-out phrasings: ``eval_mc`` question -> its correct choice."""
-    from grads import synthetic
+    from grads.data import synthetic
 
     gen = dict(cfg_get(domain, "generator") or {})
     out_dir = gen.pop("out_dir", None)

@@ -1,7 +1,7 @@
 """The ``features`` stage: per-sample gradient features of a candidate pool, written to parquet.
 
 For every pool sample this computes the exact per-sample gradient norms of the embedding and LM head
-(``grads.gradients.per_sample_grad_norms``), per-token statistics and, optionally, Cherry-LLM's
+(``grads.features.gradients.per_sample_grad_norms``), per-token statistics and, optionally, Cherry-LLM's
 instruction-following difficulty (Li et al., 2024)
 
     IFD(q, a) = PPL(a | q) / PPL(a) = exp(L(a | q) - L(a)),
@@ -16,11 +16,11 @@ Outputs in ``out_dir``: ``features.parquet`` (one row per sample, in pool order)
   ``embed`` (``||dL_i/dE||_F``), ``lm_head`` (``||dL_i/dW||_F``), ``tied`` (tied models only:
   norm of the shared matrix's total gradient);
 * with ``features.stats`` (default on): ``embed_tok_{mean,std,max}`` and ``head_tok_{mean,std,max}``
-  (see ``grads.gradients.per_sample_grad_norms``);
+  (see ``grads.features.gradients.per_sample_grad_norms``);
 * with ``features.ifd``: ``response_loss`` (``L(a)``) and ``ifd``.
 
 With ``features.source: warmup`` the warm-up writes these rows itself, from its own training steps
-(``grads.gradients.GradNormRecorder``; same maths and schema, no IFD), and ``features_from_warmup``
+(``grads.features.gradients.GradNormRecorder``; same maths and schema, no IFD), and ``features_from_warmup``
 takes them over, running this pass only for samples the warm-up did not train on.
 
 A sample with no supervised token has ``n_tokens = 0`` and NaN in every float column; it is counted in
@@ -39,9 +39,14 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 from grads.constants import IGNORE_INDEX  # noqa: E402
-from grads.data import collate  # noqa: E402  (grads.data imports no torch at module level)
-
-BASE_COLUMNS = ("id", "loss", "n_tokens", "embed", "lm_head")
+from grads.data.pool import collate  # noqa: E402  (grads.data.pool imports no torch at module level)
+from grads.features.store import (  # noqa: E402
+    arrow_table,
+    check_ifd_answer,
+    feature_columns,
+    features_source,
+    nan_report,
+)
 
 
 def _lengths(pool: Any, indices: list[int]) -> dict[int, int]:
@@ -58,24 +63,16 @@ def _lengths(pool: Any, indices: list[int]) -> dict[int, int]:
     return {i: len(pool[int(i)]["input_ids"]) for i in indices}
 
 
-def _features_cfg(cfg: dict) -> dict:
-    from grads.config import defaults  # the defaults live in conf/config.yaml only
+def features_settings(cfg: dict) -> dict:
+    from grads.config_access import defaults  # the defaults live in conf/config.yaml only
 
     f = {**defaults("features"), **dict((cfg or {}).get("features") or {})}
     if f["ifd"] == "auto":  # the pipeline resolves auto from the selector; a direct call has none
         f["ifd"] = False
     if str(f["ifd_answer"]).startswith("${"):  # the YAML default, unresolved: the domain's or text
         f["ifd_answer"] = ((cfg or {}).get("domain") or {}).get("ifd_answer", "text")
-    _check_ifd_answer(f["ifd_answer"])
+    check_ifd_answer(f["ifd_answer"])
     return f
-
-
-def _check_ifd_answer(value: object) -> None:
-    if value not in IFD_ANSWERS:
-        raise ValueError(f"features.ifd_answer={value!r}: expected one of {IFD_ANSWERS}")
-
-
-IFD_ANSWERS = ("text", "matched")
 
 
 def ifd_reference(samples: list[dict], how: str, prefix_id: int) -> list[dict]:
@@ -96,100 +93,6 @@ def ifd_reference(samples: list[dict], how: str, prefix_id: int) -> list[dict]:
     return out
 
 
-SOURCES = ("pass", "warmup")
-
-
-def features_source(cfg: dict) -> str:
-    """``features.source`` (``pass`` | ``warmup``), checked before any model is loaded.
-
-    ``warmup`` records the table during the warm-up (``grads.training._Recording``). IFD needs a
-    forward over each response alone, which a training step does not run, so it requires
-    ``pass``.
-    """
-    f = (cfg or {}).get("features") or {}
-    _check_ifd_answer(f.get("ifd_answer", "text"))
-    src = f.get("source") or "pass"
-    if src not in SOURCES:
-        raise ValueError(f"features.source={src!r}: expected one of {SOURCES}")
-    if src == "warmup" and f.get("ifd") is True:
-        raise ValueError(
-            "features.source=warmup records gradient norms during the warm-up and cannot compute "
-            "IFD (a separate forward over each response): use features.source=pass for IFD "
-            "selectors, or features.ifd=false"
-        )
-    return src
-
-
-def feature_columns(tied: bool, stats: bool, ifd: bool) -> list[str]:
-    """Column order of ``features.parquet``."""
-    from grads.gradients import STAT_KEYS
-
-    columns = list(BASE_COLUMNS) + (["tied"] if tied else [])
-    columns += list(STAT_KEYS) if stats else []
-    return columns + (["response_loss", "ifd"] if ifd else [])
-
-
-def _table(rows: list[dict], columns: list[str]):
-    import pyarrow as pa
-
-    return pa.table({c: [row[c] for row in rows] for c in columns})
-
-
-def _nan_report(rows: list[dict]) -> dict:
-    empty = [row["id"] for row in rows if row["n_tokens"] == 0]
-    if empty:
-        log.warning(
-            "%d sample(s) have no supervised token; their features are NaN (e.g. %s)",
-            len(empty),
-            empty[:5],
-        )
-    nan_rows = sum(
-        any(isinstance(v, float) and math.isnan(v) for v in row.values()) for row in rows
-    )
-    return {
-        "n_no_supervised_tokens": len(empty),
-        "no_supervised_ids": empty[:100],
-        "n_nan_rows": nan_rows,
-    }
-
-
-def write_recorded(
-    out_dir: str | Path, rows: list[dict], tied: bool, pool_size: int, extra: dict | None = None
-) -> dict:
-    """Write the warm-up's recorded table (``features.parquet`` / ``features.json``) in ``out_dir``.
-
-    Args:
-        out_dir: the warm-up's folder.
-        rows: one dict per recorded sample, in pool order, with every column of
-            ``feature_columns(tied, stats=True, ifd=False)``.
-        tied: whether the model ties its embedding and LM head.
-        pool_size: samples in the pool (more than ``len(rows)`` with ``warmup.fraction < 1``).
-        extra: further summary fields.
-
-    Returns:
-        The summary written to ``features.json``.
-    """
-    from grads.io import write_json, write_parquet
-
-    columns = feature_columns(tied, stats=True, ifd=False)
-    summary = {
-        "source": "warmup",
-        "n_samples": len(rows),
-        "n_recorded": len(rows),
-        "pool_size": pool_size,
-        **_nan_report(rows),
-        "columns": columns,
-        "tied": tied,
-        "stats": True,
-        "ifd": False,
-        **(extra or {}),
-    }
-    out_dir = Path(out_dir)
-    write_parquet(out_dir / "features.parquet", _table(rows, columns))
-    write_json(out_dir / "features.json", summary)
-    return summary
-
-
 def compute_shard(
     fcfg: dict,
     model,
@@ -203,7 +106,7 @@ def compute_shard(
     """Features of ``pool[indices]``, batched by length; returns ``[(pool index, row)]`` and timings."""
     from tqdm.auto import tqdm
 
-    from grads.gradients import per_sample_grad_norms, per_sample_loss
+    from grads.features.gradients import per_sample_grad_norms, per_sample_loss
 
     lengths = _lengths(pool, indices)
     # Longest first: padding waste is minimal within a batch and memory trouble shows up at once.
@@ -280,7 +183,7 @@ def run_features(
 
     from grads.dist import rank, world_size
 
-    fcfg = _features_cfg(cfg)
+    fcfg = features_settings(cfg)
     padding_side = fcfg.get("padding_side") or getattr(tokenizer, "padding_side", None) or "right"
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -360,7 +263,7 @@ def _write_table(
         "n_samples": len(rows),
         "n_recorded": len(rows) - len(todo),
         "n_computed": len(todo),
-        **_nan_report(rows),
+        **nan_report(rows),
         "columns": columns,
         "tied": is_tied(base),
         "stats": bool(fcfg["stats"]),
@@ -379,7 +282,7 @@ def _write_table(
         "per_rank": parts,
     }
     out_dir = Path(out_dir)
-    write_parquet(out_dir / "features.parquet", _table(rows, columns))
+    write_parquet(out_dir / "features.parquet", arrow_table(rows, columns))
     write_json(out_dir / "features.json", summary)
     return summary
 
@@ -389,7 +292,7 @@ def features_from_warmup(cfg: dict, warmup_dir: str | Path, out_dir: str | Path)
 
     The warm-up wrote ``features.parquet`` for every sample it trained on, each scored from its own
     training step (the model state of that step, before its update; see
-    ``grads.gradients.GradNormRecorder``). When that covers the pool, the table is taken as is
+    ``grads.features.gradients.GradNormRecorder``). When that covers the pool, the table is taken as is
     (no model is loaded). With ``warmup.fraction < 1`` or ``max_steps`` short of an epoch, the
     remaining samples are scored by the normal pass on the warm-up's final model, on
     ``features.procs`` processes, and merged. With a one-epoch warm-up every sample is then scored
@@ -414,12 +317,12 @@ def features_from_warmup(cfg: dict, warmup_dir: str | Path, out_dir: str | Path)
 
         procs = int((cfg.get("features") or {}).get("procs") or 1)
         run_distributed(
-            "grads.features:_features_rest_job", procs, cfg, str(warmup_dir), str(out_dir)
+            "grads.features.compute:_features_rest_job", procs, cfg, str(warmup_dir), str(out_dir)
         )
         return read_json(out_dir / "features.json")
     import pyarrow.parquet as pq
 
-    fcfg = _features_cfg(cfg)
+    fcfg = features_settings(cfg)
     columns = feature_columns(bool(info["tied"]), bool(fcfg["stats"]), False)
     t0 = time.perf_counter()
     table = pq.read_table(warmup_dir / "features.parquet").select(columns)
@@ -441,7 +344,7 @@ def _features_rest_job(cfg: dict, warmup_dir: str, out_dir: str) -> None:
     """Worker: the pass over the samples the warm-up did not record, merged with its rows."""
     import pyarrow.parquet as pq
 
-    from grads.data import load_pool
+    from grads.data.pool import load_pool
     from grads.training import load_trained
 
     model, tokenizer = load_trained(
@@ -455,7 +358,7 @@ def _features_rest_job(cfg: dict, warmup_dir: str, out_dir: str) -> None:
 def run_features_from_config(
     cfg: dict, pool: Any, out_dir: str | Path, model_path: str | None = None
 ) -> dict:
-    """Worker entry point (``grads.launch.run_distributed("grads.features:run_features_from_config",
+    """Worker entry point (``grads.launch.run_distributed("grads.features.compute:run_features_from_config",
     procs, cfg, pool, out_dir)``): load ``cfg["model"]`` on this rank's device, then ``run_features``.
     """
     import os

@@ -23,9 +23,9 @@ or a ``DatasetDict`` whose split ``domain.split`` picks). Each record becomes on
 With neither set (``domain.mode: auto``) a ``messages`` (or ``conversations``) field selects chat,
 else the first common field pair found (``instruction``/``output``, ``prompt``/``response``, ...).
 
-Errors follow :mod:`grads.data`: a bad row raises :class:`grads.data.BadRecordError` naming the
+Errors follow :mod:`grads.data.pool`: a bad row raises :class:`grads.data.readers.BadRecordError` naming the
 file, row and field (``data.on_bad_row=skip`` counts and logs them instead), and a missing field
-names the fields the file has. The resulting :class:`grads.data.Record` objects join the usual
+names the fields the file has. The resulting :class:`grads.data.records.Record` objects join the usual
 pipeline (dedup, ``pool_limit``, chat template, prompt masking) through the source's ``builder``.
 """
 
@@ -41,18 +41,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from grads.config import cfg_get
-from grads.data import (
+from grads.config_access import cfg_get
+from grads.data.readers import (
     READERS,
     BadRecordError,
-    Record,
-    _infer_reader,
     arrow_rows,
+    infer_reader,
     not_utf8_error,
-    sample_id,
-    skip_bad_row,
     undecodable_field,
 )
+from grads.data.records import Record, sample_id, skip_bad_row
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +113,7 @@ def pool_files(path: str | Path | None, fmt: str = "auto") -> list[tuple[Path, s
             raise ValueError(f"domain.format=datasets: {p} is not a save_to_disk folder")
         return [(p, "datasets")]
     if p.is_file():
-        return [(p, _infer_reader(p) if fmt == "auto" else fmt)]
+        return [(p, infer_reader(p) if fmt == "auto" else fmt)]
     exts = FILE_FORMATS if fmt == "auto" else (fmt,)
     files = sorted(
         f
@@ -128,7 +126,7 @@ def pool_files(path: str | Path | None, fmt: str = "auto") -> list[tuple[Path, s
         raise ValueError(
             f"domain.path: the folder {p} has no data files ({', '.join('.' + e for e in exts)})"
         )
-    return [(f, _infer_reader(f) if fmt == "auto" else fmt) for f in files]
+    return [(f, infer_reader(f) if fmt == "auto" else fmt) for f in files]
 
 
 def _read_saved(path: Path, split: str | None) -> tuple[str, Iterator[tuple[int, dict]]]:
@@ -152,7 +150,7 @@ def _read_saved(path: Path, split: str | None) -> tuple[str, Iterator[tuple[int,
 
 def _dataset_rows(ds: Any, where: str) -> Iterator[tuple[int, dict | BadRecordError]]:
     """Rows of a ``Dataset``; from a row whose strings are not UTF-8 on, row by row, so that the
-    row is a ``not_utf8`` error naming its column (:func:`grads.data.arrow_rows`)."""
+    row is a ``not_utf8`` error naming its column (:func:`grads.data.readers.arrow_rows`)."""
     n = 0
     try:
         for row in ds:
@@ -337,7 +335,7 @@ def _missing(file: str, row_no: int, row: dict, name: str) -> BadRecordError:
 
 
 def _text(file: str, row_no: int, name: str, value: Any, optional: bool = False) -> str:
-    """A field's value as stripped text, with :mod:`grads.data`'s rules (numbers become strings)."""
+    """A field's value as stripped text, with :mod:`grads.data.pool`'s rules (numbers become strings)."""
     if value is None and optional:
         return ""
     if isinstance(value, bool) or value is None or not isinstance(value, str | int | float):
@@ -436,7 +434,7 @@ def _chat_record(spec: PoolSpec, file: str, row_no: int, row: dict, system: str 
         prompt=context,
         response=response,
         system=system,
-        # grads.data.messages_of renders these turns as they are (the last one is supervised).
+        # grads.data.pool.messages_of renders these turns as they are (the last one is supervised).
         meta={"file": file, "row": row_no, "key_text": None, "messages": turns},
     )
 
@@ -470,9 +468,9 @@ def records_from_custom(
     source: Any, on_bad_row: str = "error", system: str | None = None, counts: Counter | None = None
 ) -> list[Record]:
     """The ``builder`` of the custom domain's source: same contract as
-    :func:`grads.data.records_from_source` (``on_bad_row`` = ``error`` raises the first
-    :class:`~grads.data.BadRecordError`, ``skip`` counts ``<name>:bad_row`` and
-    ``<name>:bad_row:<kind>`` and logs the first few, :func:`grads.data.skip_bad_row`)."""
+    :func:`grads.data.records.records_from_source` (``on_bad_row`` = ``error`` raises the first
+    :class:`~grads.data.readers.BadRecordError`, ``skip`` counts ``<name>:bad_row`` and
+    ``<name>:bad_row:<kind>`` and logs the first few, :func:`grads.data.records.skip_bad_row`)."""
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"data.on_bad_row={on_bad_row!r}: expected 'error' or 'skip'")
     counts = counts if counts is not None else Counter()

@@ -1,0 +1,224 @@
+"""What the features stage stores: the features table (``features.parquet``: its columns, its
+writer, the ``features.source`` check) and the representation files of the targeted baselines.
+
+It sits below both writers (the features pass, :mod:`grads.features.compute`, and the warm-up's
+recording, :mod:`grads.training.data`) and the readers (:mod:`grads.selectors`), so neither needs
+the other.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+BASE_COLUMNS = ("id", "loss", "n_tokens", "embed", "lm_head")
+
+
+def check_ifd_answer(value: object) -> None:
+    if value not in IFD_ANSWERS:
+        raise ValueError(f"features.ifd_answer={value!r}: expected one of {IFD_ANSWERS}")
+
+
+IFD_ANSWERS = ("text", "matched")
+SOURCES = ("pass", "warmup")
+
+
+def features_source(cfg: dict) -> str:
+    """``features.source`` (``pass`` | ``warmup``), checked before any model is loaded.
+
+    ``warmup`` records the table during the warm-up (``grads.training.data.FeatureRecording``). IFD needs a
+    forward over each response alone, which a training step does not run, so it requires
+    ``pass``.
+    """
+    f = (cfg or {}).get("features") or {}
+    check_ifd_answer(f.get("ifd_answer", "text"))
+    src = f.get("source") or "pass"
+    if src not in SOURCES:
+        raise ValueError(f"features.source={src!r}: expected one of {SOURCES}")
+    if src == "warmup" and f.get("ifd") is True:
+        raise ValueError(
+            "features.source=warmup records gradient norms during the warm-up and cannot compute "
+            "IFD (a separate forward over each response): use features.source=pass for IFD "
+            "selectors, or features.ifd=false"
+        )
+    return src
+
+
+def feature_columns(tied: bool, stats: bool, ifd: bool) -> list[str]:
+    """Column order of ``features.parquet``."""
+    from grads.features.gradients import STAT_KEYS
+
+    columns = list(BASE_COLUMNS) + (["tied"] if tied else [])
+    columns += list(STAT_KEYS) if stats else []
+    return columns + (["response_loss", "ifd"] if ifd else [])
+
+
+def arrow_table(rows: list[dict], columns: list[str]):
+    import pyarrow as pa
+
+    return pa.table({c: [row[c] for row in rows] for c in columns})
+
+
+def nan_report(rows: list[dict]) -> dict:
+    empty = [row["id"] for row in rows if row["n_tokens"] == 0]
+    if empty:
+        log.warning(
+            "%d sample(s) have no supervised token; their features are NaN (e.g. %s)",
+            len(empty),
+            empty[:5],
+        )
+    nan_rows = sum(
+        any(isinstance(v, float) and math.isnan(v) for v in row.values()) for row in rows
+    )
+    return {
+        "n_no_supervised_tokens": len(empty),
+        "no_supervised_ids": empty[:100],
+        "n_nan_rows": nan_rows,
+    }
+
+
+def write_recorded(
+    out_dir: str | Path, rows: list[dict], tied: bool, pool_size: int, extra: dict | None = None
+) -> dict:
+    """Write the warm-up's recorded table (``features.parquet`` / ``features.json``) in ``out_dir``.
+
+    Args:
+        out_dir: the warm-up's folder.
+        rows: one dict per recorded sample, in pool order, with every column of
+            ``feature_columns(tied, stats=True, ifd=False)``.
+        tied: whether the model ties its embedding and LM head.
+        pool_size: samples in the pool (more than ``len(rows)`` with ``warmup.fraction < 1``).
+        extra: further summary fields.
+
+    Returns:
+        The summary written to ``features.json``.
+    """
+    from grads.io import write_json, write_parquet
+
+    columns = feature_columns(tied, stats=True, ifd=False)
+    summary = {
+        "source": "warmup",
+        "n_samples": len(rows),
+        "n_recorded": len(rows),
+        "pool_size": pool_size,
+        **nan_report(rows),
+        "columns": columns,
+        "tied": tied,
+        "stats": True,
+        "ifd": False,
+        **(extra or {}),
+    }
+    out_dir = Path(out_dir)
+    write_parquet(out_dir / "features.parquet", arrow_table(rows, columns))
+    write_json(out_dir / "features.json", summary)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# Storage
+# --------------------------------------------------------------------------------------------------
+def write_representation(folder: str | Path, rep) -> Path:
+    """Write a :class:`~grads.features.store.Representation` as ``npy`` + ``json`` files, atomically."""
+    from grads.io import atomic_path, write_json
+
+    folder = Path(folder)
+    with atomic_path(folder) as tmp:
+        tmp.mkdir(parents=True)
+        np.save(tmp / "pool.npy", np.ascontiguousarray(rep.pool, dtype=np.float32))
+        write_json(tmp / "pool_ids.json", [str(i) for i in rep.pool_ids])
+        if rep.target is not None:
+            np.save(tmp / "target.npy", np.ascontiguousarray(rep.target, dtype=np.float32))
+            write_json(tmp / "target_ids.json", [str(i) for i in rep.target_ids])
+            write_json(tmp / "target_groups.json", [str(g) for g in rep.target_groups])
+        write_json(tmp / "meta.json", {"name": rep.name, **rep.meta})
+    return folder
+
+
+def read_representation(folder: str | Path, name: str | None = None):
+    """Open a stored representation (matrices memory-mapped, read-only)."""
+    from grads.io import read_json
+
+    folder = Path(folder)
+    if not (folder / "pool.npy").exists():
+        raise FileNotFoundError(f"no stored representation in {folder} (pool.npy missing)")
+    meta = read_json(folder / "meta.json")
+    has_target = (folder / "target.npy").exists()
+    return Representation(
+        name=str(name or meta.get("name") or folder.name),
+        pool_ids=np.array(read_json(folder / "pool_ids.json"), dtype=object),
+        pool=np.load(folder / "pool.npy", mmap_mode="r"),
+        target_ids=np.array(read_json(folder / "target_ids.json"), dtype=object)
+        if has_target
+        else None,
+        target=np.load(folder / "target.npy", mmap_mode="r") if has_target else None,
+        target_groups=np.array(read_json(folder / "target_groups.json"), dtype=object)
+        if has_target
+        else None,
+        meta=meta,
+    )
+
+
+def load_representations(features_dir: str | Path, names: Sequence[str]) -> dict:
+    """``{name: Representation}`` for the passes a selector reads, from a features stage folder."""
+    root = Path(features_dir) / "representations"
+    out = {}
+    for name in names:
+        if not (root / name / "pool.npy").exists():
+            raise FileNotFoundError(
+                f"{root / name}: the features stage did not compute the {name!r} representation; "
+                f"it runs when the selector declares it (or features.representations lists it)"
+            )
+        out[name] = read_representation(root / name, name)
+    return out
+
+
+@dataclass
+class Representation:
+    """Per-sample vectors of one representation pass (rows in the order of their ids).
+
+    Attributes:
+        name: the pass (``lora_grads``, ``hidden``).
+        pool_ids: ids of the pool rows.
+        pool: ``[n_pool, d]`` float32 matrix (usually memory-mapped).
+        target_ids: ids of the target rows (``None`` when the pass embedded no target set).
+        target: ``[n_target, d]`` float32 matrix or ``None``.
+        target_groups: one group label per target row (its evaluation task / source).
+        meta: facts about the pass (model, projection, dimension, preconditioning, timings).
+    """
+
+    name: str
+    pool_ids: np.ndarray
+    pool: np.ndarray
+    target_ids: np.ndarray | None = None
+    target: np.ndarray | None = None
+    target_groups: np.ndarray | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.pool.ndim != 2 or self.pool.shape[0] != len(self.pool_ids):
+            raise ValueError(
+                f"representation {self.name!r}: pool matrix {self.pool.shape} does not match "
+                f"{len(self.pool_ids)} ids"
+            )
+        if self.target is not None:
+            if self.target.ndim != 2 or self.target.shape[1] != self.pool.shape[1]:
+                raise ValueError(
+                    f"representation {self.name!r}: target matrix {self.target.shape} does not "
+                    f"match the pool dimension {self.pool.shape[1]}"
+                )
+            n_t = self.target.shape[0]
+            if self.target_ids is None or len(self.target_ids) != n_t:
+                raise ValueError(f"representation {self.name!r}: target ids do not match rows")
+            if self.target_groups is None:
+                self.target_groups = np.array(["target"] * n_t, dtype=object)
+            elif len(self.target_groups) != n_t:
+                raise ValueError(f"representation {self.name!r}: one group per target row")
