@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------------
 # Lock
 # --------------------------------------------------------------------------------------------------
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -40,7 +40,7 @@ def describe_owner(owner: dict | None) -> str:
         return "another process (no owner record yet)"
     age = time.time() - float(owner.get("started", time.time()))
     where = f"pid {owner.get('pid')} on {owner.get('host')}"
-    if owner.get("host") == socket.gethostname() and not _pid_alive(int(owner.get("pid", -1))):
+    if owner.get("host") == socket.gethostname() and not pid_alive(int(owner.get("pid", -1))):
         where += " (no longer running)"
     return f"{where}, started {age:.0f} s ago"
 

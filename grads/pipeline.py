@@ -128,6 +128,7 @@ def run(cfg) -> dict:
     """Run the configured stages for one job; returns (and writes) its ``metrics.json``."""
     from hydra.utils import instantiate
 
+    from grads.data.pool import shared_pools
     from grads.selectors import balance
 
     resolved, stages, run_dir = _prepare(cfg)
@@ -149,7 +150,8 @@ def run(cfg) -> dict:
     _start_tracker(job, run_dir)
     try:
         t_run = time.time()
-        costs = run_stages(job, ids)
+        with shared_pools():  # the stages of this job tokenise the pool once
+            costs = run_stages(job, ids)
         metrics = _assemble(job, costs, time.time() - t_run)
         _finish(job, metrics, run_dir)
     finally:

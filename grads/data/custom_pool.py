@@ -467,15 +467,21 @@ def iter_records(
 def records_from_custom(
     source: Any, on_bad_row: str = "error", system: str | None = None, counts: Counter | None = None
 ) -> list[Record]:
-    """The ``builder`` of the custom domain's source: same contract as
-    :func:`grads.data.records.records_from_source` (``on_bad_row`` = ``error`` raises the first
+    """Every record of the custom pool as a list (:func:`iter_custom_records`, read to the end)."""
+    return list(iter_custom_records(source, on_bad_row, system, counts))
+
+
+def iter_custom_records(
+    source: Any, on_bad_row: str = "error", system: str | None = None, counts: Counter | None = None
+) -> Iterator[Record]:
+    """The ``builder`` of the custom domain's source, one record at a time: same contract as
+    :func:`grads.data.records.iter_source_records` (``on_bad_row`` = ``error`` raises the first
     :class:`~grads.data.readers.BadRecordError`, ``skip`` counts ``<name>:bad_row`` and
     ``<name>:bad_row:<kind>`` and logs the first few, :func:`grads.data.records.skip_bad_row`)."""
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"data.on_bad_row={on_bad_row!r}: expected 'error' or 'skip'")
     counts = counts if counts is not None else Counter()
     name = str(cfg_get(source, "name", "custom"))
-    out = []
     for _, rec in iter_records(source, system):
         if isinstance(rec, BadRecordError):
             if on_bad_row == "error":
@@ -483,8 +489,7 @@ def records_from_custom(
             skip_bad_row(rec, name, counts)
             continue
         rec.source = name
-        out.append(rec)
-    return out
+        yield rec
 
 
 def selected_rows(source: Any, ids: list[str], system: str | None = None) -> dict[str, dict]:

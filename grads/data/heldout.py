@@ -35,11 +35,12 @@ import hashlib
 import json
 import logging
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from grads.config_access import cfg_get
-from grads.data.records import Record, decontaminate, normalise_text, records_from_source, sample_id
+from grads.data.records import Record, candidate_records, id_key, normalise_text, sample_id
 from grads.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def _rank(salt: str, key: str) -> bytes:
     return hashlib.sha1(f"{salt}\x00{key}".encode()).digest()
 
 
-def choose_keys(records: list[Record], n: int, salt: str = DEFAULT_SALT) -> set[str]:
+def choose_keys(records: Iterable[Record], n: int, salt: str = DEFAULT_SALT) -> set[str]:
     """The held-out key texts: whole key groups in hash order until ``n`` distinct samples.
 
     Args:
@@ -118,17 +119,58 @@ def choose_keys(records: list[Record], n: int, salt: str = DEFAULT_SALT) -> set[
     Returns:
         Normalised key texts (see :func:`key_of`).
     """
+    groups, _ = first_groups(records, n, salt)
+    return take_groups(groups, n)
+
+
+def first_groups(
+    records: Iterable[Record], k: int, salt: str = DEFAULT_SALT
+) -> tuple[list[tuple[bytes, str, set[str]]], int]:
+    """The ``k`` key groups first in hash order, with their distinct ids, in one pass over
+    ``records`` holding at most ``k`` groups (every group holds a sample, so the first ``k`` groups
+    hold any split of up to ``k`` samples); also the number of distinct ids among all records.
+
+    Returns:
+        ``([(rank, key, ids), ...] in hash order, n_distinct)``.
+    """
+    import heapq
+
+    heap: list[tuple[bytes, str]] = []  # max-heap by rank (ranks negated bytewise)
     ids_by_key: dict[str, set[str]] = {}
+    seen: set[int | str] = set()  # distinct ids (sample ids are 16 hex digits: kept as ints)
     for rec in records:
-        ids_by_key.setdefault(key_of(rec), set()).add(rec.id)
+        seen.add(id_key(rec.id))
+        key = key_of(rec)
+        if key in ids_by_key:
+            ids_by_key[key].add(rec.id)
+            continue
+        rank = _rank(salt, key)
+        if len(heap) < k:
+            heapq.heappush(heap, (_negate(rank), key))
+        elif k and rank < _negate(heap[0][0]):
+            _, dropped = heapq.heapreplace(heap, (_negate(rank), key))
+            del ids_by_key[dropped]
+        else:
+            continue
+        ids_by_key[key] = {rec.id}
+    groups = sorted((_negate(r), key, ids_by_key[key]) for r, key in heap)
+    return groups, len(seen)
+
+
+def take_groups(groups: list[tuple[bytes, str, set[str]]], n: int) -> set[str]:
+    """Keys of ``groups`` (in hash order) until they hold ``n`` distinct samples."""
     chosen: set[str] = set()
     total = 0
-    for key in sorted(ids_by_key, key=lambda k: _rank(salt, k)):
+    for _, key, ids in groups:
         if total >= n:
             break
         chosen.add(key)
-        total += len(ids_by_key[key])
+        total += len(ids)
     return chosen
+
+
+def _negate(rank: bytes) -> bytes:
+    return bytes(255 - b for b in rank)
 
 
 def split(records: list[Record], domain: Any) -> tuple[list[Record], list[Record]]:
@@ -168,28 +210,24 @@ def exclude_heldout(
 def candidates(domain: Any, data_cfg: Any = None) -> list[Record]:
     """A domain's records after validation, decontamination and de-duplication (no pool_limit).
 
-    The same steps, in the same order, as ``grads.data.pool.load_records`` up to its held-out hook.
+    The same steps, in the same order, as ``grads.data.pool.iter_pool_records`` up to its held-out
+    step.
     """
     on_bad_row = cfg_get(data_cfg, "on_bad_row", "error")
     system = cfg_get(data_cfg, "system_prompt")
-    counts: Counter = Counter()
-    records: list[Record] = []
-    for source in cfg_get(domain, "sources") or []:
-        if cfg_get(source, "enabled", True) is False:
-            continue
-        build = records_from_source
-        if cfg_get(source, "builder"):  # a source with its own reader (the custom domain's)
-            from hydra.utils import get_method
+    return list(candidate_records(domain, on_bad_row, system, Counter()))
 
-            build = get_method(str(cfg_get(source, "builder")))
-        records += build(source, on_bad_row=on_bad_row, system=system, counts=counts)
-    records = decontaminate(records, domain, counts)
-    seen, unique = set(), []
-    for rec in records:
-        if rec.id not in seen:
-            seen.add(rec.id)
-            unique.append(rec)
-    return unique
+
+def excluded_keys(domain: Any, on_bad_row: str, system: str | None) -> set[str] | None:
+    """The held-out split's key texts of a domain's pool (``None``: it sets nothing aside), chosen
+    in one pass over the candidate records that holds at most ``heldout.n`` key groups."""
+    spec = heldout_config(domain)
+    if spec is None or spec["from_generated"]:
+        return None
+    stream = candidate_records(domain, on_bad_row, system, Counter(), dedup=False)
+    groups, n_distinct = first_groups(stream, int(spec["n"]), spec["salt"])
+    n = target_size(spec, n_distinct)
+    return take_groups(groups, n) if n >= 1 else None
 
 
 def _generated(domain: Any, cfg: Any) -> list[Record]:

@@ -23,14 +23,19 @@ are errors in either mode.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import logging
+import shutil
+import weakref
 from collections import Counter
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from grads.config_access import cfg_get
 from grads.constants import IGNORE_INDEX
-from grads.data.records import Record, decontaminate, records_from_source
+from grads.data.records import Record, candidate_records
 
 log = logging.getLogger(__name__)
 
@@ -82,52 +87,71 @@ def load_records(domain: Any, data_cfg: Any = None) -> tuple[list[Record], dict]
     Raises:
         ValueError: the pool is empty after any step (the message names the step and the counts).
     """
-    data = _data_settings(data_cfg)
     counts: Counter = Counter()
-    records: list[Record] = []
-    for source in cfg_get(domain, "sources") or []:
-        if cfg_get(source, "enabled", True) is False:
-            continue
-        build = records_from_source
-        if cfg_get(source, "builder"):  # a source with its own reader, e.g. the custom domain's
-            from hydra.utils import get_method
+    records = list(iter_pool_records(domain, data_cfg, counts))
+    log_counts(counts)
+    return records, dict(counts)
 
-            build = get_method(str(cfg_get(source, "builder")))
-        recs = build(
-            source, on_bad_row=data["on_bad_row"], system=data["system_prompt"], counts=counts
-        )
-        counts[f"{cfg_get(source, 'name')}:read"] += len(recs)
-        records += recs
-    _require_records(records, domain, "reading and filtering its sources", counts)
-    records = decontaminate(records, domain, counts)
-    _require_records(records, domain, "decontamination against its evaluation sets", counts)
-    if data["dedup"]:
-        seen, unique = set(), []
-        for rec in records:
-            if rec.id in seen:
-                counts["duplicates_removed"] += 1
-                continue
-            seen.add(rec.id)
-            unique.append(rec)
-        records = unique
-    from grads.data.heldout import exclude_heldout  # the held-out split never enters any pool
 
-    records = exclude_heldout(records, domain, counts)
+def iter_pool_records(domain: Any, data_cfg: Any, counts: Counter) -> Iterator[Record]:
+    """The records of a domain's train pool in pool order, one at a time (see :func:`load_records`).
+
+    Without ``pool_limit`` nothing but the de-duplication's ids and the held-out split's keys is
+    held, whatever the pool's size (a domain with a held-out split is read twice: once to choose
+    it, once to build the pool). ``pool_limit`` keeps the ``pool_limit`` records first in the order
+    of ``sha1(id + pool_seed)``, in that order (independent of file order); a pool no larger than
+    the limit keeps its order.
+    """
+    from grads.data.heldout import excluded_keys, key_of  # never in any pool
+
+    data = _data_settings(data_cfg)
     limit = cfg_get(domain, "pool_limit")
     if limit is not None and (isinstance(limit, bool) or int(limit) < 1):
         raise ValueError(f"domain.pool_limit={limit!r}: expected an integer >= 1 or null")
-    if limit is not None and int(limit) < len(records):
-        # Deterministic subsample: order by a hash of (id, pool_seed), independent of file order.
-        seed = str(cfg_get(domain, "pool_seed", 0))
-        records = sorted(records, key=lambda r: hashlib.sha1((r.id + seed).encode()).digest())
-        records = records[: int(limit)]
+    held = excluded_keys(domain, data["on_bad_row"], data["system_prompt"])
+    stream = candidate_records(
+        domain, data["on_bad_row"], data["system_prompt"], counts, dedup=bool(data["dedup"])
+    )
+    if held:
+        stream = _without(stream, lambda rec: key_of(rec) in held, counts)
+    if limit is None:
+        yield from stream
+        return
+    seed = str(cfg_get(domain, "pool_seed", 0))
+    n_seen = Counter()
+    kept = heapq.nsmallest(
+        int(limit),
+        enumerate(_counted(stream, n_seen)),
+        key=lambda item: hashlib.sha1((item[1].id + seed).encode()).digest(),
+    )
+    if int(limit) < n_seen["n"]:
         counts["pool_limited_to"] = int(limit)
+    else:  # the whole pool fits: file order, as without a limit
+        kept.sort(key=lambda item: item[0])
+    yield from (rec for _, rec in kept)
+
+
+def _without(stream: Iterable[Record], drop, counts: Counter) -> Iterator[Record]:
+    for rec in stream:
+        if drop(rec):
+            counts["heldout_for_domain_loss"] += 1
+            continue
+        yield rec
+
+
+def _counted(stream: Iterable[Record], seen: Counter) -> Iterator[Record]:
+    for rec in stream:
+        seen["n"] += 1
+        yield rec
+
+
+def log_counts(counts: Counter | dict) -> None:
+    """The pool's counts in the log: warnings for what was dropped, info for the rest."""
     for key, value in sorted(counts.items()):
         if "bad_row" in key or "duplicates" in key or "overlap" in key:
             log.warning("data: %s = %d", key, value)
         else:
             log.info("data: %s = %d", key, value)
-    return records, dict(counts)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -220,25 +244,184 @@ def tokenize_records(
 
 
 def load_pool(cfg: Any, tokenizer, return_stats: bool = False):
-    """The tokenised train pool of ``cfg.domain`` as a ``datasets.Dataset``.
+    """The tokenised train pool of ``cfg.domain`` as a memory-mapped ``datasets.Dataset``.
 
     Columns: ``id`` (stable content hash), ``source``, ``input_ids``, ``labels`` (-100 on the prompt),
     ``n_prompt``, ``n_response``, ``prompt_truncated``, ``response_ids`` (the response tokenised
     alone, for IFD).
+
+    The records are read, validated, de-duplicated and tokenised in one streaming pass into an Arrow
+    file (:func:`write_store`) that the stages read in batches, so the memory a pool takes does not
+    grow with its size. The file lives in ``<paths.cache_dir>/pools/`` (the system's temporary
+    folder without one) until the dataset is released; inside :func:`shared_pools` (one pipeline
+    run) every stage that asks for the same pool gets the same file.
     """
     from datasets import Dataset
 
+    memo = _pool_memo_key(cfg, tokenizer) if _SHARED is not None else None
+    if memo is not None and memo in _SHARED:
+        ds, stats = _SHARED[memo][:2]
+        return (ds, dict(stats)) if return_stats else ds
     domain, data_cfg = cfg_get(cfg, "domain"), cfg_get(cfg, "data")
     if cfg_get(domain, "generator"):
         materialise_generated(domain, cfg)
-    records, stats = load_records(domain, data_cfg)
-    samples, tok_stats = tokenize_records(records, tokenizer, data_cfg)
-    stats.update(tok_stats)
-    counts = Counter({k: v for k, v in stats.items() if isinstance(v, int)})
-    _require_records(samples, domain, f"tokenising to data.max_seq_len={tok_stats['max_seq_len']}"
-                     " (every response was cut away)", counts)  # fmt: skip
-    ds = Dataset.from_list(samples)
-    return (ds, stats) if return_stats else ds
+    folder = new_store_dir(cfg_get(cfg_get(cfg, "paths") or {}, "cache_dir"))
+    try:
+        counts: Counter = Counter()
+        records = iter_pool_records(domain, data_cfg, counts)
+        tok_stats = write_store(records, tokenizer, data_cfg, folder / STORE_FILE)
+        log_counts(counts)
+        stats = {**counts, **tok_stats}
+        _require_records(range(tok_stats["n_samples"]), domain,
+                         f"tokenising to data.max_seq_len={tok_stats['max_seq_len']}"
+                         " (every response was cut away)", Counter(stats))  # fmt: skip
+        ds = Dataset.from_file(str(folder / STORE_FILE))
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    if memo is not None:
+        _SHARED[memo] = (ds, stats, folder)
+    else:
+        weakref.finalize(ds, shutil.rmtree, folder, True)
+    return (ds, dict(stats)) if return_stats else ds
+
+
+STORE_FILE = "pool.arrow"
+STORE_BATCH = 1024  # rows per Arrow record batch
+
+
+def store_features():
+    """The Arrow schema of the tokenised pool (token ids as int32)."""
+    from datasets import Features, List, Value
+
+    ids = List(Value("int32"))
+    return Features(
+        {
+            "id": Value("string"),
+            "source": Value("string"),
+            "input_ids": ids,
+            "labels": ids,
+            "n_prompt": Value("int64"),
+            "n_response": Value("int64"),
+            "prompt_truncated": Value("bool"),
+            "response_ids": ids,
+        }
+    )
+
+
+def write_store(records: Iterable[Record], tokenizer, data_cfg: Any, path: Path) -> dict:
+    """Tokenise ``records`` (:func:`tokenize_record`) into the Arrow file ``path``, a batch at a
+    time; samples left with fewer than ``data.min_response_tokens`` are reported and dropped.
+
+    Returns:
+        ``n_samples``, ``dropped_no_response``, ``prompt_truncated``, ``max_seq_len``.
+    """
+    from datasets.arrow_writer import ArrowWriter
+    from tqdm.auto import tqdm
+
+    data = _data_settings(data_cfg)
+    max_len, min_resp = int(data["max_seq_len"]), int(data["min_response_tokens"])
+    n = truncated = n_dropped = 0
+    dropped: list[str] = []  # the first few, for the log
+    batch: list[dict] = []
+    with ArrowWriter(features=store_features(), path=str(path)) as writer:
+        for rec in tqdm(records, desc="tokenise", unit="sample", delay=2, mininterval=2):
+            s = tokenize_record(rec, tokenizer, max_len)
+            truncated += s["prompt_truncated"]
+            if s["n_response"] < min_resp:
+                n_dropped += 1
+                dropped += [rec.id] if len(dropped) < 5 else []
+                continue
+            batch.append(s)
+            if len(batch) == STORE_BATCH:
+                writer.write_batch(_columns(batch))
+                n, batch = n + len(batch), []
+        if batch:
+            writer.write_batch(_columns(batch))
+            n += len(batch)
+        writer.finalize()
+    if n_dropped:
+        log.warning(
+            "data: %d samples have no response token left after truncation to %d tokens "
+            "and were dropped (first ids: %s)",
+            n_dropped,
+            max_len,
+            dropped,
+        )
+    return {
+        "n_samples": n,
+        "dropped_no_response": n_dropped,
+        "prompt_truncated": truncated,
+        "max_seq_len": max_len,
+    }
+
+
+def _columns(rows: list[dict]) -> dict[str, list]:
+    return {c: [r[c] for r in rows] for c in rows[0]}
+
+
+# --------------------------------------------------------------------------------------------------
+# Where the stores live: one folder per store, removed with its dataset or at the end of the run
+# --------------------------------------------------------------------------------------------------
+_SHARED: dict | None = None  # inside shared_pools(): {memo key: (dataset, stats, folder)}
+
+
+@contextmanager
+def shared_pools() -> Iterator[None]:
+    """Within this block :func:`load_pool` builds each pool once and hands every later caller the
+    same memory-mapped dataset; the files are removed when the outermost block ends."""
+    global _SHARED
+    outer = _SHARED
+    if outer is None:
+        _SHARED = {}
+    try:
+        yield
+    finally:
+        if outer is None:
+            folders = [entry[2] for entry in _SHARED.values()]
+            _SHARED = None
+            for folder in folders:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def _pool_memo_key(cfg: Any, tokenizer) -> str:
+    """What a tokenised pool depends on within one run: domain, data settings and tokenizer."""
+    from grads.config_access import as_dict
+    from grads.hashing import digest
+
+    return digest(
+        {
+            "domain": as_dict(cfg_get(cfg, "domain")),
+            "data": _data_settings(cfg_get(cfg, "data")),
+            "tokenizer": [
+                getattr(tokenizer, "name_or_path", None),
+                len(tokenizer),
+                getattr(tokenizer, "chat_template", None),
+            ],
+        }
+    )
+
+
+def new_store_dir(cache_dir: Any = None) -> Path:
+    """A new folder ``<cache_dir>/pools/<host>-<pid>-<random>`` (under the system's temporary
+    folder without ``cache_dir``); folders left by processes of this host that no longer run (a
+    killed run) are removed first."""
+    import os
+    import socket
+    import tempfile
+
+    from grads.locks import pid_alive
+
+    root = Path(str(cache_dir)) if cache_dir else Path(tempfile.gettempdir()) / "grads"
+    root = root / "pools"
+    root.mkdir(parents=True, exist_ok=True)
+    host = socket.gethostname()
+    for old in root.iterdir():
+        parts = old.name.rsplit("-", 2)
+        mine = len(parts) == 3 and parts[0] == host and parts[1].isdigit()
+        if mine and not pid_alive(int(parts[1])):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{host}-{os.getpid()}-", dir=root))
 
 
 def materialise_generated(domain: Any, cfg: Any) -> None:

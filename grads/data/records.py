@@ -19,6 +19,7 @@ import logging
 import re
 import string
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +45,7 @@ SOURCE_KEYS = (
     "list_mode",
     "filter",
     "enabled",
-    # a source with its own reader (`builder`, e.g. grads.data.custom_pool.records_from_custom) and the
+    # a source with its own reader (`builder`, e.g. grads.data.custom_pool.iter_custom_records) and the
     # knobs that reader takes
     "builder",
     "format",
@@ -204,7 +205,14 @@ def _required_fields(source: Any) -> list[str]:
 def records_from_source(
     source: Any, on_bad_row: str = "error", system: str | None = None, counts: Counter | None = None
 ) -> list[Record]:
-    """Read one source and render its rows into :class:`Record` objects.
+    """Every record of one source as a list (:func:`iter_source_records`, read to the end)."""
+    return list(iter_source_records(source, on_bad_row, system, counts))
+
+
+def iter_source_records(
+    source: Any, on_bad_row: str = "error", system: str | None = None, counts: Counter | None = None
+) -> Iterator[Record]:
+    """Read one source and render its rows into :class:`Record` objects, one at a time.
 
     Required fields are those named in the ``prompt``/``response`` templates (plus ``fields`` and
     ``key_field``). Each must be present and a non-empty string (numbers are converted).
@@ -228,8 +236,7 @@ def records_from_source(
     key_field = cfg_get(source, "key_field")
     required = _required_fields(source)
     file, rows = read_source(source)
-    out: list[Record] = []
-    bad: list[BadRecordError] = []
+    n_out, first_bad, bad_kinds = 0, None, Counter()  # bad rows: counted, the first one kept
     for row_no, row in rows:
         try:
             if isinstance(row, BadRecordError):
@@ -241,34 +248,32 @@ def records_from_source(
         except BadRecordError as exc:
             if on_bad_row == "error":
                 raise
-            bad.append(exc)
+            first_bad = first_bad or exc
+            bad_kinds[exc.kind] += 1
             skip_bad_row(exc, name, counts)
             continue
         prompt, response = prompt_t.format(**values), response_t.format(**values)
-        out.append(
-            Record(
-                id=sample_id(prompt, response, system),
-                source=name,
-                prompt=prompt,
-                response=response,
-                system=system,
-                meta={"row": row_no, "key_text": values.get(key_field) if key_field else None},
-            )
+        n_out += 1
+        yield Record(
+            id=sample_id(prompt, response, system),
+            source=name,
+            prompt=prompt,
+            response=response,
+            system=system,
+            meta={"row": row_no, "key_text": values.get(key_field) if key_field else None},
         )
-    if bad and not out:
-        first = bad[0]
+    n_bad = sum(bad_kinds.values())
+    if first_bad is not None and not n_out:
         raise BadRecordError(
             file,
-            first.row,
-            first.field,
-            f"all {len(bad)} rows are bad (first: {first.problem}): the source does not match "
+            first_bad.row,
+            first_bad.field,
+            f"all {n_bad} rows are bad (first: {first_bad.problem}): the source does not match "
             "the file (check its prompt/response templates and fields)",
             "all_rows_bad",
         )
-    if bad:
-        kinds = dict(Counter(b.kind for b in bad))
-        log.warning("data: %s: skipped %d bad rows %s", name, len(bad), kinds)
-    return out
+    if n_bad:
+        log.warning("data: %s: skipped %d bad rows %s", name, n_bad, dict(bad_kinds))
 
 
 def eval_file_texts(spec: Any) -> set[str]:
@@ -297,17 +302,25 @@ def eval_file_texts(spec: Any) -> set[str]:
     return texts
 
 
-def decontaminate(records: list[Record], domain: Any, counts: Counter) -> list[Record]:
-    """Drop train records whose key text matches any evaluation item the domain lists.
+def decontaminate(records: Iterable[Record], domain: Any, counts: Counter) -> list[Record]:
+    """The records :func:`contamination_filter` keeps, as a list."""
+    keep = contamination_filter(domain, counts)
+    return list(records) if keep is None else [rec for rec in records if keep(rec)]
+
+
+def contamination_filter(domain: Any, counts: Counter) -> Callable[[Record], bool] | None:
+    """A test that drops train records whose key text matches an evaluation item the domain lists
+    (``None`` when the domain lists none); each drop is counted in ``counts``.
 
     ``domain.decontaminate`` is a list of ``{path, field, extract?, filter?}`` specs; a record is
     dropped when its normalised key text (the source's ``key_field``, else its prompt) equals an
     evaluation item's text. A ``heldout`` spec
     ``{heldout: {source, frac}}`` drops the hash-based held-out split (see :func:`is_heldout`).
+    The evaluation files are read once, when the test is made.
     """
     specs = list(cfg_get(domain, "decontaminate") or [])
     if not specs:
-        return records
+        return None
     eval_texts: set[str] = set()
     heldout: dict[str, float] = {}
     for spec in specs:
@@ -315,16 +328,17 @@ def decontaminate(records: list[Record], domain: Any, counts: Counter) -> list[R
             heldout[str(cfg_get(spec, "heldout_source"))] = float(cfg_get(spec, "frac", 0.1))
         else:
             eval_texts |= eval_file_texts(spec)
-    keep = []
-    for rec in records:
+
+    def keep(rec: Record) -> bool:
         key = rec.meta.get("key_text")
         if rec.source in heldout and is_heldout(key or rec.prompt, heldout[rec.source]):
             counts[f"{rec.source}:heldout_for_eval"] += 1
-            continue
+            return False
         if eval_texts and matches_eval(rec, eval_texts):
             counts[f"{rec.source}:eval_overlap"] += 1
-            continue
-        keep.append(rec)
+            return False
+        return True
+
     return keep
 
 
@@ -332,3 +346,71 @@ def matches_eval(rec: Record, eval_texts: set[str]) -> bool:
     """Exact match of the record's key text (or whole prompt) against normalised eval items."""
     key = rec.meta.get("key_text")
     return normalise_text(key if key is not None else rec.prompt) in eval_texts
+
+
+# --------------------------------------------------------------------------------------------------
+# A domain's candidate records, streamed: sources -> decontamination -> de-duplication
+# --------------------------------------------------------------------------------------------------
+def source_records(
+    source: Any, on_bad_row: str, system: str | None, counts: Counter
+) -> Iterator[Record]:
+    """One source's records, one at a time, counted as ``<name>:read``. A source with a ``builder``
+    (the custom domain's) is read by it: any callable with :func:`iter_source_records`' signature
+    that returns an iterable of records."""
+    build: Callable[..., Iterable[Record]] = iter_source_records
+    if cfg_get(source, "builder"):
+        from hydra.utils import get_method
+
+        build = get_method(str(cfg_get(source, "builder")))
+    name = cfg_get(source, "name")
+    counts[f"{name}:read"] += 0  # a source that yields nothing is still counted (as 0)
+    for rec in build(source, on_bad_row=on_bad_row, system=system, counts=counts):
+        counts[f"{name}:read"] += 1
+        yield rec
+
+
+def candidate_records(
+    domain: Any, on_bad_row: str, system: str | None, counts: Counter, dedup: bool = True
+) -> Iterator[Record]:
+    """Every enabled source's records in order, without the evaluation items' matches and (with
+    ``dedup``) without repeated ids, one at a time; what is dropped is counted in ``counts``.
+
+    Memory: the decontamination texts and, with ``dedup``, one integer per distinct id.
+
+    Raises:
+        ValueError: nothing is left after reading the sources or after decontamination (raised at
+            the end of the stream; the message names the step and the counts).
+    """
+    keep = contamination_filter(domain, counts)
+    seen: set[int | str] = set()
+    n_read = n_clean = 0
+    for source in cfg_get(domain, "sources") or []:
+        if cfg_get(source, "enabled", True) is False:
+            continue
+        for rec in source_records(source, on_bad_row, system, counts):
+            n_read += 1
+            if keep is not None and not keep(rec):
+                continue
+            n_clean += 1
+            if dedup:
+                key = id_key(rec.id)
+                if key in seen:
+                    counts["duplicates_removed"] += 1
+                    continue
+                seen.add(key)
+            yield rec
+    for n, step in ((n_read, "reading and filtering its sources"),
+                    (n_clean, "decontamination against its evaluation sets")):  # fmt: skip
+        if not n:
+            raise ValueError(
+                f"domain '{cfg_get(domain, 'name')}': the train pool is empty after {step} "
+                f"(counts: {dict(sorted(counts.items()))})"
+            )
+
+
+_HEX_ID = re.compile(r"[0-9a-f]{16}")
+
+
+def id_key(sample: str) -> int | str:
+    """A sample id as a set member: the 16 hex digits of :func:`sample_id` as one integer."""
+    return int(sample, 16) if _HEX_ID.fullmatch(sample) else sample
