@@ -34,6 +34,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from grads.export.formats import parse_formats, save_dataset
 from grads.io import atomic_path, read_json, read_jsonl, write_json, write_jsonl
 
@@ -77,7 +79,7 @@ def export_selection(cfg: dict, select_dir: str | Path, out_dir: str | Path) -> 
     select_dir, out_dir = Path(select_dir), Path(out_dir)
     formats = parse_formats((cfg.get("export") or {}).get("format"))
     picks = sorted(read_jsonl(select_dir / "selection.jsonl"), key=lambda p: p["rank"])
-    records, rows, pool_info = _pool(cfg, [p["id"] for p in picks], select_dir)
+    records, rows, pool_info, sampled = _pool(cfg, [p["id"] for p in picks], select_dir)
     out = [_with_selection(rows[p["id"]], p) for p in picks]
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / "selected.jsonl", out)
@@ -90,7 +92,7 @@ def export_selection(cfg: dict, select_dir: str | Path, out_dir: str | Path) -> 
 
     files |= write_trainer_formats(formats, [records[p["id"]] for p in picks], out_dir)
     sel = read_json(select_dir / "selection.json")
-    report = _report(cfg, sel, picks, records, select_dir, out_dir)
+    report = _report(cfg, sel, picks, records, select_dir, out_dir, sampled)
     manifest = _manifest(cfg, sel, out, columns, formats, files, report, select_dir, pool_info)
     write_json(out_dir / "export.json", manifest)
     log.info("export: %d of %s records -> %s", len(out), sel.get("pool_size"), out_dir)
@@ -132,22 +134,43 @@ def _manifest(
     }
 
 
+POOL_SAMPLE = 50_000  # pool records the composition reads beyond the subset (a uniform sample)
+
+
 def _pool(
     cfg: dict, ids: list[str], select_dir: Path
-) -> tuple[dict[str, Any], dict[str, dict], dict]:
-    """The pool's records by id, the export rows of the selected ids and a pool description.
+) -> tuple[dict[str, Any], dict[str, dict], dict, list[str] | None]:
+    """The records of the selected ids and of a uniform sample of the pool, the export rows of the
+    selected ids, a pool description and the sample's ids (``None``: the sample is the whole pool).
 
-    Records come from :func:`grads.data.pool.load_records`, the loader the warm-up and features stage
-    read the pool with (same templates, system prompt, de-duplication). Rows of a custom pool are
-    its original rows; a built-in domain's are the rendered fields.
+    Records come from :func:`grads.data.pool.iter_pool_records`, the stream the warm-up and features
+    stage read the pool from (same templates, system prompt, de-duplication), read once; a pool of
+    at most :data:`POOL_SAMPLE` samples is kept whole, a larger one as a seeded reservoir sample
+    of that size (Vitter's algorithm R), so memory does not grow with the pool. Rows of a custom
+    pool are its original rows; a built-in domain's are the rendered fields.
     """
-    from grads.data.pool import load_records, materialise_generated, messages_of
+    from collections import Counter
+
+    from grads.data.pool import iter_pool_records, materialise_generated, messages_of
 
     if cfg["domain"].get("generator"):
         materialise_generated(cfg["domain"], cfg)
-    loaded, _ = load_records(cfg["domain"], cfg.get("data"))
-    records: dict[str, Any] = {}
-    for r in loaded:
+    wanted = set(ids)
+    records: dict[str, Any] = {}  # the selected ids' records
+    sample: list[Any] = []  # a uniform sample of the pool, in pool order once sorted
+    rng = np.random.default_rng([int(cfg.get("seed") or 0), 17])
+    seen = 0
+    for pos, r in enumerate(iter_pool_records(cfg["domain"], cfg.get("data"), Counter())):
+        if r.id in wanted:
+            records.setdefault(r.id, r)
+        seen += 1
+        if len(sample) < POOL_SAMPLE:
+            sample.append((pos, r))
+        elif (j := int(rng.integers(seen))) < POOL_SAMPLE:
+            sample[j] = (pos, r)
+    sample.sort(key=lambda item: item[0])
+    sampled = [r.id for _, r in sample] if seen > POOL_SAMPLE else None
+    for _, r in sample:
         records.setdefault(r.id, r)
     if is_custom(cfg):
         from grads.data.custom_pool import describe, selected_rows, to_jsonable
@@ -170,7 +193,7 @@ def _pool(
             f"export: {len(missing)} selected ids are not in the pool any more (first: "
             f"{missing[:3]}); the pool changed after {select_dir} was made: re-run selection"
         )
-    return records, rows, info
+    return records, rows, info, sampled
 
 
 def _report(
@@ -180,8 +203,10 @@ def _report(
     records: Mapping[str, Any],
     select_dir: Path,
     out_dir: Path,
+    sampled: list[str] | None = None,
 ) -> dict:
-    """``scores.parquet``, the composition summary and the two figures."""
+    """``scores.parquet``, the composition summary and the two figures; with ``sampled`` (the ids
+    of a sample of a large pool) the composition compares the subset with that sample."""
     from grads.export import scores
     from grads.export.composition import composition, group_labels
     from grads.export.figures import composition_figure, selection_figure
@@ -196,19 +221,26 @@ def _report(
         ranked = scores.rank_pool(cfg, table, seed, path.parent)
         frame = scores.pool_scores(table, picks, ranked)
         pool_ids = frame["id"].astype(str).tolist()
-        n_tokens = dict(zip(pool_ids, frame["n_tokens"].tolist())) if "n_tokens" in frame else None
+        n_tokens = None
+        if "n_tokens" in frame:
+            n_tokens = {i: n for i, n in zip(pool_ids, frame["n_tokens"].tolist()) if i in records}
+        if sampled is not None:
+            in_sample = set(sampled)
+            pool_ids = [i for i in pool_ids if i in in_sample]
     else:
         log.warning(
             "export: %s names no features table that still exists; scores.parquet and the "
             "gradient-norm plane are left out",
             select_dir,
         )
-        pool_ids, n_tokens = list(records), None
+        pool_ids, n_tokens = (list(records) if sampled is None else sampled), None
     opts = cfg.get("export") or {}
     threshold = float(opts.get("concentration_warning") or SKEW_WARNING)
-    labels = group_labels(records, pool_ids)
     chosen = [p["id"] for p in picks]
+    labels = group_labels(records, pool_ids, extra=chosen)
     comp = composition(records, pool_ids, chosen, n_tokens, threshold, seed, labels=labels)
+    comp["settings"]["pool_sample"] = POOL_SAMPLE
+    comp["settings"]["pool_sampled"] = sampled is not None
     out = {"composition": comp, "scores": None, "plot": None, "composition_plot": None}
     if frame is not None:
         scores.add_groups(frame, labels)

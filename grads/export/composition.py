@@ -96,7 +96,7 @@ def composition(
         for axis, lab in labels.items()
         if axis == "template" or len(set(lab.values())) > 1
     }
-    answers = _answers(records, pool)
+    answers = _answers(records, list(dict.fromkeys([*pool, *chosen])))
     out = {
         "groups": groups,
         "answers": categorical(answers, pool, chosen, threshold, rng) if answers else None,
@@ -121,13 +121,18 @@ def composition(
 # --------------------------------------------------------------------------------------------------
 # Group labels
 # --------------------------------------------------------------------------------------------------
-def group_labels(records: Mapping[str, Any], pool: Sequence[str]) -> dict[str, dict[str, str]]:
-    """``{"source": {id: source}, "file": {id: shard}, "template": {id: template}}`` over the pool."""
-    recs = [(i, records.get(i)) for i in pool]
+def group_labels(
+    records: Mapping[str, Any], pool: Sequence[str], extra: Sequence[str] = ()
+) -> dict[str, dict[str, str]]:
+    """``{"source": {id: source}, "file": {id: shard}, "template": {id: template}}`` over the pool
+    and the ``extra`` ids (the subset, when the pool is a sample); templates are detected from the
+    pool's prompts alone."""
+    ids = list(dict.fromkeys([*pool, *extra]))
+    recs = [(i, records.get(i)) for i in ids]
     source = {i: str(r.source) if r else "(unknown)" for i, r in recs}
     file = {i: str((r.meta or {}).get("file", "")) if r else "(unknown)" for i, r in recs}
     words = {i: _prefix_words(r) for i, r in recs}
-    return {"source": source, "file": file, "template": templates(words)}
+    return {"source": source, "file": file, "template": templates(words, counted=pool)}
 
 
 def _prefix_words(rec: Any) -> tuple[str, ...]:
@@ -142,14 +147,17 @@ def _prefix_words(rec: Any) -> tuple[str, ...]:
     return tuple(words[:PREFIX_WORDS])
 
 
-def templates(words: Mapping[str, tuple[str, ...]]) -> dict[str, str]:
+def templates(
+    words: Mapping[str, tuple[str, ...]], counted: Sequence[str] | None = None
+) -> dict[str, str]:
     """Each sample's template: its prompt prefix, extended word by word while the longer prefix
     is still shared by enough of the pool and by at least :data:`BRANCH_SHARE` of the samples
     that share the shorter one (a slot filled by many values stops it; a few templates that start
-    alike branch)."""
-    need = max(3, int(np.ceil(MIN_TEMPLATE_SHARE * len(words))))
+    alike branch). The shares are counted over the ``counted`` ids (default: all)."""
+    pool = [words[i] for i in counted] if counted is not None else list(words.values())
+    need = max(3, int(np.ceil(MIN_TEMPLATE_SHARE * len(pool))))
     counts: Counter = Counter()
-    for w in words.values():
+    for w in pool:
         counts.update(w[:n] for n in range(1, len(w) + 1))
     out = {}
     for i, w in words.items():

@@ -80,15 +80,25 @@ def group_labels(records: Iterable[Any], by: str) -> dict[str, str]:
 
 def answer_labels(cfg: Mapping) -> dict[str, str] | None:
     """``{sample id: answer}`` of the run's pool when its answers are labels, else ``None`` (free
-    text, or a pool that cannot be read again: the warm-up has read it, so this is only a report)."""
-    from grads.data.pool import load_records
+    text, or a pool that cannot be read again: the warm-up has read it, so this is only a report).
 
+    The pool is streamed and the read stops at the first answer beyond
+    :data:`MAX_ANSWER_CLASSES` distinct ones, so a free-text pool costs a few records."""
+    from grads.data.pool import iter_pool_records
+
+    labels: dict[str, str] = {}
+    classes: set[str] = set()
     try:
-        records, _ = load_records(cfg["domain"], cfg["data"])
-        return group_labels(records, "answer")
+        for rec in iter_pool_records(cfg["domain"], cfg["data"], Counter()):
+            answer = rec.response.strip()
+            classes.add(answer)
+            if len(classes) > MAX_ANSWER_CLASSES:
+                return None
+            labels[rec.id] = answer
     except (ValueError, OSError, KeyError) as exc:
         log.debug("no answer labels for the select report: %s", exc)
         return None
+    return labels
 
 
 def answer_shares(selected: Iterable[str], pool: Iterable[str], labels: Mapping[str, str]) -> dict:
@@ -254,8 +264,7 @@ def preflight(cfg: Mapping, selector: Any) -> dict[str, str] | None:
         return None
     from hydra.utils import instantiate
 
-    from grads.data.pool import load_records
+    from grads.data.pool import iter_pool_records
 
     check_balanceable(selector, instantiate(cfg["budget"]))
-    records, _ = load_records(cfg["domain"], cfg["data"])
-    return group_labels(records, by)
+    return group_labels(iter_pool_records(cfg["domain"], cfg["data"], Counter()), by)

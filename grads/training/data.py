@@ -14,9 +14,39 @@ from grads.training.settings import WARMUP_IDS_NAME, TrainerSettings
 from grads.training.steps import supervised_count
 
 
-def pool_ids_of(pool) -> list[str]:
-    all_ids = pool["id"] if hasattr(pool, "column_names") else [r["id"] for r in pool]
-    return [str(x) for x in all_ids]
+def pool_ids_of(pool) -> Sequence[str]:
+    """The pool's ids in order: a list, or for a ``datasets.Dataset`` a :class:`IdColumn` read
+    from its Arrow table (no Python string per row until one is asked for)."""
+    if hasattr(pool, "column_names"):
+        return IdColumn(pool)
+    return [str(r["id"]) for r in pool]
+
+
+class IdColumn(Sequence):
+    """The ``id`` column of a (memory-mapped) dataset as a sequence of strings."""
+
+    def __init__(self, pool) -> None:
+        self.column = pool.with_format("arrow")[:]["id"] if len(pool) else None
+        self.n = len(pool)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.n))]
+        return str(self.column[int(i)])
+
+    def __iter__(self):
+        for chunk in self.column.chunks if self.column is not None else []:
+            yield from (str(x) for x in chunk.to_pylist())
+
+    def take(self, positions) -> list[str]:
+        """The ids at ``positions`` (any integer sequence), in that order."""
+        import pyarrow as pa
+
+        positions = pa.array(list(positions), pa.int64())
+        return [str(x) for x in self.column.take(positions).to_pylist()]
 
 
 def warmup_subset(
@@ -37,8 +67,10 @@ def warmup_subset(
         k = min(k, int(max_samples))
     if k >= n:
         return None
-    keep = np.sort(np.random.default_rng([int(seed), 15]).permutation(n)[:k])
-    return [pool_ids[i] for i in keep.tolist()]
+    keep = np.sort(np.random.default_rng([int(seed), 15]).permutation(n)[:k]).tolist()
+    if hasattr(pool_ids, "take"):
+        return pool_ids.take(keep)
+    return [pool_ids[i] for i in keep]
 
 
 def write_subset(out: Path, s: TrainerSettings, row_ids: list[str], n_pool: int) -> dict:
@@ -125,12 +157,22 @@ class FeatureRecording:
 
 def select_rows(pool, ids: Sequence[str] | None) -> list[int]:
     """Row positions of ``ids`` in ``pool`` (all rows when ``ids`` is None), in pool order."""
-    all_ids = pool["id"] if hasattr(pool, "column_names") else [r["id"] for r in pool]
     if ids is None:
-        return list(range(len(all_ids)))
+        return list(range(len(pool)))
     wanted = {str(i) for i in ids}
-    rows = [i for i, x in enumerate(all_ids) if str(x) in wanted]
-    found = {str(all_ids[i]) for i in rows}
+    if hasattr(pool, "column_names") and len(pool):  # Arrow: match without a string per row
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        column = IdColumn(pool)
+        mask = pc.is_in(column.column, value_set=pa.array(sorted(wanted), pa.string()))
+        rows = np.flatnonzero(mask.to_numpy(zero_copy_only=False)).tolist()
+        found = set(column.take(rows))
+    else:
+        all_ids = [str(r["id"]) for r in pool]
+        rows = [i for i, x in enumerate(all_ids) if x in wanted]
+        found = {all_ids[i] for i in rows}
     if len(found) != len(wanted):
         missing = sorted(wanted - found)
         raise KeyError(f"{len(missing)} selected id(s) are not in the pool, e.g. {missing[:5]}")
