@@ -278,7 +278,7 @@ def duplicates(
     """Exact-prompt and near-duplicate shares inside the subset and inside same-size pool samples."""
     known = [i for i in pool if i in records]
     sub = [i for i in chosen if i in records]
-    size = min(len(sub), MAX_DUP_SET)
+    size = min(len(sub), MAX_DUP_SET, len(known))  # known: the pool, or its sample
     if size < 2:
         return {"sample_size": size, "subset": None, "pool_sample": None}
     if len(sub) > size:
