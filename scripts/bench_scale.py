@@ -36,8 +36,10 @@ Measured per child:
   (``trainer.procs=1``, ``features.procs=1``, the defaults used here).
 * ``-base GB``: the peak minus the peak of a baseline child that only imports ``grads.pipeline``
   and loads the tiny model the way the stages do: "excluding the model" (Python, torch,
-  transformers, grads and the model, which every stage child holds too). The warm-up also imports
-  DeepSpeed, which the baseline does not, so its figure carries that import.
+  transformers, grads and the model, which the warm-up and features children hold too). The warm-up
+  also imports DeepSpeed, which the baseline does not, so its figure carries that import. The select
+  child loads no model (both upstream stages are cached, the ``grads`` selector needs none): its
+  figure is its whole peak, libraries included.
 
 Ratios (printed and saved): per stage, seconds per sample at each N over that at the smallest N
 (1.0 = linear); and per stage, (peak - baseline) at the largest N over that at the smallest N, plus
@@ -78,6 +80,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 FORMAT_VERSION = 1  # bump when the generated records change: pool files are named by it
 STAGES = ("warmup", "features", "select")
+# The stages whose child loads the model: the baseline is taken off their peak. grads-select's select
+# child finds warm-up and features cached and the default selector (grads) needs no model.
+MODEL_STAGES = ("warmup", "features")
 DEFAULT_SIZES = (10_000, 100_000, 1_000_000)
 GB = 1e9
 # Children run the checkout's code offline and quietly; the caller's values win.
@@ -405,7 +410,8 @@ def run_size(n: int, args, env: dict, sha: str | None) -> dict:
             break
         print(
             f"  {stage}: stage {rec['stage_s']} s, child {rec['wall_s']} s, "
-            f"peak {rec['peak_rss_gb']:.3f} GB {rec.get('note', '')}",
+            f"peak {rec['peak_rss_gb']:.3f} GB{' (reused)' if rec.get('reused') else ''} "
+            f"{rec.get('note', '')}",
             flush=True,
         )
         row["n_pool"] = rec.get("n_pool") or row.get("n_pool")
@@ -419,9 +425,10 @@ def _ok(rec: dict | None) -> bool:
     return bool(rec) and rec["rc"] == 0 and rec.get("stage_s") is not None
 
 
-def _excl(rec: dict, base: dict) -> float:
-    """Peak RSS minus the baseline's (GB)."""
-    return rec["peak_rss_gb"] - base["peak_rss_gb"]
+def _excl(rec: dict, base: dict, stage: str) -> float:
+    """Peak RSS beyond the model (GB): minus the baseline's for a stage that loads the model; the
+    whole peak for one that does not (nothing to take away; its libraries stay counted)."""
+    return rec["peak_rss_gb"] - (base["peak_rss_gb"] if stage in MODEL_STAGES else 0.0)
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -441,14 +448,15 @@ def ratios(rows: list[dict], base: dict) -> dict:
         return row["stages"][stage]["stage_s"] / row["n"]
 
     def top(row: dict) -> float:
-        return max(_excl(row["stages"][s], base) for s in STAGES)
+        return max(_excl(row["stages"][s], base, s) for s in STAGES)
 
     time_ratio = {
         s: {str(r["n"]): _ratio(per_sample(r, s), per_sample(first, s)) for r in done}
         for s in STAGES
     }
     rss_ratio = {
-        s: _ratio(_excl(last["stages"][s], base), _excl(first["stages"][s], base)) for s in STAGES
+        s: _ratio(_excl(last["stages"][s], base, s), _excl(first["stages"][s], base, s))
+        for s in STAGES
     }
     rss_ratio["largest stage"] = _ratio(top(last), top(first))
     return {
@@ -459,7 +467,7 @@ def ratios(rows: list[dict], base: dict) -> dict:
     }
 
 
-def _cells(rec: dict | None, n: int, base: dict) -> list[str]:
+def _cells(rec: dict | None, n: int, base: dict, stage: str) -> list[str]:
     if not rec or rec["rc"] != 0:
         return ["failed" if rec else "-"] + ["-"] * 3
     s = rec.get("stage_s")
@@ -467,7 +475,7 @@ def _cells(rec: dict | None, n: int, base: dict) -> list[str]:
         f"{s:.1f}" if s is not None else "?",
         f"{1000 * s / n:.3f}" if s is not None else "?",
         f"{rec['peak_rss_gb']:.3f}",
-        f"{_excl(rec, base):.3f}",
+        f"{_excl(rec, base, stage):.3f}",
     ]
 
 
@@ -480,14 +488,14 @@ def markdown(rows: list[dict], base: dict, rat: dict, settings: dict) -> str:
     for r in rows:
         cells = [f"{r['n']:,}", f"{r['n_pool']:,}" if r.get("n_pool") else "-"]
         for s in STAGES:
-            cells += _cells(r["stages"].get(s), r["n"], base)
+            cells += _cells(r["stages"].get(s), r["n"], base, s)
         notes = "; ".join(rec["note"] for rec in r["stages"].values() if rec.get("note"))
         lines.append("| " + " | ".join([*cells, notes]) + " |")
     lines += [
         "",
         f"Baseline (imports + tiny model): peak RSS {base['peak_rss_gb']:.3f} GB. "
         "s: the stage's own wall time (metrics.json cost.<stage>.wall_s); GB: the child's peak RSS "
-        "(ru_maxrss); -base GB: minus the baseline.",
+        "(ru_maxrss); -base GB: minus the baseline (select loads no model: its whole peak).",
         f"Settings: {json.dumps(settings)}",
     ]
     if rat:
