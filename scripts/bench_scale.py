@@ -337,7 +337,7 @@ def _from_metrics(stage: str, run_dir: Path) -> dict:
     """The stage's own time and the cache's hits / misses from the child's ``metrics.json``."""
     path = run_dir / "metrics.json"
     if not path.exists():
-        return {"stage_s": None, "cache_misses": None, "n_pool": None}
+        return {"stage_s": None, "cache_misses": None, "n_pool": None, "note": "no metrics.json"}
     m = json.loads(path.read_text())
     cost = (m.get("cost") or {}).get(stage) or {}
     misses = list(m.get("cache_misses") or [])

@@ -130,3 +130,45 @@ def test_two_tiny_pools_end_to_end_then_resumed(tmp_path):
     again = json.loads((out / "bench_scale.json").read_text())
     assert all(rec.get("reused") for r in again["rows"] for rec in r["stages"].values())
     assert (out / "bench_scale.md").read_text() == table
+
+
+def test_a_failed_stage_is_a_failed_row_and_keep_going_goes_on(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_measure(cmd, env, log_path):  # no child: the stage "runs" as its folder says
+        stage, size = log_path.parent.name, log_path.parent.parent.name
+        calls.append((size, stage))
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_text("boom\n")
+        if (size, stage) == ("n5", "features"):
+            return {
+                "rc": 1,
+                "wall_s": 1.0,
+                "peak_rss_gb": 0.5,
+                "tree_peak_gb": 0.5,
+                "log": str(log_path),
+            }
+        metrics = {"cost": {stage: {"wall_s": 2.0}}, "cache_misses": [stage], "n_pool": 7}
+        (log_path.parent / "metrics.json").write_text(json.dumps(metrics))
+        return {
+            "rc": 0,
+            "wall_s": 3.0,
+            "peak_rss_gb": 0.6,
+            "tree_peak_gb": 0.6,
+            "log": str(log_path),
+        }
+
+    monkeypatch.setattr(bench, "measure", fake_measure)
+    argv = ["--sizes", "7", "5", "--out", str(tmp_path)]
+    assert bench.main(argv) == 1  # stops after the failure
+    assert calls == [("runs", "baseline"), ("n5", "warmup"), ("n5", "features")]
+    calls.clear()
+    assert bench.main([*argv, "--keep-going"]) == 1  # the failed stage again, then size 7
+    assert calls == [("n5", "features"), ("n7", "warmup"), ("n7", "features"), ("n7", "select")]
+    report = json.loads((tmp_path / "bench_scale.json").read_text())
+    first, second = report["rows"]
+    assert not first["ok"] and first["stages"]["features"]["rc"] == 1
+    assert "select" not in first["stages"] and second["ok"]
+    assert report["ratios"]["smallest"] == report["ratios"]["largest"] == 7
+    table = (tmp_path / "bench_scale.md").read_text()
+    assert "| failed | - | - | - |" in table and "failed (exit 1)" in table
