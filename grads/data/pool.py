@@ -175,17 +175,45 @@ def tokenize_record(rec: Record, tokenizer, max_seq_len: int, min_prompt_tokens:
     cut first, from its middle (its start and the assistant header survive); the response is cut
     only if it alone does not fit.
     """
-    msgs = messages_of(rec)
-    full = tokenizer.apply_chat_template(msgs, tokenize=False)
-    prompt_text = tokenizer.apply_chat_template(
-        msgs[:-1], tokenize=False, add_generation_prompt=True
-    )
-    if not full.startswith(prompt_text):
-        raise ValueError(
-            "the chat template does not render the prompt as a prefix of the conversation"
+    return tokenize_batch([rec], tokenizer, max_seq_len, min_prompt_tokens)[0]
+
+
+def tokenize_batch(
+    records: list[Record], tokenizer, max_seq_len: int, min_prompt_tokens: int = 8
+) -> list[dict]:
+    """:func:`tokenize_record` of several records, with one tokenizer call for all their texts
+    (the same token ids: a fast tokenizer encodes each text of a batch on its own)."""
+    texts = []
+    for rec in records:
+        msgs = messages_of(rec)
+        full = tokenizer.apply_chat_template(msgs, tokenize=False)
+        prompt = tokenizer.apply_chat_template(
+            msgs[:-1], tokenize=False, add_generation_prompt=True
         )
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(full[len(prompt_text) :], add_special_tokens=False)["input_ids"]
+        if not full.startswith(prompt):
+            raise ValueError(
+                "the chat template does not render the prompt as a prefix of the conversation"
+            )
+        texts.append((prompt, full[len(prompt) :]))
+    n = len(records)
+    batch = [p for p, _ in texts] + [r for _, r in texts] + [rec.response for rec in records]
+    ids = tokenizer(batch, add_special_tokens=False)["input_ids"] if n else []
+    return [
+        _masked(rec, ids[i], ids[n + i], ids[2 * n + i], max_seq_len, min_prompt_tokens)
+        for i, rec in enumerate(records)
+    ]
+
+
+def _masked(
+    rec: Record,
+    prompt_ids: list[int],
+    response_ids: list[int],
+    answer_ids: list[int],
+    max_seq_len: int,
+    min_prompt_tokens: int,
+) -> dict:
+    """One sample from its prompt's and response's token ids: truncated to ``max_seq_len``
+    (:func:`tokenize_record`), the prompt masked."""
     n_prompt_orig = len(prompt_ids)
     room = max_seq_len - len(response_ids)
     if room < min(min_prompt_tokens, len(prompt_ids)):
@@ -197,7 +225,6 @@ def tokenize_record(rec: Record, tokenizer, max_seq_len: int, min_prompt_tokens:
         prompt_ids = prompt_ids[: room - tail] + prompt_ids[len(prompt_ids) - tail :]
     input_ids = prompt_ids + response_ids
     labels = [IGNORE_INDEX] * len(prompt_ids) + list(response_ids)
-    answer_only = tokenizer(rec.response, add_special_tokens=False)["input_ids"][:max_seq_len]
     return {
         "id": rec.id,
         "source": rec.source,
@@ -206,7 +233,7 @@ def tokenize_record(rec: Record, tokenizer, max_seq_len: int, min_prompt_tokens:
         "n_prompt": len(prompt_ids),
         "n_response": len(response_ids),
         "prompt_truncated": len(prompt_ids) < n_prompt_orig,
-        "response_ids": answer_only,
+        "response_ids": answer_ids[:max_seq_len],
     }
 
 
@@ -323,22 +350,29 @@ def write_store(records: Iterable[Record], tokenizer, data_cfg: Any, path: Path)
     max_len, min_resp = int(data["max_seq_len"]), int(data["min_response_tokens"])
     n = truncated = n_dropped = 0
     dropped: list[str] = []  # the first few, for the log
-    batch: list[dict] = []
+    pending: list[Record] = []
     with ArrowWriter(features=store_features(), path=str(path)) as writer:
+
+        def flush() -> None:
+            nonlocal n, truncated, n_dropped
+            kept = []
+            for s in tokenize_batch(pending, tokenizer, max_len):
+                truncated += s["prompt_truncated"]
+                if s["n_response"] < min_resp:
+                    n_dropped += 1
+                    dropped.extend([s["id"]] if len(dropped) < 5 else [])
+                else:
+                    kept.append(s)
+            if kept:
+                writer.write_batch(_columns(kept))
+            n += len(kept)
+            pending.clear()
+
         for rec in tqdm(records, desc="tokenise", unit="sample", delay=2, mininterval=2):
-            s = tokenize_record(rec, tokenizer, max_len)
-            truncated += s["prompt_truncated"]
-            if s["n_response"] < min_resp:
-                n_dropped += 1
-                dropped += [rec.id] if len(dropped) < 5 else []
-                continue
-            batch.append(s)
-            if len(batch) == STORE_BATCH:
-                writer.write_batch(_columns(batch))
-                n, batch = n + len(batch), []
-        if batch:
-            writer.write_batch(_columns(batch))
-            n += len(batch)
+            pending.append(rec)
+            if len(pending) == STORE_BATCH:
+                flush()
+        flush()
         writer.finalize()
     if n_dropped:
         log.warning(
