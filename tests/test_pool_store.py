@@ -205,3 +205,34 @@ def test_export_of_a_pool_larger_than_its_sample(tmp_path, monkeypatch):
 
     scores = pd.read_parquet(tmp_path / "export" / "scores.parquet")
     assert len(scores) == 200 and scores["selected"].sum() == 50
+
+
+def test_a_kept_store_is_reused_and_never_half_written(tmp_path, tokenizer, monkeypatch):
+    """The warm-up keeps its store in its own folder; the stages after it open that file (no
+    tokenisation), and a build that fails leaves no ``pool.arrow`` there."""
+    import grads.data.pool as pool_mod
+
+    cfg = _cfg(tmp_path, _pool_file(tmp_path, _rows(60)))
+    warm = tmp_path / "warmup"
+    warm.mkdir()
+    monkeypatch.setattr(pool_mod, "tokenize_batch", _failing(pool_mod.tokenize_batch))
+    with pytest.raises(RuntimeError, match="killed"):
+        load_pool(cfg, tokenizer, keep_in=warm)
+    assert not list(warm.iterdir())
+    monkeypatch.undo()
+    kept, stats = load_pool(cfg, tokenizer, return_stats=True, keep_in=warm)
+    assert sorted(p.name for p in warm.iterdir()) == ["pool.arrow", "pool.json"]
+    monkeypatch.setattr(pool_mod, "write_store", _failing(pool_mod.write_store))  # no rebuild
+    again, stats2 = load_pool(cfg, tokenizer, return_stats=True, reuse_from=warm)
+    assert again["id"] == kept["id"] and stats2 == json.loads(json.dumps(stats))
+    assert {f["filename"] for f in again.cache_files} == {str(warm / "pool.arrow")}
+    monkeypatch.undo()
+    fresh = load_pool(cfg, tokenizer, reuse_from=tmp_path / "elsewhere")  # nothing kept there
+    assert fresh["id"] == kept["id"]
+
+
+def _failing(fn):
+    def wrapper(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    return wrapper

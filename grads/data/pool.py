@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import logging
+import os
 import shutil
 import weakref
 from collections import Counter
@@ -36,6 +37,7 @@ from typing import Any
 from grads.config_access import cfg_get
 from grads.constants import IGNORE_INDEX
 from grads.data.records import Record, candidate_records
+from grads.io import read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +272,13 @@ def tokenize_records(
     return samples, stats
 
 
-def load_pool(cfg: Any, tokenizer, return_stats: bool = False):
+def load_pool(
+    cfg: Any,
+    tokenizer,
+    return_stats: bool = False,
+    keep_in: str | os.PathLike | None = None,
+    reuse_from: str | os.PathLike | None = None,
+):
     """The tokenised train pool of ``cfg.domain`` as a memory-mapped ``datasets.Dataset``.
 
     Columns: ``id`` (stable content hash), ``source``, ``input_ids``, ``labels`` (-100 on the prompt),
@@ -282,38 +290,73 @@ def load_pool(cfg: Any, tokenizer, return_stats: bool = False):
     grow with its size. The file lives in ``<paths.cache_dir>/pools/`` (the system's temporary
     folder without one) until the dataset is released; inside :func:`shared_pools` (one pipeline
     run) every stage that asks for the same pool gets the same file.
-    """
-    from datasets import Dataset
 
+    Args:
+        keep_in: build the store as ``keep_in/pool.arrow`` (+ ``pool.json``, the counts) and keep
+            it there, or open it when it is there already: the warm-up keeps the pool it tokenised
+            in its own output folder.
+        reuse_from: a folder where an earlier stage kept the store (the warm-up's, whose key holds
+            everything the pool depends on): opened instead of tokenising again when present.
+    """
     memo = _pool_memo_key(cfg, tokenizer) if _SHARED is not None else None
     if memo is not None and memo in _SHARED:
         ds, stats = _SHARED[memo][:2]
         return (ds, dict(stats)) if return_stats else ds
+    kept = next((Path(f) for f in (reuse_from, keep_in) if f and _is_store(Path(f))), None)
+    if kept is not None:
+        ds, stats, folder = _open_store(kept), read_json(kept / STORE_STATS), None
+    elif keep_in is not None:
+        ds, stats = _build(cfg, tokenizer, Path(keep_in), keep=True)
+        folder = None
+    else:
+        folder = new_store_dir(cfg_get(cfg_get(cfg, "paths") or {}, "cache_dir"))
+        ds, stats = _build(cfg, tokenizer, folder, keep=False)
+    if memo is not None:
+        _SHARED[memo] = (ds, stats, folder)
+    elif folder is not None:
+        weakref.finalize(ds, shutil.rmtree, folder, True)
+    return (ds, dict(stats)) if return_stats else ds
+
+
+def _build(cfg: Any, tokenizer, folder: Path, keep: bool):
+    """Stream, tokenise and write the pool's store in ``folder``; ``(dataset, stats)``. A failed
+    build leaves nothing: the temporary folder is removed, a kept store is renamed into place
+    only once complete."""
     domain, data_cfg = cfg_get(cfg, "domain"), cfg_get(cfg, "data")
     if cfg_get(domain, "generator"):
         materialise_generated(domain, cfg)
-    folder = new_store_dir(cfg_get(cfg_get(cfg, "paths") or {}, "cache_dir"))
+    part = folder / f"{STORE_FILE}.{os.getpid()}.partial"
     try:
         counts: Counter = Counter()
         records = iter_pool_records(domain, data_cfg, counts)
-        tok_stats = write_store(records, tokenizer, data_cfg, folder / STORE_FILE)
+        tok_stats = write_store(records, tokenizer, data_cfg, part)
         log_counts(counts)
         stats = {**counts, **tok_stats}
         _require_records(range(tok_stats["n_samples"]), domain,
                          f"tokenising to data.max_seq_len={tok_stats['max_seq_len']}"
                          " (every response was cut away)", Counter(stats))  # fmt: skip
-        ds = Dataset.from_file(str(folder / STORE_FILE))
+        write_json(folder / STORE_STATS, stats)
+        os.replace(part, folder / STORE_FILE)
     except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
+        part.unlink(missing_ok=True)
+        if not keep:
+            shutil.rmtree(folder, ignore_errors=True)
         raise
-    if memo is not None:
-        _SHARED[memo] = (ds, stats, folder)
-    else:
-        weakref.finalize(ds, shutil.rmtree, folder, True)
-    return (ds, dict(stats)) if return_stats else ds
+    return _open_store(folder), stats
+
+
+def _is_store(folder: Path) -> bool:
+    return (folder / STORE_FILE).is_file() and (folder / STORE_STATS).is_file()
+
+
+def _open_store(folder: Path):
+    from datasets import Dataset
+
+    return Dataset.from_file(str(folder / STORE_FILE))
 
 
 STORE_FILE = "pool.arrow"
+STORE_STATS = "pool.json"  # the counts of the pass that wrote the store
 STORE_BATCH = 1024  # rows per Arrow record batch
 
 

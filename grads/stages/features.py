@@ -20,7 +20,7 @@ def features_job(cfg: dict, warmup_dir: str, work: str) -> None:
     model, tokenizer = load_trained(cfg, Path(warmup_dir))
     # Models load on the CPU; without this move a GPU machine would compute features on the CPU.
     model.to(compute_device())
-    pool, data_stats = load_pool(cfg, tokenizer, return_stats=True)
+    pool, data_stats = load_pool(cfg, tokenizer, return_stats=True, reuse_from=warmup_dir)
     if rank() == 0:  # one writer: bad/filtered/dropped rows -> metrics.json
         write_json(Path(work) / "data.json", data_stats)
     run_features(cfg, model, tokenizer, pool, work)

@@ -34,6 +34,9 @@ Output layout of ``out_dir``::
     ds_config.json       the filled DeepSpeed config, for provenance.
     warmup_ids.json      warm-up on a subset (``warmup.fraction`` / ``warmup.max_samples``): the
                          seeded subset's ids and knobs (see ``warmup_subset``).
+    pool.arrow           warm-up only: the tokenised pool it trained from (a memory-mapped Arrow
+    pool.json            store, ``grads.data.pool.load_pool``) and its counts; the stages after
+                         the warm-up open it instead of tokenising the pool again.
     features.parquet     warm-up with ``features.source: warmup``: the features table recorded from
     features.json        the warm-up's own steps (``FeatureRecording``), same schema as the features stage.
 

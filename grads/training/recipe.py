@@ -181,7 +181,9 @@ def _load(run: _Run, ids: Sequence[str] | None, pool) -> None:
     if pool is None:
         from grads.data.pool import load_pool
 
-        pool = load_pool(cfg, run.tokenizer)
+        # The warm-up keeps the pool it tokenised beside its model: the stages after it open it.
+        keep = run.out if run.use == "warmup" and run.rank == 0 else None
+        pool = load_pool(cfg, run.tokenizer, keep_in=keep)
     run.pool = pool
     if run.use == "warmup" and ids is None:
         run.subset = warmup_subset(pool_ids_of(pool), s.fraction, s.max_samples, s.seed)
