@@ -42,6 +42,7 @@ import logging
 import math
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -306,14 +307,12 @@ def run_features(
     distributed = world > 1 and dist.is_available() and dist.is_initialized()
     t0 = time.perf_counter()
     rec_table, rec_ids = _recorded_table(recorded)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    columns = feature_columns(_is_tied(base), bool(fcfg["stats"]), bool(fcfg["ifd"]))
+    columns = feature_columns(_tied(model), bool(fcfg["stats"]), bool(fcfg["ifd"]))
     table = _ChunkTable(Path(out_dir) / "features.parquet", columns, rec_table) if r == 0 else None
-    ctx = {"fcfg": fcfg, "model": model, "tokenizer": tokenizer, "pool": pool,
-           "padding_side": padding_side, "rank": r, "world": world if distributed else 1,
-           "chunk": chunk, "recorded": (rec_table, rec_ids)}  # fmt: skip
+    setup = _Pass(fcfg, model, tokenizer, pool, padding_side, r, world if distributed else 1,
+                  chunk, rec_table, rec_ids)  # fmt: skip
     with table or nullcontext():
-        timings = _run_chunks(ctx, table)
+        timings = _run_chunks(setup, table)
     timings["device"] = str(next(model.parameters()).device)
     if distributed:
         gathered = [None] * world if r == 0 else None
@@ -331,41 +330,56 @@ def run_features(
     return summary
 
 
-def _is_tied(model) -> bool:
+def _tied(model) -> bool:
+    """Whether the (peft-unwrapped) model ties its embedding and LM head."""
     from grads.models import is_tied
 
-    return is_tied(model)
+    return is_tied(model.get_base_model() if hasattr(model, "get_base_model") else model)
 
 
-def _run_chunks(ctx: dict, table: _ChunkTable | None) -> dict:
+@dataclass
+class _Pass:
+    """What every chunk of one rank's pass uses."""
+
+    fcfg: dict
+    model: Any
+    tokenizer: Any
+    pool: Any
+    padding_side: str
+    rank: int
+    world: int  # 1 without a process group
+    chunk: int
+    recorded: Any  # Arrow table of the recorded rows, or None
+    recorded_ids: Any  # their ids as an Arrow string array, or None
+
+
+def _run_chunks(p: _Pass, table: _ChunkTable | None) -> dict:
     """Every chunk of the pool in pool order: this rank's share scored, the rows gathered on rank 0
     into ``table``; returns this rank's timings (summed over chunks)."""
     import torch.distributed as dist
     from tqdm.auto import tqdm
 
-    fcfg, pool, tok = ctx["fcfg"], ctx["pool"], ctx["tokenizer"]
-    r, world, chunk = ctx["rank"], ctx["world"], ctx["chunk"]
-    rec_table, rec_ids = ctx["recorded"]
+    tok, r = p.tokenizer, p.rank
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     prefix_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    view, n = _arrow_view(pool), len(pool)
-    n_todo = max(n - (rec_table.num_rows if rec_table is not None else 0), 0)
+    view, n = _arrow_view(p.pool), len(p.pool)
+    n_todo = max(n - (p.recorded.num_rows if p.recorded is not None else 0), 0)
     bar = tqdm(total=n_todo, desc="features", unit="sample",
-               disable=not (bool(fcfg["progress"]) and r == 0), dynamic_ncols=True)  # fmt: skip
+               disable=not (bool(p.fcfg["progress"]) and r == 0), dynamic_ncols=True)  # fmt: skip
     timings = dict.fromkeys(TIMINGS, 0)
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        ids, lengths = chunk_ids_and_lengths(pool, view, start, stop)
-        todo, positions = _chunk_todo(ids, start, rec_ids)
-        share = todo[r::world]
+    for start in range(0, n, p.chunk):
+        stop = min(start + p.chunk, n)
+        ids, lengths = chunk_ids_and_lengths(p.pool, view, start, stop)
+        todo, positions = _chunk_todo(ids, start, p.recorded_ids)
+        share = todo[r :: p.world]
         local, t = compute_shard(
-            fcfg, ctx["model"], pad_id, ctx["padding_side"], pool, share,
+            p.fcfg, p.model, pad_id, p.padding_side, p.pool, share,
             prefix_id=prefix_id, lengths={i: int(lengths[i - start]) for i in share}, bar=bar,
         )  # fmt: skip
         for k in TIMINGS:
             timings[k] += t[k]
-        if world > 1:
-            parts = [None] * world if r == 0 else None
+        if p.world > 1:
+            parts = [None] * p.world if r == 0 else None
             dist.gather_object(local, parts, dst=0)
         else:
             parts = [local]
@@ -382,7 +396,6 @@ def _write_summary(
     """Rank 0: ``features.json`` (after the table is in place); returns the summary."""
     from grads.io import write_json
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     wall = time.perf_counter() - meta["t0"]
     tokens = sum(t["tokens"] for t in parts)
     summary = {
@@ -392,7 +405,7 @@ def _write_summary(
         "n_computed": table.n_computed,
         **table.nan.summary(),
         "columns": table.columns,
-        "tied": _is_tied(base),
+        "tied": _tied(model),
         "stats": bool(fcfg["stats"]),
         "ifd": bool(fcfg["ifd"]),
         "batch_size": int(fcfg["batch_size"]),
@@ -484,10 +497,16 @@ def _features_rest_job(cfg: dict, warmup_dir: str, out_dir: str) -> None:
 
 
 def run_features_from_config(
-    cfg: dict, pool: Any, out_dir: str | Path, model_path: str | None = None
+    cfg: dict,
+    pool: Any,
+    out_dir: str | Path,
+    model_path: str | None = None,
+    recorded: Any = None,
+    chunk_size: int | None = None,
 ) -> dict:
     """Worker entry point (``grads.launch.run_distributed("grads.features.compute:run_features_from_config",
-    procs, cfg, pool, out_dir)``): load ``cfg["model"]`` on this rank's device, then ``run_features``.
+    procs, cfg, pool, out_dir)``): load ``cfg["model"]`` on this rank's device, then ``run_features``
+    (``recorded`` and ``chunk_size`` passed on).
     """
     import os
 
@@ -502,4 +521,6 @@ def run_features_from_config(
     model, tokenizer = load_model(cfg["model"], cache_dir=cache_dir, path=model_path)
     if torch.cuda.is_available():
         model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}")
-    return run_features(cfg, model, tokenizer, pool, out_dir)
+    return run_features(
+        cfg, model, tokenizer, pool, out_dir, recorded=recorded, chunk_size=chunk_size
+    )
