@@ -255,3 +255,42 @@ def test_a_failed_pass_leaves_the_old_table(tmp_path, monkeypatch):
         run_features(CFG, model, tok, make_pool(13), tmp_path, chunk_size=4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["features.parquet"]
     assert (tmp_path / "features.parquet").read_bytes() == b"previous table"
+
+
+def test_features_from_warmup_merges_and_copies_in_chunks(tmp_path, monkeypatch):
+    """The features stage with ``features.source=warmup``: a partial recording (the warm-up's
+    fraction) is merged with the pass chunk by chunk; a complete one is copied a chunk at a time."""
+    import grads.data.pool
+    import grads.features.compute as compute
+    import grads.training
+    from grads.features.store import write_recorded
+
+    model, tok = build_tiny(tied=True)
+    pool = make_pool(13, seed=2)
+    monkeypatch.setattr(compute, "CHUNK_SIZE", 4)
+    monkeypatch.setattr(grads.training, "load_trained", lambda *a, **k: (model, tok))
+    monkeypatch.setattr(grads.data.pool, "load_pool", lambda cfg, tokenizer: pool)
+    cfg = {**REC_CFG, "features": {**REC_CFG["features"], "source": "warmup"}}
+    run_features(REC_CFG, model, tok, pool, tmp_path / "pass", chunk_size=100)
+    full = table_of(tmp_path / "pass").to_pylist()
+    picked = [1, 2, 9]
+    rec_rows = [{**full[k], "loss": -float(k)} for k in picked]
+    write_recorded(tmp_path / "part", rec_rows, tied=True, pool_size=13)
+    summary = compute.features_from_warmup(cfg, tmp_path / "part", tmp_path / "merged")
+    assert (summary["n_recorded"], summary["n_computed"], summary["source"]) == (3, 10, "warmup")
+    got = table_of(tmp_path / "merged")
+    assert pq.ParquetFile(tmp_path / "merged" / "features.parquet").num_row_groups == 4
+    rest = [i for i in range(13) if i not in picked]
+    assert_rows([got.to_pylist()[k] for k in picked], rec_rows, exact=True)
+    assert_rows([got.to_pylist()[i] for i in rest], [full[i] for i in rest], exact=False)
+
+    write_recorded(tmp_path / "all", full, tied=True, pool_size=13)
+    no_stats = {**cfg, "features": {**cfg["features"], "stats": False}}
+    copied = compute.features_from_warmup(no_stats, tmp_path / "all", tmp_path / "copied")
+    assert copied["n_computed"] == 0 and copied["columns"] == ["id", "loss", "n_tokens", "embed",
+                                                                "lm_head", "tied"]  # fmt: skip
+    meta = pq.ParquetFile(tmp_path / "copied" / "features.parquet").metadata
+    assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == [4, 4, 4, 1]
+    source = pq.read_table(tmp_path / "all" / "features.parquet").to_pylist()
+    want = [{c: r[c] for c in copied["columns"]} for r in source]
+    assert_rows(table_of(tmp_path / "copied").to_pylist(), want, exact=True)
