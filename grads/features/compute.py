@@ -24,8 +24,16 @@ With ``features.source: warmup`` the warm-up writes these rows itself, from its 
 takes them over, running this pass only for samples the warm-up did not train on.
 
 A sample with no supervised token has ``n_tokens = 0`` and NaN in every float column; it is counted in
-the summary (``n_no_supervised_tokens``) and logged as a warning. Under ``torch.distributed`` samples are sharded ``rank::world``
-and rank 0 gathers and writes; the table equals a single-process run up to float rounding.
+the summary (``n_no_supervised_tokens``) and logged as a warning.
+
+The pass works through the pool in chunks of :data:`CHUNK_SIZE` samples, in pool order, so that
+memory holds one chunk's rows, never the pool's: within a chunk the samples still to score are
+sorted by length (longest first, ties by index) and batched; under ``torch.distributed`` each rank
+scores its share of the chunk (``rank::world`` of those samples, read from the pool by that rank
+alone), rank 0 gathers the chunk's rows and appends them to ``features.parquet`` (one row group per
+chunk, under a temporary name renamed at the end). The table equals a single-process run up to
+float rounding (batches differ in padding); a pool no larger than a chunk is sorted and batched as
+one.
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,26 +51,54 @@ log = logging.getLogger(__name__)
 from grads.constants import IGNORE_INDEX  # noqa: E402
 from grads.data.pool import collate  # noqa: E402  (grads.data.pool imports no torch at module level)
 from grads.features.store import (  # noqa: E402
-    arrow_table,
+    NanReport,
+    TableWriter,
     check_ifd_answer,
     feature_columns,
     features_source,
-    nan_report,
 )
 
+# Samples per chunk of the pass: the rows rank 0 holds at once and one row group of the table.
+# The longest-first sort (padding waste) works within a chunk; 32k samples keep it near the
+# whole-pool sort while a chunk's rows stay a few tens of MB.
+CHUNK_SIZE = 32_768
+TIMINGS = ("feature_s", "ifd_s", "wall_s", "tokens", "supervised_tokens", "samples")
 
-def _lengths(pool: Any, indices: list[int]) -> dict[int, int]:
-    """``len(input_ids)`` of ``pool[indices]`` without holding every row in memory at once."""
-    if isinstance(pool, list | tuple):
-        return {i: len(pool[i]["input_ids"]) for i in indices}
-    if hasattr(pool, "with_format"):  # datasets.Dataset: read list lengths from Arrow in chunks
-        import pyarrow.compute as pc
 
-        arrow, lens, step = pool.with_format("arrow"), [], 8192
-        for s in range(0, len(pool), step):
-            lens += pc.list_value_length(arrow[s : s + step]["input_ids"]).to_pylist()
-        return {i: lens[i] for i in indices}
-    return {i: len(pool[int(i)]["input_ids"]) for i in indices}
+def _arrow_view(pool: Any):
+    """A ``datasets.Dataset`` pool's ``id`` and ``input_ids`` columns, Arrow-formatted (``None``
+    for any other pool, e.g. a list of dicts)."""
+    if not hasattr(pool, "with_format"):
+        return None
+    return pool.select_columns(["id", "input_ids"]).with_format("arrow")
+
+
+def chunk_ids_and_lengths(pool: Any, view: Any, start: int, stop: int):
+    """Ids (an Arrow string array) and ``len(input_ids)`` (int64 numpy) of ``pool[start:stop]``.
+
+    A ``datasets.Dataset`` is read through Arrow (``view``: :func:`_arrow_view`): the lengths come
+    from the list offsets, no token becomes a Python object.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if view is None:
+        rows = [pool[i] for i in range(start, stop)]
+        ids = pa.array([str(row["id"]) for row in rows], type=pa.string())
+        return ids, np.array([len(row["input_ids"]) for row in rows], dtype=np.int64)
+    table = view[start:stop]
+    ids = table.column("id")
+    if not pa.types.is_string(ids.type):
+        ids = pc.cast(ids, pa.string())
+    lengths = pc.list_value_length(table.column("input_ids")).to_numpy()
+    return ids.combine_chunks(), lengths.astype(np.int64)
+
+
+def batch_order(indices: list[int], lengths: Any) -> list[int]:
+    """``indices`` longest first (``lengths[i]``), ties by index: padding waste is minimal within a
+    batch and memory trouble shows up at once."""
+    return sorted(indices, key=lambda i: (-lengths[i], i))
 
 
 def features_settings(cfg: dict) -> dict:
@@ -93,6 +131,32 @@ def ifd_reference(samples: list[dict], how: str, prefix_id: int) -> list[dict]:
     return out
 
 
+def _score_batch(fcfg: dict, model, samples: list[dict], pad_id: int, padding_side: str,
+                 prefix_id: int | None) -> tuple[dict, dict, dict]:  # fmt: skip
+    """One batch: its feature columns (lists), the collated batch and seconds per part."""
+    from grads.features.gradients import per_sample_grad_norms, per_sample_loss
+
+    batch = collate(samples, pad_id, padding_side)
+    t0 = time.perf_counter()
+    res = per_sample_grad_norms(
+        model, **batch, stats=bool(fcfg["stats"]), chunk_bytes=int(fcfg["chunk_bytes"])
+    )
+    secs = {"feature_s": time.perf_counter() - t0, "ifd_s": 0.0}
+    cols = {k: v.tolist() for k, v in res.items()}
+    if fcfg["ifd"]:
+        t0 = time.perf_counter()
+        refs = ifd_reference(samples, fcfg["ifd_answer"], prefix_id)
+        resp = collate(refs, pad_id, padding_side)
+        loss_a, _ = per_sample_loss(model, **resp, chunk_bytes=int(fcfg["chunk_bytes"]))
+        secs["ifd_s"] = time.perf_counter() - t0
+        cols["response_loss"] = loss_a.tolist()
+        cols["ifd"] = [
+            math.exp(lq - la) if math.isfinite(lq - la) else math.nan
+            for lq, la in zip(cols["loss"], cols["response_loss"])
+        ]
+    return cols, batch, secs
+
+
 def compute_shard(
     fcfg: dict,
     model,
@@ -102,65 +166,114 @@ def compute_shard(
     indices: list[int],
     progress: bool = True,
     prefix_id: int | None = None,
+    lengths: Any = None,
+    bar: Any = None,
 ) -> tuple[list[tuple[int, dict]], dict]:
-    """Features of ``pool[indices]``, batched by length; returns ``[(pool index, row)]`` and timings."""
+    """Features of ``pool[indices]``, batched by length; returns ``[(pool index, row)]`` and timings.
+
+    ``lengths[i]`` is ``len(pool[i]["input_ids"])`` (read from the pool when not given); ``bar``, a
+    progress bar to advance (else one is opened when ``progress``).
+    """
     from tqdm.auto import tqdm
 
-    from grads.features.gradients import per_sample_grad_norms, per_sample_loss
-
-    lengths = _lengths(pool, indices)
-    # Longest first: padding waste is minimal within a batch and memory trouble shows up at once.
-    order = sorted(indices, key=lambda i: (-lengths[i], i))
+    if lengths is None:
+        lengths = {i: len(pool[int(i)]["input_ids"]) for i in indices}
+    order = batch_order(indices, lengths)
     bs = int(fcfg["batch_size"])
     out: list[tuple[int, dict]] = []
-    t_feat = t_ifd = 0.0
-    tokens = sup_tokens = 0
-    bar = tqdm(
-        total=len(order), desc="features", unit="sample", disable=not progress, dynamic_ncols=True
-    )
+    timings = dict.fromkeys(TIMINGS, 0)
+    own_bar = bar is None
+    if own_bar:
+        bar = tqdm(total=len(order), desc="features", unit="sample", disable=not progress,
+                   dynamic_ncols=True)  # fmt: skip
     t_start = time.perf_counter()
     for s in range(0, len(order), bs):
         idx = order[s : s + bs]
         samples = [pool[int(i)] for i in idx]
-        batch = collate(samples, pad_id, padding_side)
-        t0 = time.perf_counter()
-        res = per_sample_grad_norms(
-            model, **batch, stats=bool(fcfg["stats"]), chunk_bytes=int(fcfg["chunk_bytes"])
-        )
-        t_feat += time.perf_counter() - t0
-        cols = {k: v.tolist() for k, v in res.items()}
-        if fcfg["ifd"]:
-            t0 = time.perf_counter()
-            refs = ifd_reference(samples, fcfg["ifd_answer"], prefix_id)
-            resp = collate(refs, pad_id, padding_side)
-            loss_a, _ = per_sample_loss(model, **resp, chunk_bytes=int(fcfg["chunk_bytes"]))
-            t_ifd += time.perf_counter() - t0
-            cols["response_loss"] = loss_a.tolist()
-            cols["ifd"] = [
-                math.exp(lq - la) if math.isfinite(lq - la) else math.nan
-                for lq, la in zip(cols["loss"], cols["response_loss"])
-            ]
+        cols, batch, secs = _score_batch(fcfg, model, samples, pad_id, padding_side, prefix_id)
         for b, i in enumerate(idx):
             out.append((i, {"id": str(samples[b]["id"]), **{k: v[b] for k, v in cols.items()}}))
-        n_tok = int(batch["attention_mask"].sum())
-        tokens += n_tok
-        sup_tokens += int(res["n_tokens"].sum())
+        timings["feature_s"] += secs["feature_s"]
+        timings["ifd_s"] += secs["ifd_s"]
+        timings["tokens"] += int(batch["attention_mask"].sum())
+        timings["supervised_tokens"] += int(sum(cols["n_tokens"]))
         bar.update(len(idx))
-        bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - t_start, 1e-9):.0f}")
-    bar.close()
-    timings = {
-        "feature_s": t_feat,
-        "ifd_s": t_ifd,
-        "wall_s": time.perf_counter() - t_start,
-        "tokens": tokens,
-        "supervised_tokens": sup_tokens,
-        "samples": len(order),
-    }
+        bar.set_postfix(tok_s=f"{timings['tokens'] / max(time.perf_counter() - t_start, 1e-9):.0f}")
+    if own_bar:
+        bar.close()
+    timings["wall_s"] = time.perf_counter() - t_start
+    timings["samples"] = len(order)
     return out, timings
 
 
+def _recorded_table(recorded: Any):
+    """The recorded rows as an Arrow table and their ids as strings (``(None, None)``: none)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if recorded is None:
+        return None, None
+    table = recorded if isinstance(recorded, pa.Table) else pa.Table.from_pylist(list(recorded))
+    if table.num_rows == 0:
+        return None, None
+    if "id" not in table.column_names:
+        raise ValueError(f"recorded features: no 'id' column (columns: {table.column_names})")
+    return table, pc.cast(table.column("id"), pa.string()).combine_chunks()
+
+
+class _ChunkTable:
+    """Rank 0's side of the pass: each chunk's gathered rows, merged in pool order with the
+    recorded ones, appended to the table; NaN report and counts accumulated on the way."""
+
+    def __init__(self, path: Path, columns: list[str], recorded: Any) -> None:
+        self.writer, self.columns, self.recorded = TableWriter(path, columns), columns, recorded
+        self.nan = NanReport()
+        self.n_rows = self.n_computed = 0
+
+    def __enter__(self) -> _ChunkTable:
+        self.writer.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return self.writer.__exit__(*exc)
+
+    def add(self, start: int, stop: int, parts: list, todo: list[int], positions: Any) -> None:
+        """``parts``: every rank's ``[(pool index, row)]`` of the chunk ``[start, stop)``;
+        ``positions``: each sample's row in the recorded table (null: not recorded)."""
+        import pyarrow.compute as pc
+
+        computed = dict(item for part in parts for item in part)
+        assert sorted(computed) == todo, "lost or duplicated samples"
+        rec = iter(())
+        if positions is not None:
+            rec = iter(self.recorded.take(pc.drop_null(positions)).to_pylist())
+        rows = [computed[i] if i in computed else next(rec) for i in range(start, stop)]
+        self.nan.add(rows)
+        self.writer.write(rows)
+        self.n_rows += len(rows)
+        self.n_computed += len(todo)
+
+
+def _chunk_todo(ids: Any, start: int, recorded_ids: Any) -> tuple[list[int], Any]:
+    """Pool indices of the chunk still to score and each sample's row in the recorded table."""
+    import pyarrow.compute as pc
+
+    n = len(ids)
+    if recorded_ids is None:
+        return list(range(start, start + n)), None
+    positions = pc.index_in(ids, value_set=recorded_ids)
+    missing = pc.is_null(positions).to_numpy(zero_copy_only=False)
+    return [start + int(k) for k in missing.nonzero()[0]], positions
+
+
 def run_features(
-    cfg: dict, model, tokenizer, pool: Any, out_dir: str | Path, recorded: list[dict] | None = None
+    cfg: dict,
+    model,
+    tokenizer,
+    pool: Any,
+    out_dir: str | Path,
+    recorded: Any = None,
+    chunk_size: int | None = None,
 ) -> dict:
     """Compute the feature table of ``pool`` and write ``features.parquet`` / ``features.json``.
 
@@ -173,8 +286,10 @@ def run_features(
         pool: ``datasets.Dataset`` or list of dicts with ``id``, ``input_ids``, ``labels`` (``-100`` on
             the prompt) and, with ``ifd``, ``response_ids``.
         out_dir: stage output folder (rank 0 writes).
-        recorded: rows already scored (the warm-up's, ``features.source=warmup``); only the other
-            pool samples are computed, and the table holds both, in pool order.
+        recorded: rows already scored (the warm-up's, ``features.source=warmup``), as an Arrow table
+            or a list of dicts; only the other pool samples are computed, and the table holds both,
+            in pool order.
+        chunk_size: samples per chunk (default :data:`CHUNK_SIZE`).
 
     Returns:
         The summary written to ``features.json`` (identical on every rank).
@@ -184,44 +299,30 @@ def run_features(
     from grads.dist import rank, world_size
 
     fcfg = features_settings(cfg)
+    chunk = int(chunk_size or CHUNK_SIZE)
+    if chunk < 1:
+        raise ValueError(f"run_features: chunk_size={chunk_size!r} must be a positive integer")
     padding_side = fcfg.get("padding_side") or getattr(tokenizer, "padding_side", None) or "right"
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    )
     r, world = rank(), world_size()
     distributed = world > 1 and dist.is_available() and dist.is_initialized()
     t0 = time.perf_counter()
-    pool_ids = [
-        str(x)
-        for x in (pool["id"] if hasattr(pool, "column_names") else [row["id"] for row in pool])
-    ]
-    done = {str(row["id"]): row for row in recorded or []}
-    todo = [i for i, sid in enumerate(pool_ids) if sid not in done]
-
-    local, timings = compute_shard(
-        fcfg,
-        model,
-        pad_id,
-        padding_side,
-        pool,
-        todo[r::world] if distributed else todo,
-        progress=bool(fcfg["progress"]) and r == 0,
-        prefix_id=(
-            tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        ),
-    )
+    rec_table, rec_ids = _recorded_table(recorded)
+    columns = feature_columns(_tied(model), bool(fcfg["stats"]), bool(fcfg["ifd"]))
+    table = _ChunkTable(Path(out_dir) / "features.parquet", columns, rec_table) if r == 0 else None
+    setup = _Pass(fcfg, model, tokenizer, pool, padding_side, r, world if distributed else 1,
+                  chunk, rec_table, rec_ids)  # fmt: skip
+    with table or nullcontext():
+        timings = _run_chunks(setup, table)
     timings["device"] = str(next(model.parameters()).device)
     if distributed:
         gathered = [None] * world if r == 0 else None
-        dist.gather_object((local, timings), gathered, dst=0)
+        dist.gather_object(timings, gathered, dst=0)
     else:
-        gathered = [(local, timings)]
-
+        gathered = [timings]
     summary = None
     if r == 0:
-        shard = {"gathered": gathered, "todo": todo, "done": done, "pool_ids": pool_ids}
-        n_ranks = world if distributed else 1
-        summary = _write_table(fcfg, model, shard, padding_side, t0, out_dir, recorded, n_ranks)
+        meta = {"padding_side": padding_side, "t0": t0, "source": recorded is not None}
+        summary = _write_summary(fcfg, model, table, gathered, meta, out_dir)
     if distributed:
         box = [summary]
         dist.broadcast_object_list(box, src=0)
@@ -229,61 +330,98 @@ def run_features(
     return summary
 
 
-def _write_table(
-    fcfg: dict,
-    model,
-    shard: dict,
-    padding_side: str,
-    t0: float,
-    out_dir: str | Path,
-    recorded: list[dict] | None,
-    world_size: int,
-) -> dict:
-    """Rank 0: merge every rank's rows with the recorded ones (pool order), write the table and
-    ``features.json``; return the summary."""
-    from grads.io import write_json, write_parquet
+def _tied(model) -> bool:
+    """Whether the (peft-unwrapped) model ties its embedding and LM head."""
     from grads.models import is_tied
 
-    gathered, todo, done, pool_ids = (
-        shard["gathered"],
-        shard["todo"],
-        shard["done"],
-        shard["pool_ids"],
-    )
-    computed = dict(item for part, _ in gathered for item in part)
-    assert sorted(computed) == todo, "lost or duplicated samples"
-    rows = [computed[i] if i in computed else done[sid] for i, sid in enumerate(pool_ids)]
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    columns = feature_columns(is_tied(base), bool(fcfg["stats"]), bool(fcfg["ifd"]))
-    parts = [t for _, t in gathered]
-    wall = time.perf_counter() - t0
+    return is_tied(model.get_base_model() if hasattr(model, "get_base_model") else model)
+
+
+@dataclass
+class _Pass:
+    """What every chunk of one rank's pass uses."""
+
+    fcfg: dict
+    model: Any
+    tokenizer: Any
+    pool: Any
+    padding_side: str
+    rank: int
+    world: int  # 1 without a process group
+    chunk: int
+    recorded: Any  # Arrow table of the recorded rows, or None
+    recorded_ids: Any  # their ids as an Arrow string array, or None
+
+
+def _run_chunks(p: _Pass, table: _ChunkTable | None) -> dict:
+    """Every chunk of the pool in pool order: this rank's share scored, the rows gathered on rank 0
+    into ``table``; returns this rank's timings (summed over chunks)."""
+    import torch.distributed as dist
+    from tqdm.auto import tqdm
+
+    tok, r = p.tokenizer, p.rank
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    prefix_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    view, n = _arrow_view(p.pool), len(p.pool)
+    n_todo = max(n - (p.recorded.num_rows if p.recorded is not None else 0), 0)
+    bar = tqdm(total=n_todo, desc="features", unit="sample",
+               disable=not (bool(p.fcfg["progress"]) and r == 0), dynamic_ncols=True)  # fmt: skip
+    timings = dict.fromkeys(TIMINGS, 0)
+    for start in range(0, n, p.chunk):
+        stop = min(start + p.chunk, n)
+        ids, lengths = chunk_ids_and_lengths(p.pool, view, start, stop)
+        todo, positions = _chunk_todo(ids, start, p.recorded_ids)
+        share = todo[r :: p.world]
+        local, t = compute_shard(
+            p.fcfg, p.model, pad_id, p.padding_side, p.pool, share,
+            prefix_id=prefix_id, lengths={i: int(lengths[i - start]) for i in share}, bar=bar,
+        )  # fmt: skip
+        for k in TIMINGS:
+            timings[k] += t[k]
+        if p.world > 1:
+            parts = [None] * p.world if r == 0 else None
+            dist.gather_object(local, parts, dst=0)
+        else:
+            parts = [local]
+        if table is not None:
+            table.add(start, stop, parts, todo, positions)
+            bar.update(len(todo) - len(share))  # the other ranks' samples of the chunk
+    bar.close()
+    return timings
+
+
+def _write_summary(
+    fcfg: dict, model, table: _ChunkTable, parts: list[dict], meta: dict, out_dir: str | Path
+) -> dict:
+    """Rank 0: ``features.json`` (after the table is in place); returns the summary."""
+    from grads.io import write_json
+
+    wall = time.perf_counter() - meta["t0"]
     tokens = sum(t["tokens"] for t in parts)
     summary = {
-        "source": "warmup" if recorded is not None else "pass",
-        "n_samples": len(rows),
-        "n_recorded": len(rows) - len(todo),
-        "n_computed": len(todo),
-        **nan_report(rows),
-        "columns": columns,
-        "tied": is_tied(base),
+        "source": "warmup" if meta["source"] else "pass",
+        "n_samples": table.n_rows,
+        "n_recorded": table.n_rows - table.n_computed,
+        "n_computed": table.n_computed,
+        **table.nan.summary(),
+        "columns": table.columns,
+        "tied": _tied(model),
         "stats": bool(fcfg["stats"]),
         "ifd": bool(fcfg["ifd"]),
         "batch_size": int(fcfg["batch_size"]),
-        "padding_side": padding_side,
+        "padding_side": meta["padding_side"],
         "device": str(next(model.parameters()).device),  # rank 0's; per_rank has each
-        "world_size": world_size,
+        "world_size": len(parts),
         "tokens_processed": tokens,
         "supervised_tokens": sum(t["supervised_tokens"] for t in parts),
         "wall_time_s": wall,
         "feature_time_s": max(t["feature_s"] for t in parts),
         "ifd_time_s": max(t["ifd_s"] for t in parts),
         "tokens_per_s": tokens / wall if wall > 0 else math.nan,
-        "samples_per_s": len(todo) / wall if wall > 0 else math.nan,
+        "samples_per_s": table.n_computed / wall if wall > 0 else math.nan,
         "per_rank": parts,
     }
-    out_dir = Path(out_dir)
-    write_parquet(out_dir / "features.parquet", arrow_table(rows, columns))
-    write_json(out_dir / "features.json", summary)
+    write_json(Path(out_dir) / "features.json", summary)
     return summary
 
 
@@ -293,16 +431,16 @@ def features_from_warmup(cfg: dict, warmup_dir: str | Path, out_dir: str | Path)
     The warm-up wrote ``features.parquet`` for every sample it trained on, each scored from its own
     training step (the model state of that step, before its update; see
     ``grads.features.gradients.GradNormRecorder``). When that covers the pool, the table is taken as is
-    (no model is loaded). With ``warmup.fraction < 1`` or ``max_steps`` short of an epoch, the
-    remaining samples are scored by the normal pass on the warm-up's final model, on
-    ``features.procs`` processes, and merged. With a one-epoch warm-up every sample is then scored
-    by a model not yet updated on it: a recorded sample just before its own step, any other one
-    by the final model, which never saw it.
+    (no model is loaded; copied a chunk at a time). With ``warmup.fraction < 1`` or ``max_steps``
+    short of an epoch, the remaining samples are scored by the normal pass on the warm-up's final
+    model, on ``features.procs`` processes, and merged chunk by chunk in pool order. With a
+    one-epoch warm-up every sample is then scored by a model not yet updated on it: a recorded
+    sample just before its own step, any other one by the final model, which never saw it.
 
     Returns:
         The summary written to ``out_dir/features.json``.
     """
-    from grads.io import read_json, write_json, write_parquet
+    from grads.io import read_json, write_json
 
     features_source(cfg)
     warmup_dir, out_dir = Path(warmup_dir), Path(out_dir)
@@ -325,8 +463,10 @@ def features_from_warmup(cfg: dict, warmup_dir: str | Path, out_dir: str | Path)
     fcfg = features_settings(cfg)
     columns = feature_columns(bool(info["tied"]), bool(fcfg["stats"]), False)
     t0 = time.perf_counter()
-    table = pq.read_table(warmup_dir / "features.parquet").select(columns)
-    write_parquet(out_dir / "features.parquet", table)
+    source = pq.ParquetFile(warmup_dir / "features.parquet")
+    with TableWriter(out_dir / "features.parquet", columns) as writer:
+        for batch in source.iter_batches(batch_size=CHUNK_SIZE, columns=columns):
+            writer.write_table(batch)
     summary = {
         **{k: v for k, v in info.items() if k not in ("columns", "stats")},
         "columns": columns,
@@ -341,7 +481,8 @@ def features_from_warmup(cfg: dict, warmup_dir: str | Path, out_dir: str | Path)
 
 
 def _features_rest_job(cfg: dict, warmup_dir: str, out_dir: str) -> None:
-    """Worker: the pass over the samples the warm-up did not record, merged with its rows."""
+    """Worker: the pass over the samples the warm-up did not record, merged with its rows (read
+    as an Arrow table: the warm-up's fraction of the pool, never as Python rows at once)."""
     import pyarrow.parquet as pq
 
     from grads.data.pool import load_pool
@@ -351,15 +492,21 @@ def _features_rest_job(cfg: dict, warmup_dir: str, out_dir: str) -> None:
         cfg["model"], warmup_dir, cache_dir=(cfg.get("paths") or {}).get("model_dir")
     )
     pool = load_pool(cfg, tokenizer)
-    recorded = pq.read_table(Path(warmup_dir) / "features.parquet").to_pylist()
+    recorded = pq.read_table(Path(warmup_dir) / "features.parquet")
     run_features(cfg, model, tokenizer, pool, out_dir, recorded=recorded)
 
 
 def run_features_from_config(
-    cfg: dict, pool: Any, out_dir: str | Path, model_path: str | None = None
+    cfg: dict,
+    pool: Any,
+    out_dir: str | Path,
+    model_path: str | None = None,
+    recorded: Any = None,
+    chunk_size: int | None = None,
 ) -> dict:
     """Worker entry point (``grads.launch.run_distributed("grads.features.compute:run_features_from_config",
-    procs, cfg, pool, out_dir)``): load ``cfg["model"]`` on this rank's device, then ``run_features``.
+    procs, cfg, pool, out_dir)``): load ``cfg["model"]`` on this rank's device, then ``run_features``
+    (``recorded`` and ``chunk_size`` passed on).
     """
     import os
 
@@ -374,4 +521,6 @@ def run_features_from_config(
     model, tokenizer = load_model(cfg["model"], cache_dir=cache_dir, path=model_path)
     if torch.cuda.is_available():
         model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}")
-    return run_features(cfg, model, tokenizer, pool, out_dir)
+    return run_features(
+        cfg, model, tokenizer, pool, out_dir, recorded=recorded, chunk_size=chunk_size
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,28 +63,106 @@ def feature_columns(tied: bool, stats: bool, ifd: bool) -> list[str]:
     return columns + (["response_loss", "ifd"] if ifd else [])
 
 
-def arrow_table(rows: list[dict], columns: list[str]):
+def feature_schema(columns: Sequence[str]):
+    """Arrow schema of ``features.parquet``: ``id`` string, ``n_tokens`` int64, every other column
+    float64 (the types Arrow infers from whole rows, fixed so that every chunk agrees)."""
     import pyarrow as pa
 
-    return pa.table({c: [row[c] for row in rows] for c in columns})
+    types = {"id": pa.string(), "n_tokens": pa.int64()}
+    return pa.schema([(c, types.get(c, pa.float64())) for c in columns])
+
+
+def arrow_table(rows: list[dict], columns: list[str], schema=None):
+    """The rows as an Arrow table of ``columns`` (types inferred, or ``schema``'s)."""
+    import pyarrow as pa
+
+    if schema is None:
+        return pa.table({c: [row[c] for row in rows] for c in columns})
+    return pa.table(
+        {c: pa.array([row[c] for row in rows], type=schema.field(c).type) for c in columns},
+        schema=schema,
+    )
+
+
+class NanReport:
+    """Samples without a supervised token and rows holding a NaN, counted chunk by chunk."""
+
+    KEEP_IDS = 100  # ids kept for the summary
+
+    def __init__(self) -> None:
+        self.n_empty = 0
+        self.empty_ids: list = []
+        self.n_nan_rows = 0
+
+    def add(self, rows: list[dict]) -> NanReport:
+        empty = [row["id"] for row in rows if row["n_tokens"] == 0]
+        self.n_empty += len(empty)
+        self.empty_ids += empty[: self.KEEP_IDS - len(self.empty_ids)]
+        self.n_nan_rows += sum(
+            any(isinstance(v, float) and math.isnan(v) for v in row.values()) for row in rows
+        )
+        return self
+
+    def summary(self) -> dict:
+        """The summary fields (the warning about samples with no supervised token is logged here)."""
+        if self.n_empty:
+            log.warning(
+                "%d sample(s) have no supervised token; their features are NaN (e.g. %s)",
+                self.n_empty,
+                self.empty_ids[:5],
+            )
+        return {
+            "n_no_supervised_tokens": self.n_empty,
+            "no_supervised_ids": list(self.empty_ids),
+            "n_nan_rows": self.n_nan_rows,
+        }
 
 
 def nan_report(rows: list[dict]) -> dict:
-    empty = [row["id"] for row in rows if row["n_tokens"] == 0]
-    if empty:
-        log.warning(
-            "%d sample(s) have no supervised token; their features are NaN (e.g. %s)",
-            len(empty),
-            empty[:5],
-        )
-    nan_rows = sum(
-        any(isinstance(v, float) and math.isnan(v) for v in row.values()) for row in rows
-    )
-    return {
-        "n_no_supervised_tokens": len(empty),
-        "no_supervised_ids": empty[:100],
-        "n_nan_rows": nan_rows,
-    }
+    return NanReport().add(rows).summary()
+
+
+class TableWriter:
+    """``features.parquet`` written chunk by chunk (one row group per :meth:`write`) under a
+    temporary name in the same folder, renamed onto ``path`` when the block ends without error: a
+    crash never leaves a partial table under the final name (as ``grads.io.write_parquet``).
+
+    Usage: ``with TableWriter(path, columns) as w: w.write(rows); ...``
+    """
+
+    def __init__(self, path: str | Path, columns: Sequence[str]) -> None:
+        self.path, self.columns = Path(path), list(columns)
+        self.schema = feature_schema(self.columns)
+        self.rows = 0
+
+    def __enter__(self) -> TableWriter:
+        import pyarrow.parquet as pq
+
+        from grads.io import atomic_path
+
+        with ExitStack() as stack:
+            tmp = stack.enter_context(atomic_path(self.path))
+            writer = pq.ParquetWriter(tmp, self.schema)
+            stack.callback(writer.close)  # the footer, before the rename (stacks unwind LIFO)
+            self._writer, self._stack = writer, stack.pop_all()
+        return self
+
+    def write(self, rows: list[dict]) -> None:
+        """Append ``rows`` (dicts with every column) as one row group."""
+        self.write_table(arrow_table(rows, self.columns, self.schema))
+
+    def write_table(self, table) -> None:
+        """Append an Arrow table (or record batch) holding the columns, in any order."""
+        import pyarrow as pa
+
+        if isinstance(table, pa.RecordBatch):
+            table = pa.Table.from_batches([table])
+        self._writer.write_table(table.select(self.columns).cast(self.schema))
+        self.rows += table.num_rows
+
+    def __exit__(self, *exc) -> bool:
+        # closes the writer, then renames the temporary onto the path (removes it if the block raised)
+        return self._stack.__exit__(*exc)
 
 
 def write_recorded(
