@@ -491,7 +491,7 @@ def _features_rest_job(cfg: dict, warmup_dir: str, out_dir: str) -> None:
     model, tokenizer = load_trained(
         cfg["model"], warmup_dir, cache_dir=(cfg.get("paths") or {}).get("model_dir")
     )
-    pool = load_pool(cfg, tokenizer)
+    pool = load_pool(cfg, tokenizer, reuse_from=warmup_dir)
     recorded = pq.read_table(Path(warmup_dir) / "features.parquet")
     run_features(cfg, model, tokenizer, pool, out_dir, recorded=recorded)
 
