@@ -34,6 +34,12 @@ Measured per child:
   once are not added up. So a thread also samples the summed RSS of the child's process tree with
   psutil every 0.1 s (``tree_peak_gb`` in the JSON); the two agree when a stage runs in one process
   (``trainer.procs=1``, ``features.procs=1``, the defaults used here).
+* ``anon -base GB``: the sampled peak of the tree's *anonymous* resident memory (``RssAnon`` in
+  ``/proc/<pid>/status``: heap and stacks) minus the baseline's. ``peak GB`` also counts the file
+  pages a process maps, and the pool store is a memory-mapped file: pages of it that a stage has
+  read stay resident as page cache (shared, dropped by the kernel under memory pressure) and grow
+  with the pool even though the process holds nothing of it. This column is the memory the stage
+  itself holds, the one the goal of flat memory is about; both are reported.
 * ``-base GB``: the peak minus the peak of a baseline child that only imports ``grads.pipeline``
   and loads the tiny model the way the stages do: "excluding the model" (Python, torch,
   transformers, grads and the model, which the warm-up and features children hold too). The warm-up
@@ -207,25 +213,28 @@ class _TreeRss:
         import psutil
 
         self._psutil, self._root = psutil, psutil.Process(pid)
-        self.interval, self.peak = interval, 0
+        self.interval, self.peak, self.anon_peak = interval, 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> int:
+    def _sample(self) -> tuple[int, int]:
+        """Summed RSS and summed anonymous RSS (``RssAnon``) of the tree, in bytes."""
         ps = self._psutil
-        total = 0
+        total = anon = 0
         try:
             procs = [self._root, *self._root.children(recursive=True)]
         except ps.Error:  # gone (exited, or a zombie waiting for wait4)
-            return 0
+            return 0, 0
         for p in procs:
-            with contextlib.suppress(ps.Error):  # exited between listing and reading
+            with contextlib.suppress(ps.Error, OSError):  # exited between listing and reading
                 total += p.memory_info().rss
-        return total
+                anon += _rss_anon(p.pid)
+        return total, anon
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
+            total, anon = self._sample()
+            self.peak, self.anon_peak = max(self.peak, total), max(self.anon_peak, anon)
             self._stop.wait(self.interval)
 
     def __enter__(self) -> _TreeRss:
@@ -235,6 +244,17 @@ class _TreeRss:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def _rss_anon(pid: int) -> int:
+    """A process's resident anonymous memory in bytes (``RssAnon`` of ``/proc/<pid>/status``): its
+    own heap and stacks, without the file pages it maps (the memory-mapped pool store is page
+    cache, shared and dropped by the kernel under pressure); 0 where /proc has no such line."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def measure(cmd: list[str], env: dict, log_path: Path) -> dict:
@@ -261,6 +281,7 @@ def measure(cmd: list[str], env: dict, log_path: Path) -> dict:
         "wall_s": round(wall, 2),
         "peak_rss_gb": round(usage.ru_maxrss * 1024 / GB, 4),  # Linux: ru_maxrss in KiB
         "tree_peak_gb": round(tree.peak / GB, 4),
+        "anon_peak_gb": round(tree.anon_peak / GB, 4),
         "log": str(log_path),
     }
 
@@ -425,6 +446,13 @@ def _ok(rec: dict | None) -> bool:
     return bool(rec) and rec["rc"] == 0 and rec.get("stage_s") is not None
 
 
+def _anon_excl(rec: dict, base: dict, stage: str) -> float | None:
+    """Sampled peak anonymous memory beyond the model's (as :func:`_excl`), if measured."""
+    if rec.get("anon_peak_gb") is None or base.get("anon_peak_gb") is None:
+        return None
+    return rec["anon_peak_gb"] - (base["anon_peak_gb"] if stage in MODEL_STAGES else 0.0)
+
+
 def _excl(rec: dict, base: dict, stage: str) -> float:
     """Peak RSS beyond the model (GB): minus the baseline's for a stage that loads the model; the
     whole peak for one that does not (nothing to take away; its libraries stay counted)."""
@@ -459,7 +487,12 @@ def ratios(rows: list[dict], base: dict) -> dict:
         for s in STAGES
     }
     rss_ratio["largest stage"] = _ratio(top(last), top(first))
+    anon_ratio = {
+        s: _ratio(_anon_excl(last["stages"][s], base, s), _anon_excl(first["stages"][s], base, s))
+        for s in STAGES
+    }
     return {
+        "anon_excl_model_largest_vs_smallest": anon_ratio,
         "smallest": first["n"],
         "largest": last["n"],
         "time_per_sample_vs_smallest": time_ratio,
@@ -469,13 +502,14 @@ def ratios(rows: list[dict], base: dict) -> dict:
 
 def _cells(rec: dict | None, n: int, base: dict, stage: str) -> list[str]:
     if not rec or rec["rc"] != 0:
-        return ["failed" if rec else "-"] + ["-"] * 3
-    s = rec.get("stage_s")
+        return ["failed" if rec else "-"] + ["-"] * 4
+    s, anon = rec.get("stage_s"), _anon_excl(rec, base, stage)
     return [
         f"{s:.1f}" if s is not None else "?",
         f"{1000 * s / n:.3f}" if s is not None else "?",
         f"{rec['peak_rss_gb']:.3f}",
         f"{_excl(rec, base, stage):.3f}",
+        f"{anon:.3f}" if anon is not None else "?",
     ]
 
 
@@ -483,7 +517,7 @@ def markdown(rows: list[dict], base: dict, rat: dict, settings: dict) -> str:
     """The table (one row per pool size), the baseline and the ratios, as Markdown."""
     head = ["N", "pool"]
     for s in STAGES:
-        head += [f"{s} s", f"{s} s/1k", f"{s} GB", f"{s} -base GB"]
+        head += [f"{s} s", f"{s} s/1k", f"{s} GB", f"{s} -base GB", f"{s} anon -base GB"]
     lines = ["| " + " | ".join([*head, "note"]) + " |", "|" + "---|" * (len(head) + 1)]
     for r in rows:
         cells = [f"{r['n']:,}", f"{r['n_pool']:,}" if r.get("n_pool") else "-"]
@@ -495,7 +529,9 @@ def markdown(rows: list[dict], base: dict, rat: dict, settings: dict) -> str:
         "",
         f"Baseline (imports + tiny model): peak RSS {base['peak_rss_gb']:.3f} GB. "
         "s: the stage's own wall time (metrics.json cost.<stage>.wall_s); GB: the child's peak RSS "
-        "(ru_maxrss); -base GB: minus the baseline (select loads no model: its whole peak).",
+        "(ru_maxrss); -base GB: minus the baseline (select loads no model: its whole peak); "
+        "anon -base GB: the sampled peak of the tree's anonymous memory (RssAnon: without the "
+        "page cache of the memory-mapped pool store), minus the baseline's.",
         f"Settings: {json.dumps(settings)}",
     ]
     if rat:
@@ -507,6 +543,10 @@ def markdown(rows: list[dict], base: dict, rat: dict, settings: dict) -> str:
             "",
             f"Peak RSS minus baseline, N = {rat['largest']:,} over N = {rat['smallest']:,}: "
             + ", ".join(f"{k}: {v}" for k, v in rss.items()),
+            "Peak anonymous memory minus baseline, same sizes: "
+            + ", ".join(
+                f"{k}: {v}" for k, v in rat.get("anon_excl_model_largest_vs_smallest", {}).items()
+            ),
         ]
     return "\n".join(lines) + "\n"
 
