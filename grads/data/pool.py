@@ -8,6 +8,11 @@ pipeline is::
     read rows -> validate fields -> render prompt/response -> decontaminate against eval sets
       -> de-duplicate -> pool_limit (deterministic) -> chat template + tokenise -> mask prompt
 
+The pool streams: records pass through these steps one at a time (:func:`iter_pool_records`) and
+are tokenised a batch at a time into an Arrow file that the stages memory-map (:func:`load_pool`),
+so what a pool costs in memory does not grow with its size (held: the ids de-duplication has seen,
+one integer each; the held-out split's key groups; with ``pool_limit``, the kept records).
+
 Every sample gets a stable id (a hash of its prompt and response), so selections compare across runs.
 Bad input never raises a bare ``KeyError`` or ``UnicodeDecodeError`` and is never dropped silently:
 with ``data.on_bad_row=error`` (default) the first bad row raises :class:`~grads.data.readers.BadRecordError` naming
