@@ -269,7 +269,7 @@ def test_features_from_warmup_merges_and_copies_in_chunks(tmp_path, monkeypatch)
     pool = make_pool(13, seed=2)
     monkeypatch.setattr(compute, "CHUNK_SIZE", 4)
     monkeypatch.setattr(grads.training, "load_trained", lambda *a, **k: (model, tok))
-    monkeypatch.setattr(grads.data.pool, "load_pool", lambda cfg, tokenizer: pool)
+    monkeypatch.setattr(grads.data.pool, "load_pool", lambda cfg, tokenizer, **kw: pool)
     cfg = {**REC_CFG, "features": {**REC_CFG["features"], "source": "warmup"}}
     run_features(REC_CFG, model, tok, pool, tmp_path / "pass", chunk_size=100)
     full = table_of(tmp_path / "pass").to_pylist()

@@ -65,7 +65,9 @@ def test_features_job_moves_the_model_to_the_gpu(fake_cuda, monkeypatch, tmp_pat
     model, seen = FakeModel(), {}
     monkeypatch.setattr(features, "load_trained", lambda cfg, path: (model, "tokenizer"))
     monkeypatch.setattr(
-        grads.data.pool, "load_pool", lambda cfg, tok, return_stats=False: (["row"], {"read": 1})
+        grads.data.pool,
+        "load_pool",
+        lambda cfg, tok, return_stats=False, **kw: (["row"], {"read": 1}),
     )
     monkeypatch.setattr(
         grads.features.compute,
