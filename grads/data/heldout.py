@@ -197,16 +197,6 @@ def split(records: list[Record], domain: Any) -> tuple[list[Record], list[Record
     return pool, held
 
 
-def exclude_heldout(
-    records: list[Record], domain: Any, counts: Counter | None = None
-) -> list[Record]:
-    """The hook in ``grads.data.pool.load_records``: drop the held-out split from the candidates."""
-    pool, held = split(records, domain)
-    if counts is not None and len(pool) < len(records):
-        counts["heldout_for_domain_loss"] += len(records) - len(pool)
-    return pool
-
-
 def candidates(domain: Any, data_cfg: Any = None) -> list[Record]:
     """A domain's records after validation, decontamination and de-duplication (no pool_limit).
 
