@@ -41,7 +41,7 @@ from typing import Any
 
 from grads.config_access import cfg_get
 from grads.constants import IGNORE_INDEX
-from grads.data.records import Record, candidate_records
+from grads.data.records import Record, candidate_records, require_records
 from grads.io import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -73,15 +73,6 @@ def _data_settings(data_cfg: Any) -> dict:
 
     given = {k: v for k, v in dict(data_cfg or {}).items() if v is not None}
     return {**defaults("data"), **given}
-
-
-def _require_records(records: list, domain: Any, step: str, counts: Counter) -> None:
-    """An empty pool is an error that says which step emptied it, with the counts so far."""
-    if not records:
-        raise ValueError(
-            f"domain '{cfg_get(domain, 'name')}': the train pool is empty after {step} "
-            f"(counts: {dict(sorted(counts.items()))})"
-        )
 
 
 def load_records(domain: Any, data_cfg: Any = None) -> tuple[list[Record], dict]:
@@ -337,9 +328,10 @@ def _build(cfg: Any, tokenizer, folder: Path, keep: bool):
         tok_stats = write_store(records, tokenizer, data_cfg, part)
         log_counts(counts)
         stats = {**counts, **tok_stats}
-        _require_records(range(tok_stats["n_samples"]), domain,
-                         f"tokenising to data.max_seq_len={tok_stats['max_seq_len']}"
-                         " (every response was cut away)", Counter(stats))  # fmt: skip
+        step = f"tokenising to data.max_seq_len={tok_stats['max_seq_len']}"
+        require_records(
+            tok_stats["n_samples"], domain, f"{step} (every response was cut away)", stats
+        )
         write_json(folder / STORE_STATS, stats)
         os.replace(part, folder / STORE_FILE)
     except BaseException:

@@ -399,13 +399,17 @@ def candidate_records(
                     continue
                 seen.add(key)
             yield rec
-    for n, step in ((n_read, "reading and filtering its sources"),
-                    (n_clean, "decontamination against its evaluation sets")):  # fmt: skip
-        if not n:
-            raise ValueError(
-                f"domain '{cfg_get(domain, 'name')}': the train pool is empty after {step} "
-                f"(counts: {dict(sorted(counts.items()))})"
-            )
+    require_records(n_read, domain, "reading and filtering its sources", counts)
+    require_records(n_clean, domain, "decontamination against its evaluation sets", counts)
+
+
+def require_records(n: int, domain: Any, step: str, counts: Counter | dict) -> None:
+    """An empty pool is an error that says which step emptied it, with the counts so far."""
+    if not n:
+        raise ValueError(
+            f"domain '{cfg_get(domain, 'name')}': the train pool is empty after {step} "
+            f"(counts: {dict(sorted(counts.items()))})"
+        )
 
 
 _HEX_ID = re.compile(r"[0-9a-f]{16}")
