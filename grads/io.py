@@ -117,3 +117,17 @@ def write_parquet(path: str | os.PathLike, table) -> Path:
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
     return Path(path)
+
+
+def release_memory() -> None:
+    """Hand memory that allocators keep for reuse back to the system: Arrow's pool (the buffers of
+    a decoded or written table) and, with glibc, the C heap's free pages (``malloc_trim``). Called
+    between the phases of a large selection and export, so each phase starts from what is live."""
+    import ctypes
+    import sys
+
+    pa = sys.modules.get("pyarrow")
+    if pa is not None:
+        pa.default_memory_pool().release_unused()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -49,25 +49,43 @@ def save_figure(fig: Any, path: str | os.PathLike) -> Path:
     return path
 
 
-def draw_gradient_plane(ax: Any, embed: Any, lm_head: Any, selected: Any) -> int:
+PLANE_POINTS = 20_000  # points drawn per set (pool, subset) in the gradient-norm plane
+
+
+def draw_gradient_plane(
+    ax: Any, embed: Any, lm_head: Any, selected: Any, max_points: int = PLANE_POINTS, seed: int = 0
+) -> int:
     """The pool in the plane of the two gradient norms (log-log), the subset marked.
+
+    A set (the rest of the pool, the subset) of more than ``max_points`` samples is drawn as a
+    seeded uniform sample of that many, so a pool of millions stays a readable, light figure; the
+    title and legend give the full counts.
 
     Args:
         ax: the axes to draw on.
         embed, lm_head: per-sample ``||dL/dE||`` and ``||dL/dW_head||`` (the features table's
             ``embed`` and ``lm_head`` columns), any array-like.
         selected: boolean mask of the subset, aligned with them.
+        max_points: the most points drawn per set.
+        seed: seeds the sample.
 
     Returns:
-        How many points were drawn (samples with a finite, positive pair of norms).
+        How many samples have a finite, positive pair of norms (drawn, or sampled from).
     """
     x = np.asarray(embed, dtype=np.float64)
     y = np.asarray(lm_head, dtype=np.float64)
     chosen = np.asarray(selected, dtype=bool)
     with np.errstate(invalid="ignore"):
         ok = np.isfinite(x) & np.isfinite(y) & (x > 0) & (y > 0)
-    pool, sub = ok & ~chosen, ok & chosen
-    size = 6 if ok.sum() > 2000 else 14
+    rng = np.random.default_rng(seed)
+    pool, sub = np.flatnonzero(ok & ~chosen), np.flatnonzero(ok & chosen)
+    n_ok, n_sub = pool.size + sub.size, sub.size
+    pool, sub = (
+        np.sort(rng.choice(rows, max_points, replace=False)) if rows.size > max_points else rows
+        for rows in (pool, sub)
+    )
+    drawn = pool.size + sub.size
+    size = 6 if drawn > 2000 else 14
     ax.scatter(x[pool], y[pool], s=size, alpha=0.45, color=POOL_COLOR, lw=0, label="pool")
     ax.scatter(
         x[sub],
@@ -77,16 +95,17 @@ def draw_gradient_plane(ax: Any, embed: Any, lm_head: Any, selected: Any) -> int
         color=SUBSET_COLOR,
         edgecolor="black",
         lw=0.3,
-        label=f"selected (k={int(sub.sum()):,})",
+        label=f"selected (k={n_sub:,})",
     )
-    if ok.any():
+    if n_ok:
         ax.set_xscale("log")
         ax.set_yscale("log")
     ax.set_xlabel("||dL/dE||  (input embedding gradient norm)")
     ax.set_ylabel("||dL/dW||  (LM-head gradient norm)")
-    ax.set_title(f"pool in the gradient-norm plane (n={int(ok.sum()):,})")
+    shown = f"; {drawn:,} drawn" if drawn < n_ok else ""
+    ax.set_title(f"pool in the gradient-norm plane (n={n_ok:,}{shown})")
     ax.legend(fontsize=8)
-    return int(ok.sum())
+    return n_ok
 
 
 def draw_histogram(

@@ -233,6 +233,34 @@ def test_unscorable_samples_keep_a_row_with_null_score_and_rank(tmp_path):
     assert manifest["dataset"] and manifest.get("trl") is None  # default formats
 
 
+def test_scores_written_a_few_rows_at_a_time_equal_one_batch(tmp_path, monkeypatch):
+    """``scores.parquet`` is streamed from the features table's row batches: with batches of 7 rows
+    (and the picks found batch by batch) it equals the file written in one batch, ranks stay
+    nullable integers, and the plane draws a sample of a set larger than its cap."""
+    import grads.export.scores as scores
+    from grads.data.pool import load_records
+    from grads.plots import draw_gradient_plane, new_figure
+
+    pool = write_jsonl(tmp_path / "pool.jsonl", template_rows())
+    cfg = _cfg(pool, *TEMPLATES, "selector=gradnorm", "budget=p25")
+    records, _ = load_records(cfg["domain"], cfg["data"])
+    _select_and_export(cfg, records, tmp_path / "one", nan_every=5)
+    monkeypatch.setattr(scores, "BATCH_ROWS", 7)
+    _select_and_export(cfg, records, tmp_path / "many", nan_every=5)
+    one = pd.read_parquet(tmp_path / "one" / "export" / "scores.parquet")
+    many = pd.read_parquet(tmp_path / "many" / "export" / "scores.parquet")
+    assert len(many) == 60 and str(many["rank"].dtype) == "Int64"
+    pd.testing.assert_frame_equal(one, many)
+    import pyarrow.parquet as pq
+
+    assert pq.ParquetFile(tmp_path / "many" / "export" / "scores.parquet").num_row_groups == 9
+    fig, (ax,) = new_figure(1)
+    chosen = many["selected"].to_numpy()
+    assert draw_gradient_plane(ax, many["embed"], many["lm_head"], chosen, max_points=10) == 48
+    assert [len(c.get_offsets()) for c in ax.collections] == [10, 10]
+    assert "48; 20 drawn" in ax.get_title()
+
+
 def test_chat_pool_exports_prompt_completion_and_messages(tmp_path):
     from datasets import load_dataset
 

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from grads.export.formats import parse_formats, save_dataset
-from grads.io import atomic_path, read_json, read_jsonl, write_json, write_jsonl
+from grads.io import atomic_path, read_json, read_jsonl, release_memory, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -91,18 +91,23 @@ def export_selection(cfg: dict, select_dir: str | Path, out_dir: str | Path) -> 
     from grads.export.formats import write_trainer_formats
 
     files |= write_trainer_formats(formats, [records[p["id"]] for p in picks], out_dir)
+    n_rows = len(out)
+    del out, rows
     sel = read_json(select_dir / "selection.json")
-    report = _report(cfg, sel, picks, records, select_dir, out_dir, sampled)
-    manifest = _manifest(cfg, sel, out, columns, formats, files, report, select_dir, pool_info)
+    comp, labels = _composition(cfg, sel, picks, records, select_dir, sampled)
+    del records  # the ranking below reads the features table, not the pool
+    release_memory()
+    report = _report(cfg, sel, picks, comp, labels, select_dir, out_dir)
+    manifest = _manifest(cfg, sel, n_rows, columns, formats, files, report, select_dir, pool_info)
     write_json(out_dir / "export.json", manifest)
-    log.info("export: %d of %s records -> %s", len(out), sel.get("pool_size"), out_dir)
+    log.info("export: %d of %s records -> %s", n_rows, sel.get("pool_size"), out_dir)
     return manifest
 
 
 def _manifest(
     cfg: Mapping,
     sel: Mapping,
-    out: list,
+    n_rows: int,
     columns: list,
     formats: Sequence[str],
     files: dict,
@@ -114,7 +119,7 @@ def _manifest(
     from grads.selectors.balance import method_name
 
     return {
-        "rows": len(out),
+        "rows": n_rows,
         "pool_size": sel.get("pool_size"),
         "fields": columns,
         "formats": list(formats),
@@ -196,37 +201,24 @@ def _pool(
     return records, rows, info, sampled
 
 
-def _report(
+def _composition(
     cfg: Mapping,
     sel: Mapping,
     picks: list[dict],
     records: Mapping[str, Any],
     select_dir: Path,
-    out_dir: Path,
     sampled: list[str] | None = None,
-) -> dict:
-    """``scores.parquet``, the composition summary and the two figures; with ``sampled`` (the ids
-    of a sample of a large pool) the composition compares the subset with that sample."""
+) -> tuple[dict, dict[str, dict[str, str]]]:
+    """The composition summary and its group labels (``{axis: {id: label}}``); with ``sampled``
+    (the ids of a sample of a large pool) the composition compares the subset with that sample."""
     from grads.export import scores
     from grads.export.composition import composition, group_labels
-    from grads.export.figures import composition_figure, selection_figure
     from grads.selectors.balance import SKEW_WARNING
 
     seed = int(sel.get("seed", cfg.get("seed")) or 0)
-    path, frame, ranked = scores.features_path(sel), None, None
+    path = scores.features_path(sel)
     if path is not None:
-        import pandas as pd
-
-        table = pd.read_parquet(path)
-        ranked = scores.rank_pool(cfg, table, seed, path.parent)
-        frame = scores.pool_scores(table, picks, ranked)
-        pool_ids = frame["id"].astype(str).tolist()
-        n_tokens = None
-        if "n_tokens" in frame:
-            n_tokens = {i: n for i, n in zip(pool_ids, frame["n_tokens"].tolist()) if i in records}
-        if sampled is not None:
-            in_sample = set(sampled)
-            pool_ids = [i for i in pool_ids if i in in_sample]
+        pool_ids, n_tokens = scores.pool_view(path, records, sampled)
     else:
         log.warning(
             "export: %s names no features table that still exists; scores.parquet and the "
@@ -241,13 +233,34 @@ def _report(
     comp = composition(records, pool_ids, chosen, n_tokens, threshold, seed, labels=labels)
     comp["settings"]["pool_sample"] = POOL_SAMPLE
     comp["settings"]["pool_sampled"] = sampled is not None
+    return comp, labels
+
+
+def _report(
+    cfg: Mapping,
+    sel: Mapping,
+    picks: list[dict],
+    comp: dict,
+    labels: Mapping[str, Mapping[str, str]],
+    select_dir: Path,
+    out_dir: Path,
+) -> dict:
+    """``scores.parquet`` (streamed from the features table) and the two figures."""
+    from grads.export import scores
+    from grads.export.figures import composition_figure, selection_figure
+
+    seed = int(sel.get("seed", cfg.get("seed")) or 0)
+    path = scores.features_path(sel)
     out = {"composition": comp, "scores": None, "plot": None, "composition_plot": None}
-    if frame is not None:
-        scores.add_groups(frame, labels)
-        out["scores"] = str(scores.write_scores(frame, out_dir / "scores.parquet"))
-        out["plot"] = str(
-            selection_figure(frame, ranked, _title(cfg, sel, len(picks)), out_dir / "selection.png")
-        )
+    if path is not None:
+        ranked = scores.rank_pool(cfg, path, seed)
+        pool = scores.pool_scores(path, picks, ranked)
+        art = scores.plot_artifacts(ranked)
+        del ranked  # a Selection of the whole pool, ids included
+        release_memory()
+        out["scores"] = str(scores.write_scores(path, pool, labels, out_dir / "scores.parquet"))
+        title = _title(cfg, sel, len(picks))
+        out["plot"] = str(selection_figure(path, pool, art, title, out_dir / "selection.png"))
     elif (select_dir / "selection.png").exists():  # no features table: the select stage's plot
         with atomic_path(out_dir / "selection.png") as tmp:
             shutil.copyfile(select_dir / "selection.png", tmp)

@@ -10,20 +10,34 @@ from typing import Any
 import numpy as np
 
 
-def selection_figure(frame: Any, ranked: Any, title: str, path: Path) -> Path:
+def selection_figure(features: Path, pool: Any, art: Mapping, title: str, path: Path) -> Path:
     """The pool in the embedding x LM-head gradient-norm plane (subset marked) beside the histogram
-    of the selector's plotted quantity (``scores.parquet``'s ``value``, else its ``score``)."""
+    of the selector's plotted quantity (``scores.parquet``'s ``value``, else its ``score``).
+
+    Args:
+        features: the features table (its ``embed`` and ``lm_head`` columns are read).
+        pool: :class:`grads.export.scores.PoolScores` of its rows.
+        art: :func:`grads.export.scores.plot_artifacts` of the selector's ranking of the pool
+            (the axis label, and the KDE curve and threshold where it has them).
+        title: the histogram's title.
+        path: where the PNG goes.
+    """
+    import pyarrow.parquet as pq
+
     from grads.plots import draw_gradient_plane, draw_histogram, new_figure, save_figure
 
     fig, (left, right) = new_figure(2)
-    chosen = frame["selected"].to_numpy(dtype=bool)
-    if {"embed", "lm_head"} <= set(frame.columns):
-        draw_gradient_plane(left, frame["embed"], frame["lm_head"], chosen)
+    chosen = pool.selected
+    norms = [c for c in ("embed", "lm_head") if c in pq.read_schema(features).names]
+    if len(norms) == 2:
+        plane = pq.read_table(features, columns=norms)
+        x, y = (plane.column(c).to_numpy(zero_copy_only=False) for c in norms)
+        del plane
+        draw_gradient_plane(left, x, y, chosen)
     else:
         left.set_axis_off()
-    col = "value" if np.isfinite(frame["value"].to_numpy(dtype=float)).any() else "score"
-    values = frame[col].to_numpy(dtype=float)
-    art = ranked.artifacts if ranked is not None else {}
+    col = "value" if np.isfinite(pool.value).any() else "score"
+    values = pool.value if col == "value" else pool.score
     draw_histogram(
         right,
         values,

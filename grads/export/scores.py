@@ -20,18 +20,26 @@ selectors, one pass over the stored representations for LESS / RDS+) and writes:
 
 Samples the selector cannot score (NaN features: no supervised token; IFD's filter) keep their row
 with a null ``score``, ``rank`` and ``value``.
+
+Memory does not follow the pool: the ranking reads only the selector's columns, the new columns
+are numpy arrays (about 25 bytes per sample), and the file is written a row group at a time from
+the features table's own row groups (:data:`BATCH_ROWS` rows each).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+BATCH_ROWS = 65_536  # features-table rows read and written at a time
+GROUP_AXES = ("source", "file", "template")
 
 
 def features_path(summary: Mapping) -> Path | None:
@@ -40,93 +48,209 @@ def features_path(summary: Mapping) -> Path | None:
     return Path(str(path)) if path and Path(str(path)).exists() else None
 
 
-def rank_pool(cfg: Mapping, table: Any, seed: int, features_dir: Path) -> Any:
-    """The run's selector's ranking of every sample of ``table`` it can score."""
+def rank_pool(cfg: Mapping, path: Path, seed: int) -> Any:
+    """The run's selector's ranking of every sample of the features table ``path`` it can score
+    (read with only the columns the selector uses)."""
     from hydra.utils import instantiate
 
     from grads.selectors.balance import ranking
-    from grads.selectors.base import traits
+    from grads.selectors.base import ID, traits
+    from grads.selectors.stage import read_features
 
     selector = instantiate(cfg["selector"])
+    table = read_features(path, [ID, *selector.columns])
     names = traits(selector).representations
     reps = None
     if names:
         from grads.features.store import load_representations
 
-        reps = load_representations(features_dir, names)
+        reps = load_representations(path.parent, names)
     return ranking(selector, table, seed, reps)
 
 
-def pool_scores(table: Any, picks: Sequence[Mapping], ranked: Any) -> Any:
-    """The ``scores.parquet`` frame: ``table`` plus score, rank, selected and value (docstring).
+@dataclass
+class PoolScores:
+    """The columns ``scores.parquet`` adds to the features table, aligned with its rows."""
+
+    score: np.ndarray  # float64; NaN: not scored
+    rank: np.ndarray  # int64; -1: not scored
+    selected: np.ndarray  # bool
+    value: np.ndarray  # float64; NaN: none shown
+
+
+def iter_ids(path: Path, batch_rows: int | None = None) -> Iterator[Any]:
+    """The features table's ``id`` column, a pyarrow string array per batch of rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    batches = pq.ParquetFile(path).iter_batches(batch_size=batch_rows or BATCH_ROWS, columns=["id"])
+    for batch in batches:
+        yield batch.column(0).cast(pa.string())
+
+
+def positions_of(path: Path, ids: Sequence[str]) -> np.ndarray:
+    """The row of each of ``ids`` in the features table ``path`` (-1: absent), in one streamed pass
+    over its ``id`` column."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    wanted = pa.array(list(ids), type=pa.string())
+    rows = np.full(len(wanted), -1, dtype=np.int64)
+    offset = 0
+    for batch in iter_ids(path):
+        hit = pc.index_in(batch, value_set=wanted).fill_null(-1).to_numpy(zero_copy_only=False)
+        where = np.flatnonzero(hit >= 0)
+        rows[hit[where]] = offset + where
+        offset += len(batch)
+    return rows
+
+
+def pool_scores(path: Path, picks: Sequence[Mapping], ranked: Any) -> PoolScores:
+    """Score, rank, selected and value of every row of the features table ``path`` (docstring).
 
     Args:
-        table: the features table (pandas), one row per pool sample.
+        path: the features table, one row per pool sample.
         picks: ``selection.jsonl`` rows (``id``, ``rank``, ``score``).
-        ranked: :func:`rank_pool` of ``table``.
+        ranked: :func:`rank_pool` of ``path``.
 
     Raises:
         RuntimeError: a selected id is not in the features table.
     """
-    import pandas as pd
+    import pyarrow.parquet as pq
 
-    n = len(table)
-    where = {str(i): p for p, i in enumerate(table["id"].astype(str))}
-    missing = [p["id"] for p in picks if p["id"] not in where]
+    n = pq.ParquetFile(path).metadata.num_rows
+    picks = sorted(picks, key=lambda p: p["rank"])
+    rows = positions_of(path, [p["id"] for p in picks])
+    missing = [p["id"] for p, r in zip(picks, rows) if r < 0]
     if missing:
         raise RuntimeError(
             f"export: {len(missing)} selected ids are not in the features table (first: "
             f"{missing[:3]}); the selection and the features stage disagree: re-run selection"
         )
-    score = np.full(n, np.nan)
-    value = np.full(n, np.nan)
-    rank = np.full(n, -1, dtype=np.int64)
+    out = PoolScores(
+        score=np.full(n, np.nan),
+        rank=np.full(n, -1, dtype=np.int64),
+        selected=np.zeros(n, dtype=bool),
+        value=np.full(n, np.nan),
+    )
     positions = np.asarray(ranked.positions, dtype=np.int64)
-    score[positions] = np.asarray(ranked.scores, dtype=np.float64)
+    out.score[positions] = np.asarray(ranked.scores, dtype=np.float64)
     shown = np.atleast_1d(np.asarray(ranked.artifacts.get("selected_values", []), dtype=float))
     if shown.size == positions.size:
-        value[positions] = shown
-    chosen = np.zeros(n, dtype=bool)
-    for p in sorted(picks, key=lambda p: p["rank"]):
-        pos = where[p["id"]]
-        chosen[pos], rank[pos] = True, int(p["rank"])
-        if p.get("score") is not None:
-            score[pos] = float(p["score"])
-    rest = positions[~chosen[positions]]
-    rank[rest] = int(chosen.sum()) + np.arange(rest.size)
-    out = table.copy()
-    out["score"] = score
-    out["rank"] = pd.array([int(r) if r >= 0 else None for r in rank], dtype="Int64")
-    out["selected"] = chosen
-    out["value"] = value
+        out.value[positions] = shown
+    out.selected[rows] = True
+    out.rank[rows] = [int(p["rank"]) for p in picks]
+    given = np.array([p.get("score") is not None for p in picks], dtype=bool)
+    out.score[rows[given]] = [float(p["score"]) for p, g in zip(picks, given) if g]
+    rest = positions[~out.selected[positions]]
+    out.rank[rest] = int(out.selected.sum()) + np.arange(rest.size)
     return out
 
 
-def add_groups(frame: Any, groups: Mapping[str, Mapping[str, str]]) -> Any:
-    """Add the composition's group columns (``source``, ``file``, ``template``) to ``frame``."""
-    ids = frame["id"].astype(str)
-    for axis in ("source", "file", "template"):
-        labels = groups.get(axis) or {}
-        if axis == "file" and len(set(labels.values())) < 2:
-            continue  # one shard: nothing to tell
-        frame[axis] = [labels.get(i) for i in ids]
-    return frame
-
-
-def write_scores(frame: Any, path: Path) -> Path:
-    """``frame`` as parquet (atomically); NaN scores are stored as nulls."""
+def pool_view(
+    path: Path, records: Mapping[str, Any], sampled: Sequence[str] | None
+) -> tuple[list[str], dict[str, Any] | None]:
+    """What the composition reads from the features table, in one streamed pass: the pool's ids in
+    table order (those of ``sampled`` only, when the pool was sampled) and the supervised tokens
+    (``n_tokens``) of the ids in ``records`` (``None`` without that column)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from grads.io import atomic_path
+    file = pq.ParquetFile(path)
+    columns = ["id", *(["n_tokens"] if "n_tokens" in file.schema_arrow.names else [])]
+    keep = set(sampled) if sampled is not None else None
+    ids: list[str] = []
+    n_tokens: dict[str, Any] | None = {} if len(columns) > 1 else None
+    for batch in file.iter_batches(batch_size=BATCH_ROWS, columns=columns):
+        batch_ids = batch.column(0).cast(pa.string()).to_pylist()
+        ids.extend(i for i in batch_ids if keep is None or i in keep)
+        if n_tokens is not None:
+            counts = batch.column(1).to_numpy(zero_copy_only=False).tolist()
+            n_tokens.update((i, n) for i, n in zip(batch_ids, counts) if i in records)
+    return ids, n_tokens
 
-    tbl = pa.Table.from_pandas(frame, preserve_index=False)
-    cols = {}
-    for name in ("score", "value"):
-        col = tbl.column(name).to_numpy(zero_copy_only=False)
-        cols[name] = pa.array(col, mask=~np.isfinite(col), type=pa.float64())
-    for name, arr in cols.items():
-        tbl = tbl.set_column(tbl.schema.get_field_index(name), name, arr)
+
+def plot_artifacts(ranked: Any) -> dict[str, Any]:
+    """What the selection figure needs of a ranking: the axis label, KDE curve and threshold."""
+    keys = ("xlabel", "grid", "density", "threshold")
+    return {k: ranked.artifacts[k] for k in keys if k in ranked.artifacts}
+
+
+def group_axes(groups: Mapping[str, Mapping[str, str]]) -> list[str]:
+    """The composition's group columns that ``scores.parquet`` carries (``file`` only for a pool
+    of several shards)."""
+    return [
+        axis
+        for axis in GROUP_AXES
+        if not (axis == "file" and len(set((groups.get(axis) or {}).values())) < 2)
+    ]
+
+
+def write_scores(
+    features: Path,
+    scores: PoolScores,
+    groups: Mapping[str, Mapping[str, str]],
+    path: Path,
+    batch_rows: int | None = None,
+) -> Path:
+    """``scores.parquet`` (atomically): the features table ``features`` a batch of rows at a time,
+    with the columns of ``scores`` and the composition's ``groups`` (``{axis: {id: label}}``; ids
+    without a label are null). NaN scores and values are stored as nulls."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from grads.io import atomic_path, release_memory
+
+    axes = group_axes(groups)
+    offset, writer = 0, None
     with atomic_path(path) as tmp:
-        pq.write_table(tbl, tmp)
+        try:
+            batches = pq.ParquetFile(features).iter_batches(batch_size=batch_rows or BATCH_ROWS)
+            for batch in batches:
+                part = slice(offset, offset + batch.num_rows)
+                offset += batch.num_rows
+                table = _with_scores(pa.Table.from_batches([batch]), scores, part, groups, axes)
+                if writer is None:
+                    schema = table.schema.with_metadata(_pandas_metadata(table))
+                    writer = pq.ParquetWriter(tmp, schema)
+                writer.write_table(table.cast(writer.schema))
+        finally:
+            if writer is not None:
+                writer.close()
+    release_memory()  # the batches' buffers, kept for reuse
     return path
+
+
+def _with_scores(
+    table: Any, scores: PoolScores, part: slice, groups: Mapping, axes: Sequence[str]
+) -> Any:
+    """One batch of ``scores.parquet``: the features rows plus the added columns."""
+    import pyarrow as pa
+
+    table = table.replace_schema_metadata(None)
+    score, value, rank = scores.score[part], scores.value[part], scores.rank[part]
+    added = {
+        "score": pa.array(score, mask=~np.isfinite(score), type=pa.float64()),
+        "rank": pa.array(rank, mask=rank < 0, type=pa.int64()),
+        "selected": pa.array(scores.selected[part], type=pa.bool_()),
+        "value": pa.array(value, mask=~np.isfinite(value), type=pa.float64()),
+    }
+    ids = table.column("id").cast(pa.string()).to_pylist()
+    for axis in axes:
+        labels = groups.get(axis) or {}
+        added[axis] = pa.array([labels.get(i) for i in ids], type=pa.string())
+    for name, column in added.items():
+        if name in table.column_names:
+            table = table.drop_columns([name])
+        table = table.append_column(name, column)
+    return table
+
+
+def _pandas_metadata(table: Any) -> dict:
+    """pandas' schema metadata for ``table`` with ``rank`` as nullable ``Int64``, so that
+    ``pd.read_parquet`` gives integer ranks (and ``<NA>`` where a sample is not scored)."""
+    import pyarrow as pa
+
+    frame = table.slice(0, 1).to_pandas()
+    frame["rank"] = frame["rank"].astype("Int64")
+    return pa.Schema.from_pandas(frame, preserve_index=False).metadata

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from grads.io import atomic_path, write_json, write_jsonl
+from grads.io import atomic_path, release_memory, write_json, write_jsonl
 from grads.selectors.base import ID, Selection, Selector, traits
 from grads.selectors.budget import Budget, parse_budget
 
@@ -61,7 +61,7 @@ def run_select(
     budget = parse_budget(budget)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = _read_features(features_path, [ID, *selector.columns])
+    table = read_features(features_path, [ID, *selector.columns])
     t1 = time.perf_counter()
     selection = _choose(selector, table, budget, seed, Path(features_path).parent, balance)
     t2 = time.perf_counter()
@@ -93,6 +93,8 @@ def run_select(
         warn_if_skewed(summary["answers"], summary["criterion"])
     summary["timings_s"]["total"] = time.perf_counter() - t0
     write_json(out_dir / "selection.json", summary)
+    del table, selection
+    release_memory()
     log.info(
         "select %s/%s: kept %d of %d (%d excluded) in %.2fs",
         summary["criterion"],
@@ -131,13 +133,21 @@ def _choose(
     return selector.select(table, budget, seed)
 
 
-def _read_features(path: str | os.PathLike, columns: list[str]):
-    """Read only the columns a selector needs; missing ones are left for the selector's error."""
+def read_features(path: str | os.PathLike, columns: list[str]):
+    """Read only the columns a selector needs; missing ones are left for the selector's error.
+
+    Decoding a large table leaves buffers in Arrow's allocator that the frame no longer uses (about
+    as much again as the columns); they are handed back to the system before selection starts.
+    """
     import pandas as pd
     import pyarrow.parquet as pq
 
+    from grads.io import release_memory
+
     names = set(pq.read_schema(path).names)
-    return pd.read_parquet(path, columns=[c for c in dict.fromkeys(columns) if c in names])
+    frame = pd.read_parquet(path, columns=[c for c in dict.fromkeys(columns) if c in names])
+    release_memory()
+    return frame
 
 
 def _knobs(selector: Any) -> dict[str, Any]:
