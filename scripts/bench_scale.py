@@ -55,7 +55,8 @@ Resuming: a child's measurement is saved as ``<out>/runs/n<N>/<stage>/measure.js
 succeeds and reused by the next invocation, like the pools and the cache; only what is missing
 runs. ``--rerun`` forgets measurements and the stage cache (pools kept) to measure changed code:
 cache keys hash the config and the data, not the code, so new code would otherwise be served the
-old entries. A measurement whose child computed more than its own stage (an upstream entry was
+old entries. ``--rerun select`` forgets only that stage (and any after it), keeping the costly
+warm-up and features entries. A measurement whose child computed more than its own stage (an upstream entry was
 gone), or found its own stage cached, is flagged in the ``note`` column: its RSS is not the stage's.
 
 Outputs: ``<out>/bench_scale.md`` (the table, printed too) and ``<out>/bench_scale.json``.
@@ -65,6 +66,7 @@ Usage::
     python scripts/bench_scale.py                              # 1e4 1e5 1e6 -> outputs/bench_scale
     python scripts/bench_scale.py --sizes 1e4 --out /tmp/bench_scale
     python scripts/bench_scale.py --sizes 1e4 1e5 1e6 --keep-going --rerun
+    python scripts/bench_scale.py --rerun select                 # new selection / export code
 """
 
 from __future__ import annotations
@@ -575,6 +577,20 @@ def _size(text: str) -> int:
     return int(value)
 
 
+def forget(out: Path, stages: list[str]) -> None:
+    """Remove the measurements and cache entries of ``stages`` and of every later stage (all of
+    them when ``stages`` is empty), so that the next run measures new code; the pools are kept."""
+    first = min((STAGES.index(s) for s in stages), default=0)
+    if first == 0:
+        for sub in ("cache", "runs"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+        return
+    for stage in STAGES[first:]:
+        shutil.rmtree(out / "cache" / stage, ignore_errors=True)
+        for saved in (out / "runs").glob(f"n*/{stage}/measure.json"):
+            saved.unlink()
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", nargs="+", type=_size, default=list(DEFAULT_SIZES))
@@ -583,7 +599,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--keep-going", action="store_true", help="go on to the next size after a failure"
     )
     p.add_argument(
-        "--rerun", action="store_true", help="forget measurements and the stage cache (pools kept)"
+        "--rerun",
+        nargs="*",
+        choices=STAGES,
+        metavar="STAGE",
+        help="forget measurements and the stage cache (pools kept); with stages: forget those "
+        "from the first named one on (e.g. --rerun select)",
     )
     p.add_argument("--warmup-fraction", type=float, default=1.0, help="warmup.fraction")
     p.add_argument(
@@ -602,9 +623,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.rerun:
-        for sub in ("cache", "runs"):
-            shutil.rmtree(args.out / sub, ignore_errors=True)
+    if args.rerun is not None:
+        forget(args.out, args.rerun)
     env, sha = child_env(), git_sha()
     settings = {
         "model": "tiny",

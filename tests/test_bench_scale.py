@@ -177,3 +177,25 @@ def test_a_failed_stage_is_a_failed_row_and_keep_going_goes_on(tmp_path, monkeyp
     assert report["ratios"]["smallest"] == report["ratios"]["largest"] == 7
     table = (tmp_path / "bench_scale.md").read_text()
     assert "| failed | - | - | - |" in table and "failed (exit 1)" in table
+
+
+def test_rerun_of_one_stage_forgets_it_and_what_follows_only(tmp_path):
+    out = tmp_path / "bench"
+    for stage in bench.STAGES:
+        (out / "cache" / stage / "0123").mkdir(parents=True)
+        for n in ("n300", "n600"):
+            (out / "runs" / n / stage).mkdir(parents=True)
+            (out / "runs" / n / stage / "measure.json").write_text("{}")
+    (out / "pools").mkdir()
+    bench.forget(out, ["select"])
+    kept = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert kept == {
+        f"runs/{n}/{s}/measure.json" for n in ("n300", "n600") for s in bench.MODEL_STAGES
+    }
+    assert (
+        not (out / "cache" / "select").exists() and (out / "cache" / "features" / "0123").is_dir()
+    )
+    bench.forget(out, [])  # --rerun alone: everything but the pools
+    assert sorted(p.name for p in out.iterdir()) == ["pools"]
+    assert bench.parse_args(["--rerun", "features"]).rerun == ["features"]
+    assert bench.parse_args(["--rerun"]).rerun == [] and bench.parse_args([]).rerun is None
