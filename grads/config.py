@@ -138,6 +138,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "features.batch_size": int_rule(lo=1),
     "features.procs": int_rule(lo=1),
     "features.chunk_bytes": int_rule(lo=1),
+    "features.chunk_size": int_rule(lo=1),
     "features.ifd": choice_rule(True, False, "auto"),
     "features.padding_side": choice_rule("left", "right", None),
     "features.num_threads": int_rule(lo=1, nullable=True),

@@ -43,8 +43,8 @@ NON_SEMANTIC: dict[str, frozenset[str]] = {
             "gradient_checkpointing",  # recomputes activations: same maths
         }
     ),
-    # same table for any batch / process / thread split, with or without a progress bar
-    "features": frozenset({"batch_size", "procs", "num_threads", "progress"}),
+    # same table for any batch / process / thread / chunk split, with or without a progress bar
+    "features": frozenset({"batch_size", "procs", "num_threads", "progress", "chunk_size"}),
     "eval": frozenset({"batch_size"}),
     "data": frozenset({"num_proc"}),  # never read
     # hub_datasets: never read; path: the custom domain's pool, keyed by content through its source;

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -33,7 +34,7 @@ torch.set_num_threads(1)
 TIMING_KEYS = {"wall_time_s", "feature_time_s", "ifd_time_s", "tokens_per_s", "samples_per_s"}
 # features.json as the pass wrote it before it worked in chunks
 SUMMARY_KEYS = [
-    "source", "n_samples", "n_recorded", "n_computed", "n_no_supervised_tokens",
+    "source", "n_samples", "n_recorded", "n_computed", "n_resumed", "n_no_supervised_tokens",
     "no_supervised_ids", "n_nan_rows", "columns", "tied", "stats", "ifd", "batch_size",
     "padding_side", "device", "world_size", "tokens_processed", "supervised_tokens",
     "wall_time_s", "feature_time_s", "ifd_time_s", "tokens_per_s", "samples_per_s", "per_rank",
@@ -237,9 +238,15 @@ def test_two_processes_in_chunks_match_one(tmp_path):
     assert pq.ParquetFile(tmp_path / "two" / "features.parquet").num_row_groups == 3
 
 
-def test_a_failed_pass_leaves_the_old_table(tmp_path, monkeypatch):
+def test_a_failed_pass_leaves_the_old_table_and_resumes_from_its_saved_chunks(
+    tmp_path, monkeypatch
+):
     """A crash after the first chunk was appended: no partial table under the final name, no
-    temporary left behind, a previous table untouched."""
+    temporary left behind, a previous table untouched, the finished chunk saved. The next attempt
+    scores only the chunks not saved and writes the table an uninterrupted pass writes; a saved
+    chunk of another pool is scored again."""
+    import pyarrow.parquet as pq
+
     model, tok = build_tiny(tied=True)
     (tmp_path / "features.parquet").write_bytes(b"previous table")
     real, calls = gradients.per_sample_grad_norms, []
@@ -253,8 +260,25 @@ def test_a_failed_pass_leaves_the_old_table(tmp_path, monkeypatch):
     monkeypatch.setattr(gradients, "per_sample_grad_norms", failing)
     with pytest.raises(RuntimeError, match="out of memory"):
         run_features(CFG, model, tok, make_pool(13), tmp_path, chunk_size=4)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["features.parquet"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["features.chunks", "features.parquet"]
     assert (tmp_path / "features.parquet").read_bytes() == b"previous table"
+    assert [p.name for p in (tmp_path / "features.chunks").iterdir()] == ["000000000000.parquet"]
+
+    monkeypatch.setattr(gradients, "per_sample_grad_norms", real)
+    resumed = run_features(CFG, model, tok, make_pool(13), tmp_path, chunk_size=4)
+    assert resumed["n_resumed"] == 4 and resumed["n_computed"] == 13
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["features.json", "features.parquet"]
+    whole = run_features(CFG, model, tok, make_pool(13), tmp_path / "whole", chunk_size=4)
+    assert whole["n_resumed"] == 0
+    got, want = (pq.read_table(d / "features.parquet") for d in (tmp_path, tmp_path / "whole"))
+    pd.testing.assert_frame_equal(got.to_pandas(), want.to_pandas())  # NaN rows included
+
+    (tmp_path / "other" / "features.chunks").mkdir(parents=True)
+    pq.write_table(pq.read_table(tmp_path / "features.parquet").slice(4, 4),
+                   tmp_path / "other" / "features.chunks" / "000000000000.parquet")  # fmt: skip
+    # (rows 4-7 saved where rows 0-3 belong: another pool's chunk)
+    again = run_features(CFG, model, tok, make_pool(13), tmp_path / "other", chunk_size=4)
+    assert again["n_resumed"] == 0
 
 
 def test_features_from_warmup_merges_and_copies_in_chunks(tmp_path, monkeypatch):
@@ -267,10 +291,9 @@ def test_features_from_warmup_merges_and_copies_in_chunks(tmp_path, monkeypatch)
 
     model, tok = build_tiny(tied=True)
     pool = make_pool(13, seed=2)
-    monkeypatch.setattr(compute, "CHUNK_SIZE", 4)
     monkeypatch.setattr(grads.training, "load_trained", lambda *a, **k: (model, tok))
     monkeypatch.setattr(grads.data.pool, "load_pool", lambda cfg, tokenizer, **kw: pool)
-    cfg = {**REC_CFG, "features": {**REC_CFG["features"], "source": "warmup"}}
+    cfg = {**REC_CFG, "features": {**REC_CFG["features"], "source": "warmup", "chunk_size": 4}}
     run_features(REC_CFG, model, tok, pool, tmp_path / "pass", chunk_size=100)
     full = table_of(tmp_path / "pass").to_pylist()
     picked = [1, 2, 9]

@@ -26,7 +26,7 @@ takes them over, running this pass only for samples the warm-up did not train on
 A sample with no supervised token has ``n_tokens = 0`` and NaN in every float column; it is counted in
 the summary (``n_no_supervised_tokens``) and logged as a warning.
 
-The pass works through the pool in chunks of :data:`CHUNK_SIZE` samples, in pool order, so that
+The pass works through the pool in chunks of ``features.chunk_size`` samples, in pool order, so that
 memory holds one chunk's rows, never the pool's: within a chunk the samples still to score are
 sorted by length (longest first, ties by index) and batched; under ``torch.distributed`` each rank
 scores its share of the chunk (``rank::world`` of those samples, read from the pool by that rank
@@ -34,6 +34,12 @@ alone), rank 0 gathers the chunk's rows and appends them to ``features.parquet``
 chunk, under a temporary name renamed at the end). The table equals a single-process run up to
 float rounding (batches differ in padding); a pool no larger than a chunk is sorted and batched as
 one.
+
+**Resuming.** Each finished chunk is also saved as ``features.chunks/<start>.parquet`` in the
+stage's folder. A pass that is killed or fails keeps them (the stage cache adopts the folder, see
+:data:`grads.cache.RESUMABLE`), and the next attempt takes every saved chunk whose ids are the
+pool's ids at that place instead of scoring it again; the folder is removed once the table is in
+place. ``features.chunk_size`` (default :data:`CHUNK_SIZE`) sets how much a kill can lose.
 """
 
 from __future__ import annotations
@@ -58,10 +64,12 @@ from grads.features.store import (  # noqa: E402
     features_source,
 )
 
-# Samples per chunk of the pass: the rows rank 0 holds at once and one row group of the table.
-# The longest-first sort (padding waste) works within a chunk; 32k samples keep it near the
-# whole-pool sort while a chunk's rows stay a few tens of MB.
-CHUNK_SIZE = 32_768
+# Samples per chunk of the pass: the rows rank 0 holds at once, one row group of the table and
+# the unit a killed pass resumes from. The longest-first sort (padding waste) works within a chunk;
+# 4,096 samples keep it near the whole-pool sort, a chunk's rows at a few MB, and what a kill loses
+# at about an hour of SmolLM2 on two CPU cores (minutes on a GPU).
+CHUNK_SIZE = 4_096
+CHUNK_DIR = "features.chunks"  # finished chunks of an attempt, kept until the table is in place
 TIMINGS = ("feature_s", "ifd_s", "wall_s", "tokens", "supervised_tokens", "samples")
 
 
@@ -223,24 +231,56 @@ def _recorded_table(recorded: Any):
 
 class _ChunkTable:
     """Rank 0's side of the pass: each chunk's gathered rows, merged in pool order with the
-    recorded ones, appended to the table; NaN report and counts accumulated on the way."""
+    recorded ones, appended to the table and saved for a later attempt (:data:`CHUNK_DIR`); NaN
+    report and counts accumulated on the way."""
 
     def __init__(self, path: Path, columns: list[str], recorded: Any) -> None:
         self.writer, self.columns, self.recorded = TableWriter(path, columns), columns, recorded
+        self.saved_dir = path.parent / CHUNK_DIR
         self.nan = NanReport()
-        self.n_rows = self.n_computed = 0
+        self.n_rows = self.n_computed = self.n_resumed = 0
 
     def __enter__(self) -> _ChunkTable:
         self.writer.__enter__()
         return self
 
     def __exit__(self, *exc) -> bool:
-        return self.writer.__exit__(*exc)
+        suppress = self.writer.__exit__(*exc)
+        if exc[0] is None:  # the table is in place: the saved chunks are not needed any more
+            import shutil
+
+            shutil.rmtree(self.saved_dir, ignore_errors=True)
+        return suppress
+
+    def saved(self, start: int, stop: int, ids: Any) -> list[dict] | None:
+        """The rows of chunk ``[start, stop)`` that an earlier attempt saved, if its ids are ``ids``
+        (the pool's at that place, in order); ``None`` otherwise."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = self._path(start)
+        if not path.is_file():
+            return None
+        try:
+            table = pq.read_table(path)
+        except (OSError, pa.ArrowInvalid) as exc:
+            log.warning("features: ignoring the unreadable saved chunk %s (%s)", path, exc)
+            return None
+        same = table.num_rows == stop - start and table.column("id").cast(pa.string()).equals(
+            pa.chunked_array([ids]).cast(pa.string())
+        )
+        if not same or not set(self.columns) <= set(table.column_names):
+            log.warning("features: ignoring the saved chunk %s: another pool or columns", path)
+            return None
+        return table.select(self.columns).to_pylist()
 
     def add(self, start: int, stop: int, parts: list, todo: list[int], positions: Any) -> None:
         """``parts``: every rank's ``[(pool index, row)]`` of the chunk ``[start, stop)``;
         ``positions``: each sample's row in the recorded table (null: not recorded)."""
         import pyarrow.compute as pc
+
+        from grads.features.store import arrow_table
+        from grads.io import write_parquet
 
         computed = dict(item for part in parts for item in part)
         assert sorted(computed) == todo, "lost or duplicated samples"
@@ -248,10 +288,24 @@ class _ChunkTable:
         if positions is not None:
             rec = iter(self.recorded.take(pc.drop_null(positions)).to_pylist())
         rows = [computed[i] if i in computed else next(rec) for i in range(start, stop)]
+        table = arrow_table(rows, self.columns, self.writer.schema)
+        self.saved_dir.mkdir(exist_ok=True)
+        write_parquet(self._path(start), table)
+        self._append(rows, len(todo))
+
+    def add_saved(self, rows: list[dict], n_todo: int) -> None:
+        """A chunk an earlier attempt finished (:meth:`saved`), appended as it was."""
+        self._append(rows, n_todo)
+        self.n_resumed += n_todo
+
+    def _append(self, rows: list[dict], n_todo: int) -> None:
         self.nan.add(rows)
         self.writer.write(rows)
         self.n_rows += len(rows)
-        self.n_computed += len(todo)
+        self.n_computed += n_todo
+
+    def _path(self, start: int) -> Path:
+        return self.saved_dir / f"{start:012d}.parquet"
 
 
 def _chunk_todo(ids: Any, start: int, recorded_ids: Any) -> tuple[list[int], Any]:
@@ -299,7 +353,7 @@ def run_features(
     from grads.dist import rank, world_size
 
     fcfg = features_settings(cfg)
-    chunk = int(chunk_size or CHUNK_SIZE)
+    chunk = int(chunk_size or fcfg.get("chunk_size") or CHUNK_SIZE)
     if chunk < 1:
         raise ValueError(f"run_features: chunk_size={chunk_size!r} must be a positive integer")
     padding_side = fcfg.get("padding_side") or getattr(tokenizer, "padding_side", None) or "right"
@@ -371,6 +425,9 @@ def _run_chunks(p: _Pass, table: _ChunkTable | None) -> dict:
         stop = min(start + p.chunk, n)
         ids, lengths = chunk_ids_and_lengths(p.pool, view, start, stop)
         todo, positions = _chunk_todo(ids, start, p.recorded_ids)
+        if _resume_chunk(p, table, start, stop, ids, len(todo)):
+            bar.update(len(todo))
+            continue
         share = todo[r :: p.world]
         local, t = compute_shard(
             p.fcfg, p.model, pad_id, p.padding_side, p.pool, share,
@@ -390,6 +447,24 @@ def _run_chunks(p: _Pass, table: _ChunkTable | None) -> dict:
     return timings
 
 
+def _resume_chunk(
+    p: _Pass, table: _ChunkTable | None, start: int, stop: int, ids: Any, n_todo: int
+) -> bool:
+    """Whether chunk ``[start, stop)`` was saved by an earlier attempt (rank 0 looks, every rank
+    follows); rank 0 appends it to ``table``."""
+    import torch.distributed as dist
+
+    rows = table.saved(start, stop, ids) if table is not None else None
+    found = rows is not None
+    if p.world > 1:
+        box = [found]
+        dist.broadcast_object_list(box, src=0)
+        found = bool(box[0])
+    if table is not None and rows is not None:
+        table.add_saved(rows, n_todo)
+    return found
+
+
 def _write_summary(
     fcfg: dict, model, table: _ChunkTable, parts: list[dict], meta: dict, out_dir: str | Path
 ) -> dict:
@@ -403,6 +478,7 @@ def _write_summary(
         "n_samples": table.n_rows,
         "n_recorded": table.n_rows - table.n_computed,
         "n_computed": table.n_computed,
+        "n_resumed": table.n_resumed,  # of n_computed: scored by an earlier attempt (saved chunks)
         **table.nan.summary(),
         "columns": table.columns,
         "tied": _tied(model),
@@ -418,7 +494,7 @@ def _write_summary(
         "feature_time_s": max(t["feature_s"] for t in parts),
         "ifd_time_s": max(t["ifd_s"] for t in parts),
         "tokens_per_s": tokens / wall if wall > 0 else math.nan,
-        "samples_per_s": table.n_computed / wall if wall > 0 else math.nan,
+        "samples_per_s": (table.n_computed - table.n_resumed) / wall if wall > 0 else math.nan,
         "per_rank": parts,
     }
     write_json(Path(out_dir) / "features.json", summary)
@@ -465,7 +541,8 @@ def features_from_warmup(cfg: dict, warmup_dir: str | Path, out_dir: str | Path)
     t0 = time.perf_counter()
     source = pq.ParquetFile(warmup_dir / "features.parquet")
     with TableWriter(out_dir / "features.parquet", columns) as writer:
-        for batch in source.iter_batches(batch_size=CHUNK_SIZE, columns=columns):
+        chunk = int(fcfg.get("chunk_size") or CHUNK_SIZE)
+        for batch in source.iter_batches(batch_size=chunk, columns=columns):
             writer.write_table(batch)
     summary = {
         **{k: v for k, v in info.items() if k not in ("columns", "stats")},

@@ -3,11 +3,14 @@ pool under the warm-up's model (:mod:`grads.features.compute`, :mod:`grads.featu
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from grads.identity import COMMON_SUMMARY, StageSpec, section_part
 from grads.io import read_json, write_json
 from grads.stages.base import Job, StageBase, load_trained
+
+log = logging.getLogger(__name__)
 
 
 def features_job(cfg: dict, warmup_dir: str, work: str) -> None:
@@ -23,7 +26,10 @@ def features_job(cfg: dict, warmup_dir: str, work: str) -> None:
     pool, data_stats = load_pool(cfg, tokenizer, return_stats=True, reuse_from=warmup_dir)
     if rank() == 0:  # one writer: bad/filtered/dropped rows -> metrics.json
         write_json(Path(work) / "data.json", data_stats)
-    run_features(cfg, model, tokenizer, pool, work)
+    if (Path(work) / "features.json").is_file():  # an attempt stopped during the passes below
+        log.info("features: reusing the finished table of the interrupted attempt in %s", work)
+    else:
+        run_features(cfg, model, tokenizer, pool, work)
     if (cfg.get("features") or {}).get("representations"):
         from grads.features.representations import run_stage_passes
 
