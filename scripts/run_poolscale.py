@@ -3,7 +3,7 @@
 Phases (warm-up and features, 5 % for random / grads / grads_paper / the strongest baseline, full,
 extra seeds, the 1-25 % curve, the 1,000-pool bridge under the same precision, selection stability
 under a second warm-up seed) are described in ``grads.paper.poolscale``; each is one ``grads -m``
-sweep that resumes from the stage cache, collected into ``results/tables/financial_pool/``.
+sweep that resumes from the stage cache, collected into ``results/poolscale/financial_pool/``.
 
     python scripts/run_poolscale.py                        # every phase, in order
     python scripts/run_poolscale.py --phases main_p5 full  # some phases

@@ -76,10 +76,10 @@ def test_stability_report_pairs_each_selector_with_its_seed0_subset(tmp_path):
     runs, results = tmp_path / "runs", tmp_path / "results"
     _job(runs / "main_p5" / "grads_p5_seed0", "grads", ["a", "b", "c", "d"])
     _job(runs / "stability_whole" / "grads_p5_seed0", "grads", ["a", "b", "x", "y"])
-    write_jsonl(results / "financial" / "selections" / "less_p5_seed0.jsonl",
+    write_jsonl(tmp_path / "selections" / "less_p5_seed0.jsonl",
                 [{"id": i} for i in "pqrs"])  # fmt: skip
     _job(runs / "stability_1k" / "less_p5_seed0", "less", ["p", "q", "r", "z"], n_pool=1000)
-    out = stability_report(runs, results)
+    out = stability_report(runs, results, tmp_path / "selections")
     assert out["stability_whole"]["grads"]["shared"] == 2
     assert out["stability_1k"]["less"] == {"k": 4, "shared": 3, "fraction": 0.75, "chance": 0.004}
     md = (results / "financial_pool" / "stability.md").read_text()

@@ -1,5 +1,5 @@
 """Every committed table regenerates byte-identically from its committed CSV (RESULTS.md, "Generated
-tables"): the text outputs (Markdown, LaTeX, CSV) of ``scripts/make_tables.py --from-csv``, written to
+tables"; the pool-scale collections of ``results/poolscale/`` too): the text outputs (Markdown, LaTeX, CSV) of ``scripts/make_tables.py --from-csv``, written to
 a temporary folder and compared with the files in ``results/``. Plots are left out (their bytes follow
 the matplotlib version)."""
 
@@ -11,11 +11,23 @@ from grads.paper.tables import main as make_tables
 from tests.conftest import REPO
 
 RESULTS = REPO / "results"
-DOMAINS = sorted(p.name for p in (RESULTS / "tables").iterdir() if (p / f"{p.name}.csv").exists())
+
+
+def _collections(folder: str) -> list[str]:
+    """The collections under ``results/<folder>``: sub-folders holding ``<name>/<name>.csv``."""
+    root = RESULTS / folder
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / f"{p.name}.csv").exists())
+
+
+DOMAINS = _collections("tables")  # the 1,000-sample pools, merged into tables_all
+POOLSCALE = _collections("poolscale")  # the whole financial pool and its bridge (not merged)
 CASES = [
     *[([f"tables/{d}/{d}.csv"], "--title", d, f"tables/{d}") for d in DOMAINS],
     ([f"tables/{d}/{d}.csv" for d in DOMAINS], "--title", "all", "tables_all"),
     (["cpu_synthetic/results.csv"], None, None, "cpu_synthetic"),
+    *[([f"poolscale/{d}/{d}.csv"], "--title", d, f"poolscale/{d}") for d in POOLSCALE],
 ]
 
 

@@ -31,8 +31,9 @@ later one reads them from the stage cache):
     python scripts/run_poolscale.py --collect-only        # re-collect what has finished
 
 Runs go to ``outputs/tables/financial_pool/<phase>``; the collector writes
-``results/tables/financial_pool/`` (phases ``main_p5`` … ``curve``) and
-``results/tables/financial_bridge/`` (the bridge), each with its own paired tables.
+``results/poolscale/financial_pool/`` (phases ``main_p5`` … ``curve``) and
+``results/poolscale/financial_bridge/`` (the bridge), each with its own paired tables; outside
+``results/tables/``, so that the three domains' merged tables stay those of the 1,000-sample pools.
 """
 
 from __future__ import annotations
@@ -144,13 +145,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--runs-dir", default=None, help="default: <repo>/outputs/tables/financial_pool"
     )
-    ap.add_argument("--results-root", default=None, help="default: <repo>/results/tables")
+    ap.add_argument("--results-root", default=None, help="default: <repo>/results/poolscale")
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     ap.add_argument("--collect-only", action="store_true")
     ap.add_argument("overrides", nargs="*", help="extra overrides for every phase (key=value)")
     args = ap.parse_args(argv)
     runs_dir = Path(args.runs_dir or REPO_ROOT / "outputs" / "tables" / f"{DOMAIN}_pool").resolve()
-    results_root = Path(args.results_root or REPO_ROOT / "results" / "tables").resolve()
+    results_root = Path(args.results_root or REPO_ROOT / "results" / "poolscale").resolve()
     if args.collect_only:
         collect(runs_dir, results_root)
         return

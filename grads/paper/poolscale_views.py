@@ -166,10 +166,17 @@ def overlap(a: set[str], b: set[str], n_pool: int) -> dict:
             "chance": k / n_pool if n_pool else None}  # fmt: skip
 
 
-def stability_report(runs_dir: Path, results_root: Path) -> dict | None:
+def stability_report(
+    runs_dir: Path, results_root: Path, selections: Path | None = None
+) -> dict | None:
     """Overlap of each 5 % subset under warm-up seed 1 with its seed-0 subset: on the whole pool
-    (seed 0 from ``main_p5``) and on the 1,000-sample pool (seed 0 from the committed selections
-    of ``results/tables/financial/selections``). Written to ``financial_pool/stability.{json,md}``."""
+    (seed 0 from ``main_p5``) and on the 1,000-sample pool (seed 0 from the committed selections,
+    ``selections``, default ``results/tables/financial/selections``). Written to
+    ``<results_root>/financial_pool/stability.{json,md}``."""
+    if selections is None:
+        from grads.constants import REPO_ROOT
+
+        selections = REPO_ROOT / "results" / "tables" / "financial" / "selections"
     out: dict[str, dict] = {}
     parts = {"stability_whole": runs_dir / "main_p5", "stability_1k": None}
     for part, seed0_dir in parts.items():
@@ -179,7 +186,7 @@ def stability_report(runs_dir: Path, results_root: Path) -> dict | None:
                 continue
             sel, seed1 = got
             n_pool = int(read_json(job / "metrics.json").get("n_pool") or 0)
-            seed0 = _seed0(sel, seed0_dir, results_root)
+            seed0 = _seed0(sel, seed0_dir, selections)
             if seed0:
                 out.setdefault(part, {})[sel] = overlap(seed0, seed1, n_pool)
     if not out:
@@ -198,10 +205,10 @@ def stability_report(runs_dir: Path, results_root: Path) -> dict | None:
     return out
 
 
-def _seed0(sel: str, seed0_dir: Path | None, results_root: Path) -> set[str] | None:
+def _seed0(sel: str, seed0_dir: Path | None, selections: Path) -> set[str] | None:
     """The seed-0 subset of ``sel`` at 5 %: a job of ``seed0_dir``, or the committed selection."""
     if seed0_dir is None:
-        f = results_root / "financial" / "selections" / f"{sel}_p5_seed0.jsonl"
+        f = selections / f"{sel}_p5_seed0.jsonl"
         return {r["id"] for r in read_jsonl(f)} if f.is_file() else None
     for mfile in sorted(seed0_dir.rglob("metrics.json")):
         got = _selected(mfile.parent)
