@@ -103,3 +103,16 @@ def test_curve_figure_and_pool_table_without_items(tmp_path):
     assert png.is_file() and png.stat().st_size > 10_000
     md = pool_size_table({"1,000": _rows(), "whole": _rows()})
     assert md.startswith("| method | metric | 1,000 | whole |") and "▲" not in md
+
+
+def test_overrides_may_follow_the_phases(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr(
+        poolscale, "run", lambda phases, r, res, dry, ov: seen.update(p=phases, o=ov)
+    )
+    poolscale.main(
+        ["--phases", "features", "features.chunk_size=1024", "--runs-dir", str(tmp_path)]
+    )
+    assert seen == {"p": ["features"], "o": ["features.chunk_size=1024"]}
+    with pytest.raises(SystemExit):
+        poolscale.main(["--phases", "featurse"])

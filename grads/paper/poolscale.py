@@ -141,7 +141,7 @@ def run(phases: list[str], runs_dir: Path, results_root: Path, dry_run: bool, ov
 def main(argv: list[str] | None = None) -> None:
     """``scripts/run_poolscale.py``."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--phases", nargs="+", default=PHASES, choices=PHASES)
+    ap.add_argument("--phases", nargs="+", default=PHASES, metavar="PHASE", help=f"of {PHASES}")
     ap.add_argument(
         "--runs-dir", default=None, help="default: <repo>/outputs/tables/financial_pool"
     )
@@ -150,6 +150,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--collect-only", action="store_true")
     ap.add_argument("overrides", nargs="*", help="extra overrides for every phase (key=value)")
     args = ap.parse_args(argv)
+    # overrides may follow the phases (--phases features features.chunk_size=1024)
+    args.overrides += [p for p in args.phases if "=" in p]
+    args.phases = [p for p in args.phases if "=" not in p]
+    unknown = [p for p in args.phases if p not in PHASES]
+    if unknown or not args.phases:
+        ap.error(f"--phases {unknown or '(none)'}: choose from {PHASES}")
     runs_dir = Path(args.runs_dir or REPO_ROOT / "outputs" / "tables" / f"{DOMAIN}_pool").resolve()
     results_root = Path(args.results_root or REPO_ROOT / "results" / "poolscale").resolve()
     if args.collect_only:
