@@ -196,29 +196,35 @@ def write_scores(
     """``scores.parquet`` (atomically): the features table ``features`` a batch of rows at a time,
     with the columns of ``scores`` and the composition's ``groups`` (``{axis: {id: label}}``; ids
     without a label are null). NaN scores and values are stored as nulls."""
+    import itertools
+
+    from grads.features.store import TableWriter
+    from grads.io import release_memory
+
+    parts = _scored_batches(features, scores, groups, batch_rows or BATCH_ROWS)
+    first = next(parts, None)
+    if first is None:
+        raise ValueError(f"export: the features table {features} has no rows")
+    schema = first.schema.with_metadata(_pandas_metadata(first))
+    with TableWriter(path, schema.names, schema) as writer:
+        for table in itertools.chain([first], parts):
+            writer.write_table(table)
+    release_memory()  # the batches' buffers, kept for reuse
+    return path
+
+
+def _scored_batches(
+    features: Path, scores: PoolScores, groups: Mapping, batch_rows: int
+) -> Iterator[Any]:
+    """The rows of ``scores.parquet``, an Arrow table per batch of the features table."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from grads.io import atomic_path, release_memory
-
-    axes = group_axes(groups)
-    offset, writer = 0, None
-    with atomic_path(path) as tmp:
-        try:
-            batches = pq.ParquetFile(features).iter_batches(batch_size=batch_rows or BATCH_ROWS)
-            for batch in batches:
-                part = slice(offset, offset + batch.num_rows)
-                offset += batch.num_rows
-                table = _with_scores(pa.Table.from_batches([batch]), scores, part, groups, axes)
-                if writer is None:
-                    schema = table.schema.with_metadata(_pandas_metadata(table))
-                    writer = pq.ParquetWriter(tmp, schema)
-                writer.write_table(table.cast(writer.schema))
-        finally:
-            if writer is not None:
-                writer.close()
-    release_memory()  # the batches' buffers, kept for reuse
-    return path
+    axes, offset = group_axes(groups), 0
+    for batch in pq.ParquetFile(features).iter_batches(batch_size=batch_rows):
+        part = slice(offset, offset + batch.num_rows)
+        offset += batch.num_rows
+        yield _with_scores(pa.Table.from_batches([batch]), scores, part, groups, axes)
 
 
 def _with_scores(

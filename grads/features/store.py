@@ -127,12 +127,13 @@ class TableWriter:
     temporary name in the same folder, renamed onto ``path`` when the block ends without error: a
     crash never leaves a partial table under the final name (as ``grads.io.write_parquet``).
 
-    Usage: ``with TableWriter(path, columns) as w: w.write(rows); ...``
+    Usage: ``with TableWriter(path, columns) as w: w.write(rows); ...``; ``schema`` (an Arrow
+    schema of ``columns``) replaces the features table's, for other tables written this way.
     """
 
-    def __init__(self, path: str | Path, columns: Sequence[str]) -> None:
+    def __init__(self, path: str | Path, columns: Sequence[str], schema: Any = None) -> None:
         self.path, self.columns = Path(path), list(columns)
-        self.schema = feature_schema(self.columns)
+        self.schema = schema if schema is not None else feature_schema(self.columns)
         self.rows = 0
 
     def __enter__(self) -> TableWriter:
