@@ -119,6 +119,37 @@ def write_parquet(path: str | os.PathLike, table) -> Path:
     return Path(path)
 
 
+def reset_peak_rss() -> bool:
+    """Start a new peak-memory window for this process (Linux: ``/proc/self/clear_refs``); False
+    where the peak cannot be reset, so :func:`peak_rss_gb` then reports the process's lifetime peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_gb() -> float | None:
+    """This process's peak resident memory in GB since :func:`reset_peak_rss` (else since it
+    started); None where the platform does not say. Child processes are not counted."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024**2, 3)
+    except OSError:
+        pass
+    try:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux, bytes on macOS
+        return round(peak / (1024**3 if sys.platform == "darwin" else 1024**2), 3)
+    except (ImportError, OSError):
+        return None
+
+
 def release_memory() -> None:
     """Hand memory that allocators keep for reuse back to the system: Arrow's pool (the buffers of
     a decoded or written table) and, with glibc, the C heap's free pages (``malloc_trim``). Called

@@ -19,10 +19,13 @@ share the expensive work: warm-up and features do not depend on the selector or 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -223,6 +226,40 @@ def _start_tracker(job: Job, run_dir: Path) -> None:
     )
 
 
+@contextlib.contextmanager
+def stage_memory() -> Iterator[dict]:
+    """Measure one stage's peak memory into the yielded dict: ``peak_rss_gb``, this process's peak
+    resident memory while the stage ran (workers a distributed stage starts are not counted), and
+    ``peak_gpu_gb``, torch's peak allocated CUDA memory, where CUDA is in use. Memory the previous
+    stage freed is handed back first, so each stage's peak starts from what is live."""
+    import gc
+
+    from grads.io import peak_rss_gb, release_memory, reset_peak_rss
+
+    gc.collect()
+    release_memory()
+    reset_peak_rss()
+    cuda = _cuda_in_use()
+    if cuda is not None:
+        cuda.reset_peak_memory_stats()
+    out: dict = {}
+    try:
+        yield out
+    finally:
+        out["peak_rss_gb"] = peak_rss_gb()
+        cuda = _cuda_in_use()
+        if cuda is not None:
+            out["peak_gpu_gb"] = round(cuda.max_memory_allocated() / 1024**3, 3)
+
+
+def _cuda_in_use():
+    """``torch.cuda`` when this process has initialised CUDA, else None (never initialises it)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda
+
+
 def run_stages(job: Job, ids: dict[str, StageId]) -> dict[str, dict]:
     """Each requested stage in order, from the cache or run; returns its cost row."""
     costs: dict[str, dict] = {}
@@ -230,18 +267,20 @@ def run_stages(job: Job, ids: dict[str, StageId]) -> dict[str, dict]:
         name = stage.name
         if name not in job.stages:
             continue
-        job.dirs[name] = job.cache.get_or_run(
-            name,
-            job.keys[name],
-            lambda work, stage=stage: stage.run(job, work),
-            identity=_entry_record(ids[name]),
-        )
+        with stage_memory() as peak:
+            job.dirs[name] = job.cache.get_or_run(
+                name,
+                job.keys[name],
+                lambda work, stage=stage: stage.run(job, work),
+                identity=_entry_record(ids[name]),
+            )
         info = read_json(job.dirs[name] / "stage.json")
         costs[name] = {
             "wall_s": round(float(info.get("wall_s", 0.0)), 2),
             "tokens": int(info.get("tokens") or info.get("tokens_processed") or 0),
             "cached": name in job.cache.hits,
             "device": info.get("device"),  # where the stage's model ran (None: no model)
+            **peak,
         }
         if job.tracker is not None:
             job.tracker.log(
@@ -323,10 +362,15 @@ def _print_summary(m: dict) -> None:
     from rich.table import Table
 
     t = Table(title=f"grads: {m['domain']} / {m['selector']} / {m['budget']} / seed {m['seed']}")
-    for col in ("stage", "wall s", "tokens", "cached"):
+    gpu = any(c.get("peak_gpu_gb") is not None for c in m["cost"].values())
+    for col in ("stage", "wall s", "tokens", "cached", "peak RSS GB", *(["peak GPU GB"] * gpu)):
         t.add_column(col)
     for stage, c in m["cost"].items():
-        t.add_row(stage, f"{c['wall_s']:.1f}", str(c["tokens"]), "yes" if c["cached"] else "")
+        row = [stage, f"{c['wall_s']:.1f}", str(c["tokens"]), "yes" if c["cached"] else ""]
+        row.append(_gb(c.get("peak_rss_gb")))
+        if gpu:
+            row.append(_gb(c.get("peak_gpu_gb")))
+        t.add_row(*row)
     console = Console()
     console.print(t)
     heads = [
@@ -340,3 +384,7 @@ def _print_summary(m: dict) -> None:
                 f"{k}={m[k]:.4f}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in heads
             )
         )
+
+
+def _gb(x: float | None) -> str:
+    return "" if x is None else f"{x:.2f}"

@@ -711,11 +711,18 @@ def smoke_section(rep: Report, sizes: Sizes, device, workdir: Path) -> None:
                 "smoke",
                 f"{stage} device",
                 status,
-                f"{text}, {cost['wall_s']:.1f}s",
+                f"{text}, {cost['wall_s']:.1f}s{_peaks(cost)}",
                 0.0,
-                {"device": got},
+                {"device": got, "peak_gpu_gb": cost.get("peak_gpu_gb")},
             )
         )
+
+
+def _peaks(cost: dict) -> str:
+    """The stage's peak memory, as the pipeline measured it."""
+    parts = [f"{label} {cost[key]:.2f} GB" for key, label in
+             (("peak_gpu_gb", "peak GPU"), ("peak_rss_gb", "peak RSS")) if cost.get(key) is not None]  # fmt: skip
+    return f", {', '.join(parts)}" if parts else ""
 
 
 # --------------------------------------------------------------------------------------------------

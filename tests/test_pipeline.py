@@ -73,6 +73,9 @@ def test_smoke_end_to_end(smoke_run):
         assert (art["select"] / f).exists()
     assert m["cost"]["warmup"]["tokens"] > 0 and m["cost"]["features"]["tokens"] > 0
     assert m["selection_cost_s"] > 0
+    # each stage's peak memory; no CUDA here, so no GPU column
+    for stage, c in m["cost"].items():
+        assert c["peak_rss_gb"] > 0.01 and "peak_gpu_gb" not in c, stage
     run_dirs = list(out.rglob("run_info.json"))
     assert run_dirs and json.loads(run_dirs[0].read_text())["versions"]["torch"]
 
@@ -264,3 +267,19 @@ def test_skipped_bad_rows_reach_metrics_json(tmp_path):
     assert m["data"]["mine:bad_row:missing_field"] == 1
     metrics = json.loads(next(tmp_path.glob("outputs/runs/*/*/metrics.json")).read_text())
     assert metrics["data"] == m["data"]
+
+
+def test_stage_memory_measures_the_peak_of_its_own_window():
+    import numpy as np
+
+    from grads.io import reset_peak_rss
+    from grads.pipeline import stage_memory
+
+    if not reset_peak_rss():
+        pytest.skip("this platform cannot start a new peak-memory window")
+    with stage_memory() as big:
+        block = np.ones(300 * 2**20 // 8)  # 300 MB, touched
+        del block
+    with stage_memory() as small:
+        pass
+    assert big["peak_rss_gb"] >= small["peak_rss_gb"] + 0.25

@@ -217,13 +217,16 @@ def test_measured_cost_adds_up_what_the_jobs_computed():
 
     runs = [
         {"cost": {"warmup": {"wall_s": 10.0, "tokens": 5, "cached": False}}},
-        {"cost": {"warmup": {"wall_s": 10.0, "tokens": 5, "cached": True},
-                  "finetune": {"wall_s": 2.5, "tokens": 7, "cached": False}}},
-        {"cost": {"finetune": {"wall_s": 1.5, "tokens": 3, "cached": False}}},
+        {"cost": {"warmup": {"wall_s": 10.0, "tokens": 5, "cached": True, "peak_rss_gb": 9.0},
+                  "finetune": {"wall_s": 2.5, "tokens": 7, "cached": False, "peak_rss_gb": 2.0}}},
+        {"cost": {"finetune": {"wall_s": 1.5, "tokens": 3, "cached": False, "peak_rss_gb": 1.5}}},
     ]  # fmt: skip
     out = measured(runs, 20.0)
     assert out["stages"]["warmup"] == {"computed": 1, "wall_s": 10.0, "cached": 1, "tokens": 5}
-    assert out["stages"]["finetune"] == {"computed": 2, "wall_s": 4.0, "cached": 0, "tokens": 10}
+    # the largest peak of the runs that computed the stage (a cache hit's peak says nothing)
+    assert out["stages"]["finetune"] == {
+        "computed": 2, "wall_s": 4.0, "cached": 0, "tokens": 10, "peak_rss_gb": 2.0
+    }  # fmt: skip
 
 
 def test_cfg_job_is_instant_and_shows_the_verdict_block():

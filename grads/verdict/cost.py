@@ -244,7 +244,8 @@ def describe(plan: dict, rates: dict, profile: dict | None = None, title: str = 
 
 
 def measured(runs: list[dict], wall_s: float) -> dict:
-    """What the jobs cost: per stage the runs computed, their wall seconds and the cache hits."""
+    """What the jobs cost: per stage the runs computed, their wall seconds, the cache hits and the
+    largest peak memory of a computed run."""
     out: dict[str, Any] = {}
     for m in runs:
         for stage, row in (m.get("cost") or {}).items():
@@ -255,4 +256,7 @@ def measured(runs: list[dict], wall_s: float) -> dict:
                 agg["computed"] += 1
                 agg["wall_s"] = round(agg["wall_s"] + float(row.get("wall_s") or 0.0), 2)
                 agg["tokens"] += int(row.get("tokens") or 0)
+                for key in ("peak_rss_gb", "peak_gpu_gb"):  # the largest of the computed runs
+                    if row.get(key) is not None:
+                        agg[key] = max(agg.get(key) or 0.0, float(row[key]))
     return {"stages": out, "wall_s": round(wall_s, 2)}
