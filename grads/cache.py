@@ -55,8 +55,9 @@ BASE_EVAL = "eval_base"
 # A failed attempt holding one of these (relative to its work folder) is kept for the next attempt
 # to resume: the pointer to the last complete training checkpoint (grads.training.checkpoints,
 # written under grads.training.settings.CKPT_DIR) and the finished chunks of a features pass
-# (grads.features.compute.CHUNK_DIR).
-RESUMABLE = ("checkpoints/latest", "features.chunks")
+# (grads.features.compute.CHUNK_DIR) and of its representation passes
+# (grads.features.representations.REP_CHUNK_DIR).
+RESUMABLE = ("checkpoints/latest", "features.chunks", "representations.chunks")
 
 
 def resumable_failure(exc: BaseException) -> bool:

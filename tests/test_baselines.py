@@ -582,3 +582,71 @@ def test_real_passes_rank_the_target_cluster_first(lora_tiny, tiny):
     for sel in (LessSelector(), RDSSelector()):
         out = sel.select(table, "n15", 0, reps)  # most of the 20-sample cluster
         assert all(i.startswith("B") for i in out.ids), (sel.name, out.ids)
+
+
+def test_a_stopped_representation_pass_resumes_from_its_chunks(pipeline_runs, monkeypatch, caplog):
+    """Both passes of LESS and RDS+ in chunks of 16 of the 40-sample pool: a crash in the LoRA
+    pass's second chunk keeps the first; the next attempt computes only the rest, gives the rows of
+    a one-chunk pass (within float rounding: other batches, other padding) and removes the chunks;
+    an attempt stopped after a pass was stored reuses it without computing it again."""
+    import grads.features.representations as reps
+    from grads.data.pool import load_pool
+    from grads.models import load_model
+    from grads.pipeline import resolve_features_cfg
+
+    out, runs = pipeline_runs
+    warm = Path(runs["less"]["artefacts"]["warmup"])
+    raw = compose([f"paths.output_dir={out}", *TINY, "selector=less"])
+    cfg = OmegaConf.to_container(raw, resolve=True)
+    cfg = resolve_features_cfg(cfg)
+    cfg["features"]["representations"] = ["lora_grads", "hidden"]
+    cfg["features"]["hidden"] = resolve_pass("hidden")
+    pool = load_pool(cfg, load_model(cfg["model"])[1])
+    one = reps.run_passes({**cfg, "features": {**cfg["features"], "chunk_size": 100}}, warm, pool,
+                          out / "one")  # fmt: skip
+    assert one["lora_grads"]["n_resumed"] == 0 and not (out / "one" / reps.REP_CHUNK_DIR).exists()
+    chunked = {**cfg, "features": {**cfg["features"], "chunk_size": 16}}
+
+    real, calls, crash = reps.lora_grad_matrix, [], [True]
+
+    def crash_in_second(model, samples, *args, **kw):
+        calls.append(len(samples))
+        if crash[0] and len(calls) == 2:
+            raise RuntimeError("killed")
+        return real(model, samples, *args, **kw)
+
+    monkeypatch.setattr(reps, "lora_grad_matrix", crash_in_second)
+    work = out / "attempt"
+    with pytest.raises(RuntimeError, match="killed"):
+        reps.run_passes(chunked, warm, pool, work)
+    assert sorted(p.name for p in (work / reps.REP_CHUNK_DIR / "lora_grads").iterdir()) == [
+        "000000000000.npz"
+    ]
+    from grads.cache import RESUMABLE
+
+    assert reps.REP_CHUNK_DIR in RESUMABLE  # a failed attempt with saved chunks is kept
+
+    calls.clear()
+    crash[0] = False
+    with caplog.at_level("INFO"):
+        info = reps.run_passes(chunked, warm, pool, work)
+    assert calls[:2] == [16, 8]  # pool chunks 2 and 3 (then the target set)
+    assert info["lora_grads"]["n_resumed"] == 16 and info["hidden"]["n_resumed"] == 0
+    assert not (work / reps.REP_CHUNK_DIR).exists()
+    for name in ("lora_grads", "hidden"):
+        got = read_representation(work / "representations" / name)
+        want = read_representation(out / "one" / "representations" / name)
+        assert got.pool_ids.tolist() == want.pool_ids.tolist()
+        np.testing.assert_allclose(got.pool, want.pool, rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(np.isnan(got.pool), np.isnan(want.pool))
+
+    def never(*args, **kw):
+        raise AssertionError("a stored pass was computed again")
+
+    monkeypatch.setattr(reps, "lora_grad_matrix", never)
+    monkeypatch.setattr(reps, "hidden_matrix", never)
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        again = reps.run_passes(chunked, warm, pool, work)
+    assert caplog.text.count("reusing the interrupted attempt's finished pass") == 2
+    assert again["lora_grads"] == info["lora_grads"] and again["hidden"] == info["hidden"]
