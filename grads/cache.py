@@ -56,7 +56,7 @@ BASE_EVAL = "eval_base"
 # to resume: the pointer to the last complete training checkpoint (grads.training.checkpoints,
 # written under grads.training.settings.CKPT_DIR) and the finished chunks of a features pass
 # (grads.features.compute.CHUNK_DIR) and of its representation passes
-# (grads.features.representations.REP_CHUNK_DIR).
+# (grads.features.store.REP_CHUNK_DIR).
 RESUMABLE = ("checkpoints/latest", "features.chunks", "representations.chunks")
 
 

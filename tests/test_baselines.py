@@ -29,7 +29,12 @@ from grads.features.representations import (
     pooled_hidden,
     resolve_pass,
 )
-from grads.features.store import Representation, read_representation, write_representation
+from grads.features.store import (
+    REP_CHUNK_DIR,
+    Representation,
+    read_representation,
+    write_representation,
+)
 from grads.selectors.base import RepresentationSelector, traits
 from grads.selectors.grads_joint import JointDensitySelector, suppress_near_duplicates
 from grads.selectors.less import LessSelector, less_scores
@@ -604,7 +609,7 @@ def test_a_stopped_representation_pass_resumes_from_its_chunks(pipeline_runs, mo
     pool = load_pool(cfg, load_model(cfg["model"])[1])
     one = reps.run_passes({**cfg, "features": {**cfg["features"], "chunk_size": 100}}, warm, pool,
                           out / "one")  # fmt: skip
-    assert one["lora_grads"]["n_resumed"] == 0 and not (out / "one" / reps.REP_CHUNK_DIR).exists()
+    assert one["lora_grads"]["n_resumed"] == 0 and not (out / "one" / REP_CHUNK_DIR).exists()
     chunked = {**cfg, "features": {**cfg["features"], "chunk_size": 16}}
 
     real, calls, crash = reps.lora_grad_matrix, [], [True]
@@ -619,12 +624,12 @@ def test_a_stopped_representation_pass_resumes_from_its_chunks(pipeline_runs, mo
     work = out / "attempt"
     with pytest.raises(RuntimeError, match="killed"):
         reps.run_passes(chunked, warm, pool, work)
-    assert sorted(p.name for p in (work / reps.REP_CHUNK_DIR / "lora_grads").iterdir()) == [
+    assert sorted(p.name for p in (work / REP_CHUNK_DIR / "lora_grads").iterdir()) == [
         "000000000000.npz"
     ]
     from grads.cache import RESUMABLE
 
-    assert reps.REP_CHUNK_DIR in RESUMABLE  # a failed attempt with saved chunks is kept
+    assert REP_CHUNK_DIR in RESUMABLE  # a failed attempt with saved chunks is kept
 
     calls.clear()
     crash[0] = False
@@ -632,7 +637,7 @@ def test_a_stopped_representation_pass_resumes_from_its_chunks(pipeline_runs, mo
         info = reps.run_passes(chunked, warm, pool, work)
     assert calls[:2] == [16, 8]  # pool chunks 2 and 3 (then the target set)
     assert info["lora_grads"]["n_resumed"] == 16 and info["hidden"]["n_resumed"] == 0
-    assert not (work / reps.REP_CHUNK_DIR).exists()
+    assert not (work / REP_CHUNK_DIR).exists()
     for name in ("lora_grads", "hidden"):
         got = read_representation(work / "representations" / name)
         want = read_representation(out / "one" / "representations" / name)

@@ -54,13 +54,16 @@ from typing import Any
 
 import numpy as np
 
-from grads.features.store import write_representation
+from grads.features.store import (
+    REP_CHUNK_DIR,
+    PoolChunks,
+    finished_representation,
+    write_representation,
+)
 
 log = logging.getLogger(__name__)
 
 PASSES = ("lora_grads", "hidden")
-# finished chunks of an attempt's pool passes (``<name>/<start>.npz``), kept until every pass is stored
-REP_CHUNK_DIR = "representations.chunks"
 DEFAULTS: dict[str, dict[str, Any]] = {
     "lora_grads": {
         "proj_dim": "auto",  # 8192 on CUDA (LESS), 1024 on CPU
@@ -547,7 +550,7 @@ def _bar_label(cfg: dict, what: str):
 
 
 def _lora_pass(
-    cfg: dict, warmup_dir, pool: list[dict], target: list[dict] | None, s: dict, chunks: _PoolChunks
+    cfg: dict, warmup_dir, pool: list[dict], target: list[dict] | None, s: dict, chunks: PoolChunks
 ):
     """LESS's gradient features of pool (Adam-preconditioned when possible) and target (plain)."""
     from grads.features.store import Representation
@@ -621,7 +624,7 @@ def _target_parts(target: list[dict] | None, matrix):
 
 
 def _hidden_pass(
-    cfg: dict, pool: list[dict], target: list[dict] | None, s: dict, chunks: _PoolChunks
+    cfg: dict, pool: list[dict], target: list[dict] | None, s: dict, chunks: PoolChunks
 ):
     """RDS+'s representation: pooled final hidden states of the *base* model."""
     from grads.features.store import Representation
@@ -687,9 +690,9 @@ def run_passes(cfg: dict, warmup_dir: str | Path, pool, out_dir: str | Path) -> 
         tok = load_model(cfg["model"], cache_dir=(cfg.get("paths") or {}).get("model_dir"))[1]
         target, tsum = tokenized_target(cfg, tok)
         summary["target"] = tsum
-    chunks = _PoolChunks(Path(out_dir) / REP_CHUNK_DIR, feats.get("chunk_size"))
+    chunks = PoolChunks(Path(out_dir) / REP_CHUNK_DIR, feats.get("chunk_size"))
     for name in names:
-        done = _finished_pass(Path(out_dir) / "representations" / name, rows)
+        done = finished_representation(Path(out_dir) / "representations" / name, rows)
         if done is not None:  # an attempt stopped during a later pass stored this one
             log.info("representation %s: reusing the interrupted attempt's finished pass", name)
             summary[name] = done
@@ -711,87 +714,6 @@ def run_passes(cfg: dict, warmup_dir: str | Path, pool, out_dir: str | Path) -> 
         )
     chunks.remove()  # every pass is stored
     return summary
-
-
-def _finished_pass(folder: Path, rows: list[dict]) -> dict | None:
-    """The meta of a pass an earlier attempt stored in ``folder`` for these rows, else None."""
-    from grads.io import read_json
-
-    if not (folder / "meta.json").is_file() or not (folder / "pool_ids.json").is_file():
-        return None
-    if read_json(folder / "pool_ids.json") != [r["id"] for r in rows]:
-        return None
-    meta = read_json(folder / "meta.json")
-    meta.pop("name", None)
-    return meta
-
-
-class _PoolChunks:
-    """A pool pass run chunk by chunk (``features.chunk_size`` samples, as the features pass), each
-    finished chunk saved in ``<attempt>/representations.chunks/<pass>/<start>.npz`` so that a
-    stopped attempt resumes from it. A pool that fits one chunk runs in one piece and saves nothing
-    (its rows are those of an unchunked pass); in a larger pool the longest-first batches form
-    within each chunk, so rows may differ from an unchunked pass by floating-point rounding."""
-
-    def __init__(self, root: Path, chunk_size: Any) -> None:
-        self.root = root
-        self.size = int(chunk_size) if chunk_size else None
-
-    def run(self, name: str, rows: list[dict], compute, label: str | None):
-        """``compute(samples, bar label) -> (matrix [n, d], norms [n] or None)`` over ``rows``;
-        returns the whole pool's ``(matrix, norms, samples resumed)``."""
-        size = self.size or len(rows)
-        starts = list(range(0, len(rows), size)) if len(rows) > size else [0]
-        if len(starts) == 1:
-            return (*compute(rows, label), 0)
-        mats, norms, resumed = [], [], 0
-        for k, start in enumerate(starts):
-            part = rows[start : start + size]
-            ids = [r["id"] for r in part]
-            saved = self._load(name, start, ids)
-            if saved is None:
-                bar = f"{label} {k + 1}/{len(starts)}" if label else None
-                saved = compute(part, bar)
-                self._save(name, start, ids, *saved)
-            else:
-                resumed += len(part)
-            mats.append(saved[0])
-            norms.append(saved[1])
-        if resumed:
-            log.info(
-                "representation %s: %d of %d samples from saved chunks", name, resumed, len(rows)
-            )
-        norm = None if norms[0] is None else np.concatenate(norms)
-        return np.concatenate(mats), norm, resumed
-
-    def _path(self, name: str, start: int) -> Path:
-        return self.root / name / f"{start:012d}.npz"
-
-    def _load(self, name: str, start: int, ids: list[str]):
-        path = self._path(name, start)
-        if not path.is_file():
-            return None
-        with np.load(path, allow_pickle=False) as z:
-            if z["ids"].tolist() != ids:  # another pool's chunk: computed again
-                log.warning("representation %s: saved chunk %s is of other samples", name, path)
-                return None
-            return z["matrix"], (z["norms"] if "norms" in z.files else None)
-
-    def _save(self, name: str, start: int, ids: list[str], matrix, norms) -> None:
-        from grads.io import atomic_path
-
-        path = self._path(name, start)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        arrays = {"ids": np.array(ids, dtype=str), "matrix": matrix}
-        if norms is not None:
-            arrays["norms"] = norms
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-
-    def remove(self) -> None:
-        import shutil
-
-        shutil.rmtree(self.root, ignore_errors=True)
 
 
 def resolve_features_representations(cfg: dict, feats: dict, selector: Any) -> dict:

@@ -1,5 +1,6 @@
 """What the features stage stores: the features table (``features.parquet``: its columns, its
-writer, the ``features.source`` check) and the representation files of the targeted baselines.
+writer, the ``features.source`` check) and the representation files of the targeted baselines,
+with the chunks a stopped representation pass resumes from.
 
 It sits below both writers (the features pass, :mod:`grads.features.compute`, and the warm-up's
 recording, :mod:`grads.training.data`) and the readers (:mod:`grads.selectors`), so neither needs
@@ -302,3 +303,92 @@ class Representation:
                 self.target_groups = np.array(["target"] * n_t, dtype=object)
             elif len(self.target_groups) != n_t:
                 raise ValueError(f"representation {self.name!r}: one group per target row")
+
+
+# --------------------------------------------------------------------------------------------------
+# Resuming the representation passes
+# --------------------------------------------------------------------------------------------------
+# finished chunks of an attempt's pool passes (``<name>/<start>.npz``), kept until every pass is stored
+REP_CHUNK_DIR = "representations.chunks"
+
+
+def finished_representation(folder: Path, rows: list[dict]) -> dict | None:
+    """The meta of a representation an earlier attempt stored in ``folder`` for these rows (the
+    same ids in the same order), else None."""
+    from grads.io import read_json
+
+    if not (folder / "meta.json").is_file() or not (folder / "pool_ids.json").is_file():
+        return None
+    if read_json(folder / "pool_ids.json") != [r["id"] for r in rows]:
+        return None
+    meta = read_json(folder / "meta.json")
+    meta.pop("name", None)
+    return meta
+
+
+class PoolChunks:
+    """A pool pass run chunk by chunk (``features.chunk_size`` samples, as the features pass), each
+    finished chunk saved in ``<attempt>/representations.chunks/<pass>/<start>.npz`` so that a
+    stopped attempt resumes from it. A pool that fits one chunk runs in one piece and saves nothing
+    (its rows are those of an unchunked pass); in a larger pool the longest-first batches form
+    within each chunk, so rows may differ from an unchunked pass by floating-point rounding."""
+
+    def __init__(self, root: Path, chunk_size: Any) -> None:
+        self.root = root
+        self.size = int(chunk_size) if chunk_size else None
+
+    def run(self, name: str, rows: list[dict], compute, label: str | None):
+        """``compute(samples, bar label) -> (matrix [n, d], norms [n] or None)`` over ``rows``;
+        returns the whole pool's ``(matrix, norms, samples resumed)``."""
+        size = self.size or len(rows)
+        starts = list(range(0, len(rows), size)) if len(rows) > size else [0]
+        if len(starts) == 1:
+            return (*compute(rows, label), 0)
+        mats, norms, resumed = [], [], 0
+        for k, start in enumerate(starts):
+            part = rows[start : start + size]
+            ids = [r["id"] for r in part]
+            saved = self._load(name, start, ids)
+            if saved is None:
+                bar = f"{label} {k + 1}/{len(starts)}" if label else None
+                saved = compute(part, bar)
+                self._save(name, start, ids, *saved)
+            else:
+                resumed += len(part)
+            mats.append(saved[0])
+            norms.append(saved[1])
+        if resumed:
+            log.info(
+                "representation %s: %d of %d samples from saved chunks", name, resumed, len(rows)
+            )
+        norm = None if norms[0] is None else np.concatenate(norms)
+        return np.concatenate(mats), norm, resumed
+
+    def _path(self, name: str, start: int) -> Path:
+        return self.root / name / f"{start:012d}.npz"
+
+    def _load(self, name: str, start: int, ids: list[str]):
+        path = self._path(name, start)
+        if not path.is_file():
+            return None
+        with np.load(path, allow_pickle=False) as z:
+            if z["ids"].tolist() != ids:  # another pool's chunk: computed again
+                log.warning("representation %s: saved chunk %s is of other samples", name, path)
+                return None
+            return z["matrix"], (z["norms"] if "norms" in z.files else None)
+
+    def _save(self, name: str, start: int, ids: list[str], matrix, norms) -> None:
+        from grads.io import atomic_path
+
+        path = self._path(name, start)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {"ids": np.array(ids, dtype=str), "matrix": matrix}
+        if norms is not None:
+            arrays["norms"] = norms
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    def remove(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.root, ignore_errors=True)
