@@ -17,6 +17,10 @@ Safe under concurrent jobs (joblib, SLURM arrays) sharing one cache folder:
   the key hashes, with a readable summary) and ``manifest.json`` (size and SHA-256 of every file);
   every file and folder is fsynced, then ``DONE`` is written and synced, and the folder is renamed
   to ``<key>`` in one ``os.replace``.
+* **Time counts every attempt.** ``stage.json``'s ``wall_s`` is the entry's whole cost: each
+  earlier attempt from its start to the last file it wrote (recorded beside the lock,
+  ``.locks/<key>.attempts.json``), plus the attempt that finished it (``attempt_wall_s``,
+  ``attempts`` when there were several).
 * **Stale owners are named.** The lock holder writes ``.locks/<key>.owner.json`` (pid, host, start)
   and removes it when it exits, even on an exception. A record found by the next holder means the
   previous one died: a warning names it before its attempt is resumed.
@@ -239,6 +243,7 @@ class StageCache:
             log.warning("[%s] keeping %s: the same command resumes from it", stage, work)
             return True
         shutil.rmtree(work, ignore_errors=True)
+        self._times_path(stage, work.name.split(".", 1)[0]).unlink(missing_ok=True)
         return False
 
     def _usable(self, stage: str, key: str) -> bool:
@@ -275,20 +280,53 @@ class StageCache:
         mine = mine.with_name(mine.name + f"{uuid.uuid4().hex[:6]}{PARTIAL}")
         mine.parent.mkdir(parents=True, exist_ok=True)
         old = self.attempts(stage, key)  # we hold the lock: every other attempt is abandoned
+        times = []
         if old:
             log.warning("[%s] resuming the interrupted attempt %s", stage, old[0].name)
+            times = self._earlier_times(stage, key, old[0])
             os.replace(old[0], mine)
             for extra in old[1:]:
                 log.warning("[%s] removing an older abandoned attempt %s", stage, extra.name)
                 shutil.rmtree(extra, ignore_errors=True)
         mine.mkdir(exist_ok=True)
+        write_json(self._times_path(stage, key), [*times, {"start": time.time()}])
         return mine
+
+    def _times_path(self, stage: str, key: str) -> Path:
+        """When each attempt at ``(stage, key)`` started and last wrote (beside its lock)."""
+        return self.lock_path(stage, key).with_name(f"{key}.attempts.json")
+
+    def _earlier_times(self, stage: str, key: str, adopted: Path) -> list[dict]:
+        """The attempts before this one: each one's start, the last ending when the adopted folder
+        was last written to (a folder from before this record has an unknown start)."""
+        path = self._times_path(stage, key)
+        times = read_json(path) if path.is_file() else [{"start": None}]
+        mtimes = [p.stat().st_mtime for p in adopted.rglob("*") if p.is_file()]
+        times[-1]["last_write"] = max(mtimes, default=adopted.stat().st_mtime)
+        return times
+
+    def _attempt_costs(self, stage: str, key: str, wall: float) -> dict:
+        """``wall_s`` of the whole entry (earlier attempts until their last write, plus this one)
+        and, when it took several attempts, this one's own time and their count."""
+        path = self._times_path(stage, key)
+        times = read_json(path) if path.is_file() else []
+        path.unlink(missing_ok=True)
+        earlier = times[:-1]
+        if not earlier:
+            return {"wall_s": wall}
+        known = [t for t in earlier if t.get("start") is not None]
+        spent = sum(max(0.0, t["last_write"] - t["start"]) for t in known)
+        out = {"wall_s": wall + spent, "attempt_wall_s": wall, "attempts": len(times)}
+        if len(known) < len(earlier):  # begun before attempts were recorded: not counted
+            out["attempts_uncounted"] = len(earlier) - len(known)
+        return out
 
     def _publish(
         self, stage: str, key: str, work: Path, info: dict, identity: dict | None, wall: float
     ) -> None:
         final = self.final(stage, key)
-        write_json(work / STAGE_INFO, {"stage": stage, "key": key, "wall_s": wall, **info})
+        costs = self._attempt_costs(stage, key, wall)
+        write_json(work / STAGE_INFO, {"stage": stage, "key": key, **costs, **info})
         ident = dict(identity or {})
         ident |= {
             "stage": stage,

@@ -260,6 +260,16 @@ def _cuda_in_use():
     return torch.cuda
 
 
+def _stage_wall_s(info: dict) -> float:
+    """What computing a stage's entry took: the cache's time over its attempts, or a resumed
+    training's own running total where that is larger (attempts from before the cache counted
+    them; a training stage's ``wall_time_s`` spans every resumed segment)."""
+    wall = float(info.get("wall_s", 0.0))
+    if info.get("resumed_from_step") is not None:
+        wall = max(wall, float(info.get("wall_time_s") or 0.0))
+    return wall
+
+
 def run_stages(job: Job, ids: dict[str, StageId]) -> dict[str, dict]:
     """Each requested stage in order, from the cache or run; returns its cost row."""
     costs: dict[str, dict] = {}
@@ -276,7 +286,7 @@ def run_stages(job: Job, ids: dict[str, StageId]) -> dict[str, dict]:
             )
         info = read_json(job.dirs[name] / "stage.json")
         costs[name] = {
-            "wall_s": round(float(info.get("wall_s", 0.0)), 2),
+            "wall_s": round(_stage_wall_s(info), 2),
             "tokens": int(info.get("tokens") or info.get("tokens_processed") or 0),
             "cached": name in job.cache.hits,
             "device": info.get("device"),  # where the stage's model ran (None: no model)

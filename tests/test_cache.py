@@ -95,8 +95,26 @@ def test_a_killed_holder_is_named_and_its_attempt_resumed(tmp_path):
     assert "breaking the stale lock of pid" in err and "resuming the interrupted attempt" in err
     entry = Path(res["path"])
     assert _rows(entry) == list(range(1, 21))  # rows 1-7 from the killed run, 8-20 after
-    assert json.loads((entry / "stage.json").read_text())["resumed_from"] == 7
+    info = json.loads((entry / "stage.json").read_text())
+    assert info["resumed_from"] == 7
     assert event_counts(tmp_path / "cache")["warmup"]["stale_owner"] == 1
+    # the entry's time is both attempts': the killed one until its last row (after 6 steps of 50 ms)
+    assert info["attempts"] == 2 and info["attempt_wall_s"] >= 13 * 0.05
+    assert 5 * 0.05 <= info["wall_s"] - info["attempt_wall_s"] < 30
+    assert not list((tmp_path / "cache" / "warmup" / ".locks").glob("*attempts*"))
+
+
+def test_an_attempt_from_before_attempt_times_is_counted_as_unknown(tmp_path):
+    cache = StageCache(tmp_path)
+    legacy = tmp_path / "features" / "k.otherhost-1-abcdef.partial"
+    (legacy / "features.chunks").mkdir(parents=True)
+    (legacy / "features.chunks" / "000000000000.parquet").write_bytes(b"x")
+    out = cache.get_or_run("features", "k", lambda work: {"n": 1})
+    info = json.loads((out / "stage.json").read_text())
+    assert info["attempts"] == 2 and info["attempts_uncounted"] == 1
+    assert info["wall_s"] == info["attempt_wall_s"]
+    one = cache.get_or_run("select", "k", lambda work: {"n": 1})  # one attempt: no extra keys
+    assert set(json.loads((one / "stage.json").read_text())) == {"stage", "key", "wall_s", "n"}
 
 
 def test_a_failed_stage_leaves_no_work_folder(tmp_path, caplog):

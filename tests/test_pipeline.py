@@ -165,6 +165,9 @@ def test_killed_finetune_resumes_without_recomputing(tmp_path):
     assert m["cache_hits"] == ["warmup", "features", "select"] and m["cache_misses"] == ["finetune"]
     log = [json.loads(x) for x in open(Path(m["artefacts"]["finetune"]) / "train_log.jsonl")]
     assert [r["step"] for r in log] == [1, 2, 3, 4]  # steps 1-2 before the kill, 3-4 after resume
+    info = json.loads((Path(m["artefacts"]["finetune"]) / "stage.json").read_text())
+    assert info["attempts"] == 2 and info["wall_s"] > info["attempt_wall_s"]
+    assert m["cost"]["finetune"]["wall_s"] == round(max(info["wall_s"], info["wall_time_s"]), 2)
     # Same weights as an uninterrupted run of the same config.
     ref = _run(tmp_path / "ref", ov)
     assert ref["keys"] == m["keys"]
