@@ -341,9 +341,9 @@ class PoolChunks:
         """``compute(samples, bar label) -> (matrix [n, d], norms [n] or None)`` over ``rows``;
         returns the whole pool's ``(matrix, norms, samples resumed)``."""
         size = self.size or len(rows)
-        starts = list(range(0, len(rows), size)) if len(rows) > size else [0]
-        if len(starts) == 1:
+        if len(rows) <= size:
             return (*compute(rows, label), 0)
+        starts = range(0, len(rows), size)
         mats, norms, resumed = [], [], 0
         for k, start in enumerate(starts):
             part = rows[start : start + size]
