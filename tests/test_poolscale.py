@@ -116,3 +116,53 @@ def test_overrides_may_follow_the_phases(monkeypatch, tmp_path):
     assert seen == {"p": ["features"], "o": ["features.chunk_size=1024"]}
     with pytest.raises(SystemExit):
         poolscale.main(["--phases", "featurse"])
+
+
+def test_pool_size_report_sets_the_whole_pool_beside_the_1000_pool(tmp_path):
+    """The report reads the collected CSVs alone. With the bridge's runs standing in for the whole
+    pool, its two bf16 columns agree cell for cell and the float32 column is Table 1's 3 seeds."""
+    import shutil
+
+    from grads.paper.poolscale_views import pool_size_report
+    from tests.conftest import REPO
+
+    res = REPO / "results"
+    shutil.copytree(res / "tables" / "financial", tmp_path / "tables" / "financial")
+    bridge = tmp_path / "poolscale" / "financial_bridge"
+    shutil.copytree(res / "poolscale" / "financial_bridge", bridge)
+    assert pool_size_report(tmp_path) is None  # no whole-pool rows yet: nothing written
+    whole = tmp_path / "poolscale" / "financial_pool"
+    whole.mkdir()
+    for name in ("financial_bridge.csv", "financial_bridge_items.json.gz"):
+        shutil.copy(bridge / name, whole / name.replace("financial_bridge", "financial_pool"))
+    md = pool_size_report(tmp_path).read_text()
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line.split("|")[3:-1]
+            for line in md.splitlines() if line.startswith("| ") and "---" not in line}  # fmt: skip
+    for key in [
+        ("random", "held-out bpb"),
+        ("grads", "held-out bpb"),
+        ("grads", "KL(base ‖ tuned)"),
+    ]:
+        t1k, bridge_cell, whole_cell = (c.strip() for c in rows[key])
+        assert bridge_cell == whole_cell and "(1 seed)" in whole_cell
+        assert "(3 seeds)" in t1k
+    assert rows[("pool / subset", "samples")][2].strip() == "1,000 / 50"
+    # only the whole pool's methods: Table 1's other selectors stay out
+    assert {k[0] for k in rows} == {"method", "base model", "random", "grads", "pool / subset"}
+
+
+def test_collect_links_the_collections_from_results_md(tmp_path):
+    import shutil
+
+    from tests.conftest import REPO
+
+    results_root = tmp_path / "results" / "poolscale"
+    shutil.copytree(REPO / "results" / "poolscale" / "financial_bridge",
+                    results_root / "financial_bridge")  # fmt: skip
+    md = tmp_path / "RESULTS.md"
+    md.write_text("x\n<!-- tables:financial_bridge:begin -->\nold\n"
+                  "<!-- tables:financial_bridge:end -->\ny\n")  # fmt: skip
+    poolscale.collect(tmp_path / "runs", results_root, results_md=md)
+    text = md.read_text()
+    assert "old" not in text and text.startswith("x\n") and text.endswith("y\n")
+    assert "[financial_bridge.md](results/poolscale/financial_bridge/financial_bridge.md)" in text

@@ -41,3 +41,14 @@ def test_committed_tables_regenerate_byte_identically(tmp_path, csvs, flag, titl
         committed = RESULTS / folder / p.name
         assert committed.exists(), f"{p.name} is generated but not committed in results/{folder}"
         assert p.read_bytes() == committed.read_bytes(), f"results/{folder}/{p.name} differs"
+
+
+POOL_SIZE = RESULTS / "poolscale" / "financial_pool" / "pool_size.md"
+
+
+@pytest.mark.skipif(not POOL_SIZE.is_file(), reason="no whole-pool rows collected yet")
+def test_the_pool_size_comparison_regenerates_from_the_committed_csvs(tmp_path):
+    from grads.paper.poolscale_views import pool_size_report
+
+    out = pool_size_report(RESULTS, tmp_path / "pool_size.md")
+    assert out is not None and out.read_bytes() == POOL_SIZE.read_bytes()

@@ -106,10 +106,13 @@ def command(phase: str, baseline: str, runs_dir: Path, overrides: list[str] = ()
             f"hydra.sweep.dir={runs_dir / phase}", *overrides]  # fmt: skip
 
 
-def collect(runs_dir: Path, results_root: Path) -> None:
+def collect(runs_dir: Path, results_root: Path, results_md: Path | None = None) -> None:
     """Tables, per-item results and selected ids of the finished runs, one folder per collection;
-    the selection-stability summary when both warm-up seeds have selected."""
-    from grads.paper.poolscale_views import collect_runs, stability_report
+    the selection-stability summary when both warm-up seeds have selected; the comparison with
+    the 1,000-sample pool (``pool_size.md``, from the CSVs under ``results_root``'s parent); the
+    links in ``results_md`` (default: RESULTS.md when ``results_root`` is the repository's)."""
+    from grads.paper.poolscale_views import collect_runs, pool_size_report, stability_report
+    from grads.paper.results_md import update_results_md
 
     groups: dict[str, list[Path]] = {}
     for phase in expand(PHASES):
@@ -119,6 +122,13 @@ def collect(runs_dir: Path, results_root: Path) -> None:
     for title, dirs in groups.items():
         collect_runs(dirs, results_root / title, title)
     stability_report(runs_dir, results_root)
+    pool_size_report(results_root.parent)
+    if results_md is None and results_root == REPO_ROOT / "results" / "poolscale":
+        results_md = REPO_ROOT / "RESULTS.md"
+    for title in ("financial_bridge", f"{DOMAIN}_pool"):
+        folder = results_root / title
+        if results_md and (folder / f"{title}.md").is_file():
+            update_results_md(results_md, title, folder, views="Views")
 
 
 def run(phases: list[str], runs_dir: Path, results_root: Path, dry_run: bool, overrides) -> None:

@@ -3,9 +3,10 @@
 * :func:`curve_figure`: held-out bpb and KL against the budget (log scale) for ``random`` and
   ``grads`` (``grads_paper`` at 5 %), ``full`` and the base model as reference lines; the bottom row
   is each method's paired difference with ``random`` and its 95 % CI.
-* :func:`pool_size_table`: the same 5 % comparisons (method − random, paired) on the committed
-  1,000-sample pool (float32), the 1,000-sample pool under bf16 autocast (the bridge) and the whole
-  pool, side by side: what changes with the pool size, and what does not.
+* :func:`pool_size_report` (``pool_size.md``): the same 5 % comparisons (method − random, paired,
+  :func:`pool_size_table`; absolute means, :func:`absolute_table`) on the committed 1,000-sample
+  pool (float32), the 1,000-sample pool under bf16 autocast (the bridge) and the whole pool, side
+  by side, from the collected CSVs alone: what changes with the pool size, and what does not.
 * :func:`stability_report`: how many of a 5 % subset's samples a second warm-up seed selects again.
 """
 
@@ -129,22 +130,98 @@ def _reference_lines(ax, rows: list[dict], metric: str) -> None:
         ax.axhline(base[0], color="black", ls=":", lw=1, label="base")
 
 
-def pool_size_table(columns: dict[str, list[dict]], budget: str = "p5") -> str:
+# the columns of the pool-size comparison: (heading, collected CSV relative to ``results/``)
+POOL_COLUMNS = (
+    ("1,000, float32 (Table 1)", "tables/financial/financial.csv"),
+    ("1,000, bf16 (bridge)", "poolscale/financial_bridge/financial_bridge.csv"),
+    ("whole pool, bf16", "poolscale/financial_pool/financial_pool.csv"),
+)
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed{'s' if n != 1 else ''}"
+
+
+def pool_size_table(
+    columns: dict[str, list[dict]], budget: str = "p5", methods: list[str] | None = None
+) -> str:
     """Markdown: rows = method x metric, columns = pool (``columns``: name -> collected rows), each
-    cell the paired difference with random at ``budget`` and its 95 % CI."""
+    cell the paired difference with random at ``budget``, its 95 % CI and its number of seeds.
+    ``methods``: the rows (default: every method with a pairing at ``budget`` in any column)."""
     from grads.report.paired import paired_cell
 
     paired = {name: paired_vs_random(rows) for name, rows in columns.items()}
-    methods = sorted({s for p in paired.values() for (b, s, _) in p if b == budget})
+    if methods is None:
+        methods = sorted({s for p in paired.values() for (b, s, _) in p if b == budget})
     head = "| method | metric | " + " | ".join(columns) + " |"
     lines = [head, "|" + "---|" * (len(columns) + 2)]
     for sel in methods:
         for metric in METRICS:
-            cells = [
-                paired_cell(metric, paired[name].get((budget, sel, metric))) for name in columns
-            ]
+            cells = []
+            for name in columns:
+                p = paired[name].get((budget, sel, metric))
+                cells.append(paired_cell(metric, p) + (f" ({_seeds(p.n_seeds)})" if p else ""))
             lines.append(f"| {sel} | {LABELS[metric]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def absolute_table(columns: dict[str, list[dict]], budget: str, methods: list[str]) -> str:
+    """Markdown: each method's mean held-out bpb and KL over its seeds at ``budget`` (``full`` at
+    any budget) per column, the base model first and each column's pool and subset sizes last."""
+    import numpy as np
+
+    def runs(rows, sel):
+        return [
+            r for r in rows if r["selector"] == sel and (sel == "full" or r["budget"] == budget)
+        ]
+
+    def mean(values) -> str:
+        v = [float(x) for x in values if x is not None and x == x]
+        return f"{np.mean(v):.4f}" if v else "–"
+
+    lines = ["| method | metric | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 2)]
+    for metric in METRICS:  # KL(base ‖ base) is 0 and not collected
+        cells = [mean([r.get(f"base_{metric}") for r in rows][:1]) for rows in columns.values()]
+        if any(c != "–" for c in cells):
+            lines.append(f"| base model | {LABELS[metric]} | " + " | ".join(cells) + " |")
+    for sel in ["random", *[m for m in methods if m != "random"]]:
+        for metric in METRICS:
+            cells = []
+            for rows in columns.values():
+                got = runs(rows, sel)
+                cells.append(mean([r.get(metric) for r in got])
+                             + (f" ({_seeds(len({r['seed'] for r in got}))})" if got else ""))  # fmt: skip
+            lines.append(f"| {sel} | {LABELS[metric]} | " + " | ".join(cells) + " |")
+    sizes = []
+    for rows in columns.values():
+        got = runs(rows, "random")
+        sizes.append(f"{int(got[0]['n_pool']):,} / {int(got[0]['n_selected']):,}" if got else "–")
+    lines.append("| pool / subset | samples | " + " | ".join(sizes) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def pool_size_report(results: Path, out: Path | None = None, budget: str = "p5") -> Path | None:
+    """``pool_size.md``: the whole pool's comparisons at ``budget`` beside the same comparisons on
+    the 1,000-sample pool (:data:`POOL_COLUMNS`), read from the collected CSVs under ``results``
+    (the repository's ``results/``) alone, so the file regenerates from them. None (nothing
+    written) until the whole pool has collected rows."""
+    columns = {name: load_rows(results / rel) for name, rel in POOL_COLUMNS}
+    whole = columns[POOL_COLUMNS[-1][0]]
+    if not any(r["selector"] == "random" for r in whole):
+        return None
+    methods = sorted({r["selector"] for r in whole if r["selector"] != "random"})
+    out = out or results / "poolscale" / "financial_pool" / "pool_size.md"
+    sources = ", ".join(f"`{rel}`" for _, rel in POOL_COLUMNS)
+    text = (
+        f"# financial: the whole pool beside the 1,000-sample pool ({budget[1:]} %)\n\n"
+        f"Generated from {sources} by `grads.paper.poolscale_views.pool_size_report`.\n\n"
+        f"## mean over seeds ({budget[1:]} %; `full`: the whole pool, 3 epochs)\n\n"
+        + absolute_table(columns, budget, methods)
+        + f"\n## paired difference vs random at {budget[1:]} % (95 % CI over items and seeds)\n\n"
+        + pool_size_table(columns, budget, methods)
+    )
+    write_text(out, text)
+    return out
 
 
 def _selected(run_dir: Path) -> tuple[str, set[str]] | None:

@@ -47,19 +47,25 @@ def table_sections(md_file: Path) -> list[str]:
     return out
 
 
-def links_block(results_dir: Path, title: str, base: Path, summary: Sequence[str] = ()) -> str:
+def links_block(
+    results_dir: Path,
+    title: str,
+    base: Path,
+    summary: Sequence[str] = (),
+    views: str = "Subsets",
+) -> str:
     """The Markdown of one block: the generated tables of ``results_dir`` (``<title>.md`` and what
-    it holds, :func:`table_sections`), the other Markdown views, the plots, then ``summary``; links
-    are relative to ``base`` (the folder of RESULTS.md)."""
+    it holds, :func:`table_sections`), the other Markdown views (labelled ``views``), the plots,
+    then ``summary``; links are relative to ``base`` (the folder of RESULTS.md)."""
     main = results_dir / f"{title}.md"
     lines = [
         f"- Tables: {_link(main, base)} (CSV, LaTeX and per-item results beside it): "
         + "; ".join(table_sections(main))
         + "."
     ]
-    views = sorted(p for p in results_dir.glob("*.md") if p != main)
-    if views:
-        lines.append("- Subsets: " + ", ".join(_link(p, base, p.stem) for p in views) + ".")
+    others = sorted(p for p in results_dir.glob("*.md") if p != main)
+    if others:
+        lines.append(f"- {views}: " + ", ".join(_link(p, base, p.stem) for p in others) + ".")
     pngs = sorted(results_dir.glob("*.png"))
     if pngs:
         lines.append("- Plots: " + ", ".join(_link(p, base, p.stem) for p in pngs) + ".")
@@ -72,10 +78,11 @@ def update_results_md(
     results_dir: Path,
     summary: Sequence[str] = (),
     title: str | None = None,
+    views: str = "Subsets",
 ) -> bool:
     """Rewrite the block between ``<!-- tables:<key>:begin -->`` and ``<!-- tables:<key>:end -->``
     of ``results_md`` with :func:`links_block` of ``results_dir`` (tables ``<title>.md``, by default
-    ``<key>.md``) and ``summary``.
+    ``<key>.md``), its other Markdown files labelled ``views``, and ``summary``.
 
     Returns whether the block was found (a RESULTS.md without the markers is left alone).
     """
@@ -83,7 +90,7 @@ def update_results_md(
     text = results_md.read_text()
     if begin not in text or end not in text:
         return False
-    block = links_block(results_dir, title or key, results_md.parent, summary)
+    block = links_block(results_dir, title or key, results_md.parent, summary, views)
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
     write_text(results_md, f"{head}{begin}\n{block}{end}{tail}")
