@@ -52,3 +52,15 @@ def test_the_pool_size_comparison_regenerates_from_the_committed_csvs(tmp_path):
 
     out = pool_size_report(RESULTS, tmp_path / "pool_size.md")
     assert out is not None and out.read_bytes() == POOL_SIZE.read_bytes()
+
+
+STABILITY = RESULTS / "poolscale" / "financial_pool" / "stability.json"
+
+
+@pytest.mark.skipif(not STABILITY.is_file(), reason="no stability runs collected yet")
+def test_the_stability_table_regenerates_from_its_json():
+    from grads.io import read_json
+    from grads.paper.poolscale_views import stability_table
+
+    made = stability_table(read_json(STABILITY))
+    assert made == STABILITY.with_suffix(".md").read_text()

@@ -270,6 +270,12 @@ def stability_report(
         return None
     folder = results_root / "financial_pool"
     write_json(folder / "stability.json", out)
+    write_text(folder / "stability.md", stability_table(out))
+    return out
+
+
+def stability_table(out: dict[str, dict]) -> str:
+    """Markdown of :func:`stability_report`'s ``stability.json`` (it regenerates from the JSON)."""
     lines = [
         "| pool | method | shared of k | fraction | two random draws |",
         "|---|---|---|---|---|",
@@ -278,8 +284,7 @@ def stability_report(
         for sel, o in sorted(by_sel.items()):
             lines.append(f"| {part.removeprefix('stability_')} | {sel} | {o['shared']} of {o['k']} "
                          f"| {o['fraction']:.2f} | {o['chance']:.3f} |")  # fmt: skip
-    write_text(folder / "stability.md", "\n".join(lines) + "\n")
-    return out
+    return "\n".join(lines) + "\n"
 
 
 def _seed0(sel: str, seed0_dir: Path | None, selections: Path) -> set[str] | None:
