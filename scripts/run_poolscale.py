@@ -9,6 +9,7 @@ sweep that resumes from the stage cache, collected into ``results/poolscale/fina
     python scripts/run_poolscale.py --phases main_p5 full  # some phases
     python scripts/run_poolscale.py --dry-run              # print the commands
     python scripts/run_poolscale.py --collect-only         # re-collect what has finished
+    python scripts/run_poolscale.py --status               # which jobs are done, started, pending
     python scripts/run_poolscale.py --phases features features.chunk_size=1024   # with overrides
 """
 

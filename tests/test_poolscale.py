@@ -166,3 +166,22 @@ def test_collect_links_the_collections_from_results_md(tmp_path):
     text = md.read_text()
     assert "old" not in text and text.startswith("x\n") and text.endswith("y\n")
     assert "[financial_bridge.md](results/poolscale/financial_bridge/financial_bridge.md)" in text
+
+
+def test_status_names_every_job_of_the_sweeps_and_its_state(tmp_path, capsys):
+    for phase in poolscale.expand(poolscale.PHASES):  # one folder per job the sweeper launches
+        names = poolscale.job_names(phase, "less")
+        assert len(names) == len(set(names)) == len(_jobs(phase))
+    runs = tmp_path / "runs"
+    write_json(runs / "main_p5" / "random_p5_seed0" / "metrics.json",
+               {"cost": {"warmup": {"wall_s": 600.0, "cached": True},
+                         "finetune": {"wall_s": 60.0, "cached": False},
+                         "evaluate": {"wall_s": 30.0, "cached": False}}})  # fmt: skip
+    (runs / "main_p5" / "grads_p5_seed0").mkdir(parents=True)
+    rows = {(r["phase"], r["job"]): r for r in poolscale.status(runs, "less", ["main_p5"])}
+    assert rows["main_p5", "random_p5_seed0"] == {"phase": "main_p5", "job": "random_p5_seed0",
+                                                  "state": "done", "computed_min": 1.5}  # fmt: skip
+    assert rows["main_p5", "grads_p5_seed0"]["state"] == "started"
+    assert rows["main_p5", "less_p5_seed0"]["state"] == "pending"
+    poolscale.print_status(list(rows.values()))
+    assert "done: main_p5 1/4" in capsys.readouterr().out

@@ -29,6 +29,7 @@ later one reads them from the stage cache):
     python scripts/run_poolscale.py --phases features     # one phase
     python scripts/run_poolscale.py --dry-run             # print the commands
     python scripts/run_poolscale.py --collect-only        # re-collect what has finished
+    python scripts/run_poolscale.py --status              # which jobs are done, started, pending
 
 Runs go to ``outputs/tables/financial_pool/<phase>``; the collector writes
 ``results/poolscale/financial_pool/`` (phases ``main_p5`` … ``curve``) and
@@ -106,6 +107,46 @@ def command(phase: str, baseline: str, runs_dir: Path, overrides: list[str] = ()
             f"hydra.sweep.dir={runs_dir / phase}", *overrides]  # fmt: skip
 
 
+def job_names(phase: str, baseline: str) -> list[str]:
+    """The job folders of one phase's sweep (``hydra.sweep.subdir``; ``0`` for ``features``)."""
+    if phase == "features":
+        return ["0"]
+    axes = dict(o.split("=", 1) for o in phase_overrides(phase, baseline) if "=" in o)
+    return [f"{sel}_{budget}_seed{seed}" for sel in axes["selector"].split(",")
+            for budget in axes["budget"].split(",") for seed in axes["seed"].split(",")]  # fmt: skip
+
+
+def status(runs_dir: Path, baseline: str, phases: list[str] = PHASES) -> list[dict]:
+    """Each job of ``phases``: ``done`` (its ``metrics.json`` is written; ``computed_min``: the
+    minutes of the stages it computed rather than read from the cache), ``started`` (its folder
+    exists: running, or stopped and resumable) or ``pending``."""
+    out = []
+    for phase in expand(phases):
+        for job in job_names(phase, baseline):
+            folder = runs_dir / phase / job
+            row = {"phase": phase, "job": job, "state": "pending", "computed_min": None}
+            if (folder / "metrics.json").is_file():
+                cost = read_json(folder / "metrics.json").get("cost") or {}
+                computed = [c.get("wall_s") or 0.0 for c in cost.values() if not c.get("cached")]
+                row.update(state="done", computed_min=round(sum(computed) / 60, 1))
+            elif folder.is_dir():
+                row["state"] = "started"
+            out.append(row)
+    return out
+
+
+def print_status(rows: list[dict]) -> None:
+    """The status table, then done / total jobs per phase."""
+    print(f"{'phase':<16} {'job':<26} {'state':<8} computed")
+    for r in rows:
+        minutes = f"{r['computed_min']:.1f} min" if r["computed_min"] is not None else ""
+        print(f"{r['phase']:<16} {r['job']:<26} {r['state']:<8} {minutes}")
+    phases = dict.fromkeys(r["phase"] for r in rows)
+    done = {p: sum(r["state"] == "done" for r in rows if r["phase"] == p) for p in phases}
+    total = {p: sum(r["phase"] == p for r in rows) for p in phases}
+    print("done: " + ", ".join(f"{p} {done[p]}/{total[p]}" for p in phases))
+
+
 def collect(runs_dir: Path, results_root: Path, results_md: Path | None = None) -> None:
     """Tables, per-item results and selected ids of the finished runs, one folder per collection;
     the selection-stability summary when both warm-up seeds have selected; the comparison with
@@ -158,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--results-root", default=None, help="default: <repo>/results/poolscale")
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     ap.add_argument("--collect-only", action="store_true")
+    ap.add_argument("--status", action="store_true", help="which jobs are done, started, pending")
     ap.add_argument("overrides", nargs="*", help="extra overrides for every phase (key=value)")
     args = ap.parse_args(argv)
     # overrides may follow the phases (--phases features features.chunk_size=1024)
@@ -168,6 +210,9 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--phases {unknown or '(none)'}: choose from {PHASES}")
     runs_dir = Path(args.runs_dir or REPO_ROOT / "outputs" / "tables" / f"{DOMAIN}_pool").resolve()
     results_root = Path(args.results_root or REPO_ROOT / "results" / "poolscale").resolve()
+    if args.status:
+        print_status(status(runs_dir, strongest_baseline(), args.phases))
+        return
     if args.collect_only:
         collect(runs_dir, results_root)
         return
