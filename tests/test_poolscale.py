@@ -184,4 +184,4 @@ def test_status_names_every_job_of_the_sweeps_and_its_state(tmp_path, capsys):
     assert rows["main_p5", "grads_p5_seed0"]["state"] == "started"
     assert rows["main_p5", "less_p5_seed0"]["state"] == "pending"
     poolscale.print_status(list(rows.values()))
-    assert "done: main_p5 1/4" in capsys.readouterr().out
+    assert "done: main_p5 1/4 (0.0 h)" in capsys.readouterr().out

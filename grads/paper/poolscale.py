@@ -136,15 +136,18 @@ def status(runs_dir: Path, baseline: str, phases: list[str] = PHASES) -> list[di
 
 
 def print_status(rows: list[dict]) -> None:
-    """The status table, then done / total jobs per phase."""
+    """The status table, then per phase: done / total jobs and the hours its done jobs computed."""
     print(f"{'phase':<16} {'job':<26} {'state':<8} computed")
     for r in rows:
         minutes = f"{r['computed_min']:.1f} min" if r["computed_min"] is not None else ""
         print(f"{r['phase']:<16} {r['job']:<26} {r['state']:<8} {minutes}")
-    phases = dict.fromkeys(r["phase"] for r in rows)
-    done = {p: sum(r["state"] == "done" for r in rows if r["phase"] == p) for p in phases}
-    total = {p: sum(r["phase"] == p for r in rows) for p in phases}
-    print("done: " + ", ".join(f"{p} {done[p]}/{total[p]}" for p in phases))
+    parts = []
+    for phase in dict.fromkeys(r["phase"] for r in rows):
+        mine = [r for r in rows if r["phase"] == phase]
+        done = [r for r in mine if r["state"] == "done"]
+        hours = sum(r["computed_min"] for r in done) / 60
+        parts.append(f"{phase} {len(done)}/{len(mine)}" + (f" ({hours:.1f} h)" if done else ""))
+    print("done: " + ", ".join(parts))
 
 
 def collect(runs_dir: Path, results_root: Path, results_md: Path | None = None) -> None:
