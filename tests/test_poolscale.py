@@ -185,3 +185,23 @@ def test_status_names_every_job_of_the_sweeps_and_its_state(tmp_path, capsys):
     assert rows["main_p5", "less_p5_seed0"]["state"] == "pending"
     poolscale.print_status(list(rows.values()))
     assert "done: main_p5 1/4 (0.0 h)" in capsys.readouterr().out
+
+
+def test_pool_features_come_from_the_collections_own_sweep(tmp_path):
+    """The bridge's pool_features.csv is its own 1,000-sample pool's, not main_p5's whole pool."""
+    import pandas as pd
+
+    from grads.paper.publish import publish_pool_features
+
+    runs = tmp_path / "runs"
+    for sweep, ids in {"main_p5": ["w1", "w2", "w3"], "bridge": ["b1"]}.items():
+        feats = tmp_path / f"features_{sweep}"
+        feats.mkdir()
+        pd.DataFrame({"id": ids, "loss": 0.1, "n_tokens": 1, "embed": 1.0,
+                      "lm_head": 2.0}).to_parquet(feats / "features.parquet")  # fmt: skip
+        write_json(runs / sweep / "random_p5_seed0" / "metrics.json",
+                   {"artefacts": {"features": str(feats)}})  # fmt: skip
+    out = tmp_path / "pool_features.csv"
+    assert publish_pool_features(runs, out, {"b1": "fpb"}, "bridge")
+    assert pd.read_csv(out)["id"].tolist() == ["b1"]
+    assert not publish_pool_features(runs, out, {}, "curve")

@@ -33,8 +33,10 @@ def collect_runs(sweep_dirs: list[Path], out_dir: Path, title: str) -> None:
     sources: dict[str, str] = {}
     for d in dirs:
         sources |= publish_selections(d, out_dir / "selections")
-    if sources:
-        publish_pool_features(dirs[0].parent, out_dir / "pool_features.csv", sources)
+    # the features of this collection's own pool (the bridge's 1,000 samples, not main_p5's)
+    for d in dirs if sources else []:
+        if publish_pool_features(d.parent, out_dir / "pool_features.csv", sources, d.name):
+            break
     rows = load_rows(out_dir / f"{title}.csv")
     if rows:
         curve_figure(rows, out_dir / f"curve_{title}.png")

@@ -66,14 +66,16 @@ def publish_selections(runs_dir: Path, sel_dir: Path) -> dict[str, str]:
     return sources
 
 
-def publish_pool_features(runs_dir: Path, out_file: Path, sources: dict[str, str]) -> bool:
-    """The domain's features table as the warm-up model sees the pool (``main_p5``'s, shared by
-    every selector): id, source, the answer on a label-like pool (:func:`pool_answers`) and the
-    :data:`PROFILE` columns, a small CSV beside the selections so the subset profiles regenerate
-    without the cache. False if no main_p5 run has one."""
+def publish_pool_features(
+    runs_dir: Path, out_file: Path, sources: dict[str, str], sweep: str = "main_p5"
+) -> bool:
+    """The domain's features table as the warm-up model sees the pool (that of the runs under
+    ``runs_dir / sweep``, shared by every selector): id, source, the answer on a label-like pool
+    (:func:`pool_answers`) and the :data:`PROFILE` columns, a small CSV beside the selections so the
+    subset profiles regenerate without the cache. False if no run there has one."""
     import pandas as pd
 
-    for mfile in sorted((runs_dir / "main_p5").rglob("metrics.json")):
+    for mfile in sorted((runs_dir / sweep).rglob("metrics.json")):
         f = Path(read_json(mfile).get("artefacts", {}).get("features", "")) / "features.parquet"
         if f.is_file():
             df = pd.read_parquet(f, columns=["id", *PROFILE])
