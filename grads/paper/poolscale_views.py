@@ -18,6 +18,7 @@ from grads.io import read_json, read_jsonl, write_json, write_text
 
 METRICS = ("domain_bpb", "general_kl")
 LABELS = {"domain_bpb": "held-out bpb", "general_kl": "KL(base ‖ tuned)"}
+BUDGET_TICKS = (0.01, 0.05, 0.1, 0.25)  # the curve's budgets; full and base are lines
 
 
 def collect_runs(sweep_dirs: list[Path], out_dir: Path, title: str) -> None:
@@ -108,11 +109,15 @@ def curve_figure(rows: list[dict], out: Path) -> Path | None:
         bottom.axhline(0, color="tab:grey", lw=1)
         top.set_title(LABELS[metric])
         bottom.set_ylabel(f"{LABELS[metric]} − random (95 % CI)")
-        bottom.set_xlabel("budget (fraction of the pool, log scale)")
-        bottom.set_xscale("log")
+        bottom.set_xlabel("budget (share of the pool, log scale)")
+        for ax in (top, bottom):  # fixed ticks: one budget alone still draws a readable axis
+            ax.set_xscale("log")
+            ax.set_xlim(0.007, 0.4)
+            ax.set_xticks(BUDGET_TICKS, [f"{round(t * 100)} %" for t in BUDGET_TICKS])
+            ax.minorticks_off()
     axes[0][0].legend(fontsize=8)
     n_pool = max(int(r.get("n_pool") or 0) for r in rows)
-    fig.suptitle(f"financial, whole pool ({n_pool:,} samples): learning vs forgetting by budget")
+    fig.suptitle(f"financial, a pool of {n_pool:,} samples: learning vs forgetting by budget")
     fig.tight_layout()
     fig.savefig(out, dpi=120, metadata={"Software": None})
     plt.close(fig)
@@ -128,6 +133,8 @@ def _reference_lines(ax, rows: list[dict], metric: str) -> None:
         ax.axhline(sum(full) / len(full), color="tab:green", ls="--", lw=1, label="full")
     base = [r.get(f"base_{metric}") for r in rows]
     base = [float(b) for b in base if b is not None and b == b]
+    if metric == "general_kl" and not base:
+        base = [0.0]  # KL(base ‖ base), not collected
     if base:
         ax.axhline(base[0], color="black", ls=":", lw=1, label="base")
 
