@@ -16,6 +16,7 @@ from pathlib import Path
 
 from grads.io import read_json, read_jsonl, write_json, write_text
 
+DOMAIN = "financial"
 METRICS = ("domain_bpb", "general_kl")
 LABELS = {"domain_bpb": "held-out bpb", "general_kl": "KL(base ‖ tuned)"}
 BUDGET_TICKS = (0.01, 0.05, 0.1, 0.25)  # the curve's budgets; full and base are lines
@@ -23,9 +24,11 @@ BUDGET_TICKS = (0.01, 0.05, 0.1, 0.25)  # the curve's budgets; full and base are
 
 def collect_runs(sweep_dirs: list[Path], out_dir: Path, title: str) -> None:
     """The usual tables of the runs under ``sweep_dirs`` (:func:`grads.paper.tables.main`), their
-    selected ids and the pool's features, then the curve figure."""
+    selected ids, the pool's features and the subset views (:func:`grads.paper.views.selection_views`),
+    then the curve figure."""
     from grads.paper.publish import publish_pool_features, publish_selections
     from grads.paper.tables import main as report_main
+    from grads.paper.views import selection_views
 
     dirs = [d for d in sweep_dirs if any(d.rglob("metrics.json"))]
     if not dirs:
@@ -38,6 +41,8 @@ def collect_runs(sweep_dirs: list[Path], out_dir: Path, title: str) -> None:
     for d in dirs if sources else []:
         if publish_pool_features(d.parent, out_dir / "pool_features.csv", sources, d.name):
             break
+    if sources:  # what the subsets are made of: sources, overlap, profile, map
+        selection_views(DOMAIN, out_dir, sources)
     rows = load_rows(out_dir / f"{title}.csv")
     if rows:
         curve_figure(rows, out_dir / f"curve_{title}.png")
