@@ -64,3 +64,30 @@ def test_the_stability_table_regenerates_from_its_json():
 
     made = stability_table(read_json(STABILITY))
     assert made == STABILITY.with_suffix(".md").read_text()
+
+
+VIEWS = [
+    f"{folder}/{name}"
+    for folder, names in (("tables", DOMAINS), ("poolscale", POOLSCALE))
+    for name in names
+    if (RESULTS / folder / name / "selections").is_dir()
+    and (RESULTS / folder / name / "pool_features.csv").is_file()
+]
+
+
+@pytest.mark.parametrize("folder", VIEWS)
+def test_committed_subset_views_regenerate_from_selections_and_pool_features(tmp_path, folder):
+    """sources_, overlap_ and profile_<domain>.md from the committed selections and pool CSV."""
+    import shutil
+
+    from grads.paper.views import selection_views
+
+    src = RESULTS / folder
+    shutil.copytree(src / "selections", tmp_path / "selections")
+    shutil.copy(src / "pool_features.csv", tmp_path / "pool_features.csv")
+    domain = "financial" if folder.startswith("poolscale/") else folder.split("/")[1]
+    selection_views(domain, tmp_path)
+    made = sorted(tmp_path.glob("*.md"))
+    assert made
+    for p in made:
+        assert p.read_bytes() == (src / p.name).read_bytes(), f"results/{folder}/{p.name} differs"
