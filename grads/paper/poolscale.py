@@ -48,8 +48,8 @@ from pathlib import Path
 
 from grads.constants import REPO_ROOT
 from grads.io import read_json
+from grads.paper.poolscale_views import DOMAIN
 
-DOMAIN = "financial"
 WHOLE = ["experiment=paper_main", f"domain={DOMAIN}", "domain.pool_limit=null",
          "trainer.autocast=true", "group=paper_poolscale"]  # fmt: skip
 BRIDGE = ["experiment=paper_main", f"domain={DOMAIN}", "domain.pool_limit=1000",

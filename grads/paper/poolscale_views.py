@@ -16,7 +16,7 @@ from pathlib import Path
 
 from grads.io import read_json, read_jsonl, write_json, write_text
 
-DOMAIN = "financial"
+DOMAIN = "financial"  # the pool-scale experiment's domain (grads.paper.poolscale)
 METRICS = ("domain_bpb", "general_kl")
 LABELS = {"domain_bpb": "held-out bpb", "general_kl": "KL(base ‖ tuned)"}
 BUDGET_TICKS = (0.01, 0.05, 0.1, 0.25)  # the curve's budgets; full and base are lines
