@@ -175,12 +175,13 @@ def test_status_names_every_job_of_the_sweeps_and_its_state(tmp_path, capsys):
     runs = tmp_path / "runs"
     write_json(runs / "main_p5" / "random_p5_seed0" / "metrics.json",
                {"cost": {"warmup": {"wall_s": 600.0, "cached": True},
-                         "finetune": {"wall_s": 60.0, "cached": False},
+                         "select": {"wall_s": 6.0, "cached": False},
+                         "finetune": {"wall_s": 60.0, "cached": True},  # a rerun read it back
                          "evaluate": {"wall_s": 30.0, "cached": False}}})  # fmt: skip
     (runs / "main_p5" / "grads_p5_seed0").mkdir(parents=True)
     rows = {(r["phase"], r["job"]): r for r in poolscale.status(runs, "less", ["main_p5"])}
     assert rows["main_p5", "random_p5_seed0"] == {"phase": "main_p5", "job": "random_p5_seed0",
-                                                  "state": "done", "computed_min": 1.5}  # fmt: skip
+                                                  "state": "done", "computed_min": 1.6}  # fmt: skip
     assert rows["main_p5", "grads_p5_seed0"]["state"] == "started"
     assert rows["main_p5", "less_p5_seed0"]["state"] == "pending"
     poolscale.print_status(list(rows.values()))

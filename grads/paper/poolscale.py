@@ -59,6 +59,8 @@ PHASES = ["features", "main_p5", "full", "seeds_p5", "curve", "bridge", "stabili
 CURVE_BUDGETS = ["p1", "p10", "p25"]
 # where each phase's runs are collected: the whole pool, or the 1,000-sample pool under bf16
 COLLECTION = {"bridge": "financial_bridge"}
+# the stages no other job of a sweep shares (the warm-up, features and selections are shared)
+JOB_STAGES = ("finetune", "evaluate")
 STABILITY_PARTS = {"stability_whole": WHOLE, "stability_1k": PAPER_1K}
 
 
@@ -118,7 +120,8 @@ def job_names(phase: str, baseline: str) -> list[str]:
 
 def status(runs_dir: Path, baseline: str, phases: list[str] = PHASES) -> list[dict]:
     """Each job of ``phases``: ``done`` (its ``metrics.json`` is written; ``computed_min``: the
-    minutes of the stages it computed rather than read from the cache), ``started`` (its folder
+    minutes of its own stages, ``JOB_STAGES``, even when a rerun of the sweep read them back from
+    the cache, plus the shared stages it computed rather than read), ``started`` (its folder
     exists: running, or stopped and resumable) or ``pending``."""
     out = []
     for phase in expand(phases):
@@ -127,7 +130,8 @@ def status(runs_dir: Path, baseline: str, phases: list[str] = PHASES) -> list[di
             row = {"phase": phase, "job": job, "state": "pending", "computed_min": None}
             if (folder / "metrics.json").is_file():
                 cost = read_json(folder / "metrics.json").get("cost") or {}
-                computed = [c.get("wall_s") or 0.0 for c in cost.values() if not c.get("cached")]
+                computed = [c.get("wall_s") or 0.0 for stage, c in cost.items()
+                            if stage in JOB_STAGES or not c.get("cached")]  # fmt: skip
                 row.update(state="done", computed_min=round(sum(computed) / 60, 1))
             elif folder.is_dir():
                 row["state"] = "started"
