@@ -45,13 +45,17 @@ def test_phase_jobs_compose_and_share_the_warmup_and_features(phase):
         return ids["warmup"].key, ids["features"].key
 
     shared = keys(_jobs("features")[0])
+    seed1 = set()
     for job in _jobs(phase):
         cfg = compose_resolved(list(job))
         assert cfg["domain"]["pool_limit"] is None and cfg["trainer"]["autocast"] is True
-        if phase == "stability_whole":
+        if phase == "stability_whole":  # its own warm-up, one features entry with LESS's pass only
             assert cfg["warmup"]["seed"] == 1 and keys(job)[0] != shared[0]
+            assert cfg["features"]["representations"] == ["lora_grads"]
+            seed1.add(keys(job))
         else:
             assert keys(job) == shared
+    assert len(seed1) == (phase == "stability_whole")
 
 
 def test_curve_budget_p1_exists():

@@ -46,7 +46,7 @@ import sys
 import time
 from pathlib import Path
 
-from grads.constants import REPO_ROOT
+from grads.constants import REPO_ROOT, conf_dir
 from grads.io import read_json
 from grads.paper.poolscale_views import DOMAIN
 
@@ -70,6 +70,17 @@ def strongest_baseline(plan_file: Path | None = None) -> str:
     if not plan_file.is_file():
         raise SystemExit(f"{plan_file} is missing: run scripts/run_tables.py {DOMAIN} first")
     return read_json(plan_file)["strongest"][0]
+
+
+def passes_of(selector: str) -> list[str]:
+    """The representation passes ``conf/selector/<selector>.yaml`` reads (``[]`` for ``grads``)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from grads.selectors.base import traits
+
+    node = OmegaConf.load(conf_dir() / "selector" / f"{selector}.yaml")
+    return list(traits(instantiate(node)).representations)
 
 
 def expand(phases: list[str]) -> list[str]:
@@ -97,9 +108,13 @@ def phase_overrides(phase: str, baseline: str) -> list[str]:
     if phase == "bridge":
         return [*BRIDGE, "budget=p5", "seed=0", "selector=random,grads", per_job]
     if phase in STABILITY_PARTS:
-        sels = ",".join(["grads", "grads_paper", baseline])
+        sels = ["grads", "grads_paper", baseline]
+        # the whole pool computes only the passes these selectors read (paper_main lists RDS+'s
+        # too, ~25 min there); the 1,000 part keeps the list its finished selections were keyed on
+        passes = ",".join(dict.fromkeys(p for sel in sels for p in passes_of(sel)))
+        reps = [f"features.representations=[{passes}]"] if phase == "stability_whole" else []
         return [*STABILITY_PARTS[phase], "budget=p5", "seed=0", "warmup.seed=1",
-                f"selector={sels}", "stages=[warmup,features,select]", per_job]  # fmt: skip
+                f"selector={','.join(sels)}", *reps, "stages=[warmup,features,select]", per_job]  # fmt: skip
     raise ValueError(f"unknown phase {phase!r}; choose from {PHASES}")
 
 
