@@ -49,9 +49,10 @@ def test_phase_jobs_compose_and_share_the_warmup_and_features(phase):
     for job in _jobs(phase):
         cfg = compose_resolved(list(job))
         assert cfg["domain"]["pool_limit"] is None and cfg["trainer"]["autocast"] is True
-        if phase == "stability_whole":  # its own warm-up, one features entry with LESS's pass only
+        if phase == "stability_whole":  # its own warm-up; one features entry: LESS's pass, no IFD
             assert cfg["warmup"]["seed"] == 1 and keys(job)[0] != shared[0]
             assert cfg["features"]["representations"] == ["lora_grads"]
+            assert cfg["features"]["ifd"] is False
             seed1.add(keys(job))
         else:
             assert keys(job) == shared

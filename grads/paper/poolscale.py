@@ -72,15 +72,21 @@ def strongest_baseline(plan_file: Path | None = None) -> str:
     return read_json(plan_file)["strongest"][0]
 
 
-def passes_of(selector: str) -> list[str]:
-    """The representation passes ``conf/selector/<selector>.yaml`` reads (``[]`` for ``grads``)."""
-    from hydra.utils import instantiate
+def own_features(selectors: list[str]) -> list[str]:
+    """Overrides that compute only the features ``selectors`` read: their representation passes,
+    and IFD only if one of them needs it (``paper_main`` computes every selector's)."""
     from omegaconf import OmegaConf
 
-    from grads.selectors.base import traits
+    from grads.verdict.plan import share_features
 
-    node = OmegaConf.load(conf_dir() / "selector" / f"{selector}.yaml")
-    return list(traits(instantiate(node)).representations)
+    base: dict = {"features": {"ifd": "auto", "representations": "auto"}}
+    share_features(base, [OmegaConf.load(conf_dir() / "selector" / f"{s}.yaml") for s in selectors])
+    feats = base["features"]
+    passes = feats["representations"] if isinstance(feats["representations"], list) else []
+    return [
+        f"features.ifd={str(feats['ifd']).lower()}",
+        f"features.representations=[{','.join(passes)}]",
+    ]
 
 
 def expand(phases: list[str]) -> list[str]:
@@ -109,12 +115,11 @@ def phase_overrides(phase: str, baseline: str) -> list[str]:
         return [*BRIDGE, "budget=p5", "seed=0", "selector=random,grads", per_job]
     if phase in STABILITY_PARTS:
         sels = ["grads", "grads_paper", baseline]
-        # the whole pool computes only the passes these selectors read (paper_main lists RDS+'s
-        # too, ~25 min there); the 1,000 part keeps the list its finished selections were keyed on
-        passes = ",".join(dict.fromkeys(p for sel in sels for p in passes_of(sel)))
-        reps = [f"features.representations=[{passes}]"] if phase == "stability_whole" else []
+        # the whole pool computes only the features these selectors read (paper_main's RDS+ pass
+        # and IFD: ~35 min there); the 1,000 part keeps the keys its finished selections ran on
+        own = own_features(sels) if phase == "stability_whole" else []
         return [*STABILITY_PARTS[phase], "budget=p5", "seed=0", "warmup.seed=1",
-                f"selector={','.join(sels)}", *reps, "stages=[warmup,features,select]", per_job]  # fmt: skip
+                f"selector={','.join(sels)}", *own, "stages=[warmup,features,select]", per_job]  # fmt: skip
     raise ValueError(f"unknown phase {phase!r}; choose from {PHASES}")
 
 
