@@ -85,14 +85,14 @@ def curve_figure(rows: list[dict], out: Path) -> Path | None:
     if not rows:
         return None
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
-    styles = {
-        "random": ("tab:grey", "o"),
-        "grads": ("tab:blue", "s"),
-        "grads_paper": ("tab:orange", "D"),
+    styles = {  # colour, marker, and a small shift along x so that bars at one budget stay apart
+        "random": ("tab:grey", "o", 1.0),
+        "grads": ("tab:blue", "s", 0.95),
+        "grads_paper": ("tab:orange", "D", 1.05),
     }
     for j, metric in enumerate(METRICS):
         top, bottom = axes[0][j], axes[1][j]
-        for sel, (colour, marker) in styles.items():
+        for sel, (colour, marker, shift) in styles.items():
             pts: dict[float, list[float]] = {}
             for r in rows:
                 x = _fraction(str(r["budget"]))
@@ -101,12 +101,13 @@ def curve_figure(rows: list[dict], out: Path) -> Path | None:
             if not pts:
                 continue
             xs = sorted(pts)
-            top.errorbar(xs, [np.mean(pts[x]) for x in xs], yerr=[np.std(pts[x]) for x in xs],
-                         color=colour, marker=marker, capsize=3, label=sel)  # fmt: skip
+            top.errorbar([x * shift for x in xs], [np.mean(pts[x]) for x in xs],
+                         yerr=[np.std(pts[x]) for x in xs], color=colour, marker=marker,
+                         capsize=3, label=sel)  # fmt: skip
             diffs = [(x, paired.get((f"p{round(x * 100)}", sel, metric))) for x in xs]
             diffs = [(x, p) for x, p in diffs if p is not None]
             if diffs:
-                xd = [x for x, _ in diffs]
+                xd = [x * shift for x, _ in diffs]
                 mean = [p.mean for _, p in diffs]
                 err = [[p.mean - p.lo for _, p in diffs], [p.hi - p.mean for _, p in diffs]]
                 bottom.errorbar(xd, mean, yerr=err, color=colour, marker=marker, capsize=3)
