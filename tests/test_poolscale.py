@@ -211,3 +211,13 @@ def test_pool_features_come_from_the_collections_own_sweep(tmp_path):
     assert publish_pool_features(runs, out, {"b1": "fpb"}, "bridge")
     assert pd.read_csv(out)["id"].tolist() == ["b1"]
     assert not publish_pool_features(runs, out, {}, "curve")
+
+
+def test_the_curve_runs_one_budget_at_a_time_so_its_pairs_land_together(tmp_path):
+    """Within one sweep the sweeper is selector-major; one sweep per budget pairs the cells."""
+    curve = poolscale.commands("curve", "less", tmp_path)
+    assert [[o for o in c if o.startswith(("budget=", "selector="))] for c in curve] == [
+        [f"budget={b}", "selector=random,grads"] for b in poolscale.CURVE_BUDGETS
+    ]
+    assert all(f"hydra.sweep.dir={tmp_path / 'curve'}" in c for c in curve)
+    assert len(poolscale.commands("full", "less", tmp_path, ["x=1"])) == 1

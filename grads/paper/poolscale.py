@@ -94,8 +94,9 @@ def expand(phases: list[str]) -> list[str]:
     return [p for ph in phases for p in (list(STABILITY_PARTS) if ph == "stability" else [ph])]
 
 
-def phase_overrides(phase: str, baseline: str) -> list[str]:
-    """The ``grads -m`` overrides of one phase (``baseline``: the strongest at 1,000)."""
+def phase_overrides(phase: str, baseline: str, budgets: list[str] = CURVE_BUDGETS) -> list[str]:
+    """The ``grads -m`` overrides of one phase (``baseline``: the strongest at 1,000; ``budgets``:
+    the curve's)."""
     per_job = (
         "hydra.sweep.subdir=${selector.name}_${budget.name}_seed${seed}"  # reruns overwrite nothing
     )
@@ -109,8 +110,7 @@ def phase_overrides(phase: str, baseline: str) -> list[str]:
     if phase == "seeds_p5":
         return [*WHOLE, "budget=p5", "seed=1,2", "selector=random,grads,grads_paper", per_job]
     if phase == "curve":
-        budgets = ",".join(CURVE_BUDGETS)
-        return [*WHOLE, f"budget={budgets}", "seed=0", "selector=random,grads", per_job]
+        return [*WHOLE, f"budget={','.join(budgets)}", "seed=0", "selector=random,grads", per_job]
     if phase == "bridge":
         return [*BRIDGE, "budget=p5", "seed=0", "selector=random,grads", per_job]
     if phase in STABILITY_PARTS:
@@ -123,10 +123,15 @@ def phase_overrides(phase: str, baseline: str) -> list[str]:
     raise ValueError(f"unknown phase {phase!r}; choose from {PHASES}")
 
 
-def command(phase: str, baseline: str, runs_dir: Path, overrides: list[str] = ()) -> list[str]:
-    """The full command line of one phase's sweep."""
-    return [sys.executable, "-m", "grads.cli.main", "-m", *phase_overrides(phase, baseline),
-            f"hydra.sweep.dir={runs_dir / phase}", *overrides]  # fmt: skip
+def commands(
+    phase: str, baseline: str, runs_dir: Path, overrides: list[str] = ()
+) -> list[list[str]]:
+    """The command lines of one phase, run in this order. The curve runs one budget at a time so
+    that random's and ``grads``' cells of a budget land together (within one sweep the sweeper
+    varies the budget fastest: ``paper_main`` lists its selectors first)."""
+    sweeps = [[b] for b in CURVE_BUDGETS] if phase == "curve" else [CURVE_BUDGETS]
+    return [[sys.executable, "-m", "grads.cli.main", "-m", *phase_overrides(phase, baseline, b),
+             f"hydra.sweep.dir={runs_dir / phase}", *overrides] for b in sweeps]  # fmt: skip
 
 
 def job_names(phase: str, baseline: str) -> list[str]:
@@ -203,12 +208,13 @@ def run(phases: list[str], runs_dir: Path, results_root: Path, dry_run: bool, ov
     """Run ``phases`` in order, collecting after each; stops at a phase with failed jobs."""
     baseline = strongest_baseline()
     for phase in expand(phases):
-        cmd = command(phase, baseline, runs_dir, overrides)
-        print(f"== {phase}: {shlex.join(cmd[2:])}", flush=True)
+        t0, rc = time.time(), 0
+        for cmd in commands(phase, baseline, runs_dir, overrides):
+            print(f"== {phase}: {shlex.join(cmd[2:])}", flush=True)
+            if not dry_run:
+                rc = subprocess.run(cmd).returncode or rc
         if dry_run:
             continue
-        t0 = time.time()
-        rc = subprocess.run(cmd).returncode
         minutes = (time.time() - t0) / 60
         print(f"== {phase} {'done' if rc == 0 else f'FAILED (exit {rc})'} in {minutes:.1f} min")
         collect(runs_dir, results_root)
