@@ -221,3 +221,19 @@ def test_the_curve_runs_one_budget_at_a_time_so_its_pairs_land_together(tmp_path
     ]
     assert all(f"hydra.sweep.dir={tmp_path / 'curve'}" in c for c in curve)
     assert len(poolscale.commands("full", "less", tmp_path, ["x=1"])) == 1
+
+
+def test_compute_table_sums_each_phases_cells_and_counts_shared_stages_once():
+    from grads.paper.poolscale_views import compute_table
+
+    def row(sel, budget, seed, n_pool=10_617, ft=1800.0):
+        return {"selector": sel, "budget": budget, "seed": seed, "n_pool": n_pool,
+                "finetune_s": ft, "evaluate_s": 360.0, "warmup_s": 7200.0, "features_s": 3600.0}  # fmt: skip
+
+    rows = [row("random", "p5", 0), row("grads", "p5", 0), row("grads", "p5", 1),
+            row("full", "p5", 0, ft=18000.0), row("grads", "p1", 0), row("random", "p5", 0, 1000)]  # fmt: skip
+    text = compute_table(rows)
+    assert "| main_p5 | 2 | 1.0 | 0.2 |" in text and "| seeds_p5 | 1 | 0.5 | 0.1 |" in text
+    assert "| full | 1 | 5.0 | 0.1 |" in text and "| curve | 1 | 0.5 | 0.1 |" in text
+    assert "| bridge | 1 | 0.5 | 0.1 |" in text
+    assert "| warmup | whole pool | 2.0 |" in text and "| features | bridge | 1.0 |" in text

@@ -215,6 +215,44 @@ def absolute_table(columns: dict[str, list[dict]], budget: str, methods: list[st
     return "\n".join(lines) + "\n"
 
 
+def _phase(row: dict) -> str:
+    """The phase of ``grads.paper.poolscale`` that ran a whole-pool cell (or ``bridge``)."""
+    if int(row.get("n_pool") or 0) < 10_000:
+        return "bridge"
+    if row["selector"] == "full":
+        return "full"
+    if row["budget"] != "p5":
+        return "curve"
+    return "main_p5" if int(row["seed"]) == 0 else "seeds_p5"
+
+
+def compute_table(rows: list[dict]) -> str:
+    """Markdown: the hours each phase's cells spent fine-tuning and evaluating (their stages' own
+    ``wall_s``, read back from the cache or not), then the shared warm-up and features stages
+    (the largest ``warmup_s`` / ``features_s`` of each pool: every attempt, one computation)."""
+
+    def hours(values) -> str:
+        return f"{sum(float(v or 0) for v in values) / 3600:.1f}"
+
+    lines = ["| phase | cells | fine-tune (h) | evaluation (h) |", "|---|---|---|---|"]
+    phases: dict[str, list[dict]] = {}
+    for r in rows:
+        phases.setdefault(_phase(r), []).append(r)
+    for name in ("main_p5", "seeds_p5", "full", "curve", "bridge"):
+        got = phases.get(name, [])
+        if got:
+            ft, ev = (hours(r.get(f"{k}_s") for r in got) for k in ("finetune", "evaluate"))
+            lines.append(f"| {name} | {len(got)} | {ft} | {ev} |")
+    lines += ["", "| shared stage | pool | hours |", "|---|---|---|"]
+    for pool in ("whole pool", "bridge"):
+        got = [r for r in rows if (_phase(r) == "bridge") == (pool == "bridge")]
+        for stage in ("warmup", "features"):
+            top = max((float(r.get(f"{stage}_s") or 0) for r in got), default=0.0)
+            if top:
+                lines.append(f"| {stage} | {pool} | {top / 3600:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def pool_size_report(results: Path, out: Path | None = None, budget: str = "p5") -> Path | None:
     """``pool_size.md``: the whole pool's comparisons at ``budget`` beside the same comparisons on
     the 1,000-sample pool (:data:`POOL_COLUMNS`), read from the collected CSVs under ``results``
@@ -234,6 +272,11 @@ def pool_size_report(results: Path, out: Path | None = None, budget: str = "p5")
         + absolute_table(columns, budget, methods)
         + f"\n## paired difference vs random at {budget[1:]} % (95 % CI over items and seeds)\n\n"
         + pool_size_table(columns, budget, methods)
+        + "\n## compute of the whole pool's phases and the bridge (hours of wall time)\n\n"
+        "Fine-tune and evaluation hours of each phase's cells; the shared warm-up and features "
+        "stages (gradient norms and IFD; the baselines' representation passes are not in the "
+        "CSVs) counted once per pool.\n\n"
+        + compute_table(columns[POOL_COLUMNS[-1][0]] + columns[POOL_COLUMNS[1][0]])
     )
     write_text(out, text)
     return out
