@@ -140,7 +140,7 @@ def test_pool_size_report_sets_the_whole_pool_beside_the_1000_pool(tmp_path):
     whole.mkdir()
     for name in ("financial_bridge.csv", "financial_bridge_items.json.gz"):
         shutil.copy(bridge / name, whole / name.replace("financial_bridge", "financial_pool"))
-    md = pool_size_report(tmp_path).read_text()
+    md, compute = pool_size_report(tmp_path).read_text().split("## compute")
     rows = {tuple(c.strip() for c in line.split("|")[1:3]): line.split("|")[3:-1]
             for line in md.splitlines() if line.startswith("| ") and "---" not in line}  # fmt: skip
     for key in [
@@ -154,6 +154,8 @@ def test_pool_size_report_sets_the_whole_pool_beside_the_1000_pool(tmp_path):
     assert rows[("pool / subset", "samples")][2].strip() == "1,000 / 50"
     # only the whole pool's methods: Table 1's other selectors stay out
     assert {k[0] for k in rows} == {"method", "base model", "random", "grads", "pool / subset"}
+    # the copied bridge rows read as the bridge (pool of 1,000) in both columns of the compute
+    assert "| bridge | 4 |" in compute and "| warmup | bridge |" in compute
 
 
 def test_collect_links_the_collections_from_results_md(tmp_path):

@@ -44,6 +44,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from grads.constants import REPO_ROOT, conf_dir
@@ -56,7 +57,7 @@ BRIDGE = ["experiment=paper_main", f"domain={DOMAIN}", "domain.pool_limit=1000",
           "trainer.autocast=true", "group=paper_poolscale"]  # fmt: skip
 PAPER_1K = ["experiment=paper_main", f"domain={DOMAIN}", "group=paper_poolscale"]
 PHASES = ["features", "main_p5", "full", "seeds_p5", "curve", "bridge", "stability"]
-CURVE_BUDGETS = ["p1", "p10", "p25"]
+CURVE_BUDGETS = ("p1", "p10", "p25")
 # where each phase's runs are collected: the whole pool, or the 1,000-sample pool under bf16
 COLLECTION = {"bridge": "financial_bridge"}
 # the stages no other job of a sweep shares (the warm-up, features and selections are shared)
@@ -94,7 +95,7 @@ def expand(phases: list[str]) -> list[str]:
     return [p for ph in phases for p in (list(STABILITY_PARTS) if ph == "stability" else [ph])]
 
 
-def phase_overrides(phase: str, baseline: str, budgets: list[str] = CURVE_BUDGETS) -> list[str]:
+def phase_overrides(phase: str, baseline: str, budgets: Sequence[str] = CURVE_BUDGETS) -> list[str]:
     """The ``grads -m`` overrides of one phase (``baseline``: the strongest at 1,000; ``budgets``:
     the curve's)."""
     per_job = (
@@ -129,7 +130,7 @@ def commands(
     """The command lines of one phase, run in this order. The curve runs one budget at a time so
     that random's and ``grads``' cells of a budget land together (within one sweep the sweeper
     varies the budget fastest: ``paper_main`` lists its selectors first)."""
-    sweeps = [[b] for b in CURVE_BUDGETS] if phase == "curve" else [CURVE_BUDGETS]
+    sweeps = [(b,) for b in CURVE_BUDGETS] if phase == "curve" else [CURVE_BUDGETS]
     return [[sys.executable, "-m", "grads.cli.main", "-m", *phase_overrides(phase, baseline, b),
              f"hydra.sweep.dir={runs_dir / phase}", *overrides] for b in sweeps]  # fmt: skip
 
