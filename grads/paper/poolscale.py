@@ -49,7 +49,7 @@ from pathlib import Path
 
 from grads.constants import REPO_ROOT, conf_dir
 from grads.io import read_json
-from grads.paper.poolscale_views import DOMAIN
+from grads.paper.poolscale_views import DOMAIN, JOB_STAGES
 
 WHOLE = ["experiment=paper_main", f"domain={DOMAIN}", "domain.pool_limit=null",
          "trainer.autocast=true", "group=paper_poolscale"]  # fmt: skip
@@ -60,8 +60,6 @@ PHASES = ["features", "main_p5", "full", "seeds_p5", "curve", "bridge", "stabili
 CURVE_BUDGETS = ("p1", "p10", "p25")
 # where each phase's runs are collected: the whole pool, or the 1,000-sample pool under bf16
 COLLECTION = {"bridge": "financial_bridge"}
-# the stages no other job of a sweep shares (the warm-up, features and selections are shared)
-JOB_STAGES = ("finetune", "evaluate")
 STABILITY_PARTS = {"stability_whole": WHOLE, "stability_1k": PAPER_1K}
 
 

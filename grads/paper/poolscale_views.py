@@ -19,6 +19,8 @@ from grads.io import read_json, read_jsonl, write_json, write_text
 DOMAIN = "financial"  # the pool-scale experiment's domain (grads.paper.poolscale)
 METRICS = ("domain_bpb", "general_kl")
 LABELS = {"domain_bpb": "held-out bpb", "general_kl": "KL(base ‖ tuned)"}
+# the stages no other job of a sweep shares (the warm-up, features and selections are shared)
+JOB_STAGES = ("finetune", "evaluate")
 BUDGET_TICKS = (0.01, 0.05, 0.1, 0.25)  # the curve's budgets; full and base are lines
 
 
@@ -241,7 +243,7 @@ def compute_table(rows: list[dict]) -> str:
     for name in ("main_p5", "seeds_p5", "full", "curve", "bridge"):
         got = phases.get(name, [])
         if got:
-            ft, ev = (hours(r.get(f"{k}_s") for r in got) for k in ("finetune", "evaluate"))
+            ft, ev = (hours(r.get(f"{k}_s") for r in got) for k in JOB_STAGES)
             lines.append(f"| {name} | {len(got)} | {ft} | {ev} |")
     lines += ["", "| shared stage | pool | hours |", "|---|---|---|"]
     for pool in ("whole pool", "bridge"):
